@@ -1,0 +1,243 @@
+"""The thin command-line front: parse options, call the library, print errors as one message."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections import Counter
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+import weightsmith
+from weightsmith.errors import WeightsmithError
+from weightsmith.units import format_size
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one clear line and an exit code; Ctrl-C/SIGTERM into 130."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def on_term(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            return fn(*args, **kwargs)
+        except WeightsmithError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written (the partial output was removed)", err=True)
+            sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(weightsmith.__version__, prog_name="weightsmith")
+def main() -> None:
+    """weightsmith: merge fine-tuned checkpoints of one base model, streamed tensor by tensor."""
+
+
+def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--memory-budget",
+        default="2GB",
+        show_default=True,
+        help="cap on tensor memory in flight (e.g. 512MB, 4GB)",
+    )(fn)
+    fn = click.option(
+        "--random-seed",
+        type=int,
+        default=None,
+        help="seed for random methods (DARE); per tensor, independent of batching",
+    )(fn)
+    fn = click.option(
+        "--allow-pickle",
+        is_flag=True,
+        help="also read PyTorch .bin pickles (with weights_only=True)",
+    )(fn)
+    return fn
+
+
+@main.command("merge")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]")
+@click.option("--out-shard-size", default="5GB", show_default=True, help="max bytes per shard")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--threads", type=int, default=None, help="reader threads and torch threads")
+@click.option("--no-fsync", is_flag=True, help="skip fsync before the final rename (faster, less safe)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
+@_common_plan_options
+@_friendly
+def merge_cmd(
+    recipe: str,
+    out: str,
+    device: str,
+    out_shard_size: str,
+    overwrite: bool,
+    threads: int | None,
+    no_fsync: bool,
+    quiet: bool,
+    memory_budget: str,
+    random_seed: int | None,
+    allow_pickle: bool,
+) -> None:
+    """Merge the models named in RECIPE (YAML, mergekit format) into the new folder OUT."""
+    from weightsmith.pipeline import merge
+
+    result = merge(
+        recipe,
+        out,
+        memory_budget=memory_budget,
+        out_shard_size=out_shard_size,
+        overwrite=overwrite,
+        random_seed=random_seed,
+        device=device,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        progress=not quiet,
+        fsync=not no_fsync,
+    )
+    if not quiet:
+        s = result.stats
+        rate = (s.bytes_read + s.bytes_written) / max(result.seconds, 1e-9)
+        click.echo(
+            f"merged {len(result.plan.tasks)} tensors with {result.plan.method.name} into "
+            f"{result.out} in {result.seconds:.2f}s (read {format_size(s.bytes_read)}, wrote "
+            f"{format_size(s.bytes_written)}, {format_size(rate)}/s)"
+        )
+
+
+@main.command("plan")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_common_plan_options
+@_friendly
+def plan_cmd(
+    recipe: str, as_json: bool, memory_budget: str, random_seed: int | None, allow_pickle: bool
+) -> None:
+    """Dry run: every output tensor, its inputs and operator, bytes and estimated peak memory."""
+    from weightsmith.pipeline import plan_merge
+
+    plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
+    refs = [c.ref for c in plan.checkpoints]
+    rows = []
+    for task in plan.tasks:
+        inputs = [f"{refs[s.ckpt]}:{s.key}" for s in task.models]
+        rows.append(
+            {
+                "tensor": task.name,
+                "shape": list(task.shape),
+                "dtype": str(task.out_dtype).removeprefix("torch."),
+                "operator": plan.method.name if task.kind == "merge" else "copy (non-float)",
+                "base": f"{refs[task.base.ckpt]}:{task.base.key}" if task.base else None,
+                "inputs": inputs,
+                "params": task.params,
+                "t": round(task.t, 4),
+                "blocks": sum(1 for u in plan.units if u.task is task),
+            }
+        )
+    summary = {
+        "merge_method": plan.method.name,
+        "tensors": len(plan.tasks),
+        "bytes_to_read": plan.bytes_to_read,
+        "bytes_to_write": plan.bytes_to_write,
+        "memory_budget": plan.memory_budget,
+        "estimated_peak_bytes": plan.peak_estimate,
+        "over_budget_tensors": plan.oversize,
+    }
+    if as_json:
+        click.echo(json.dumps({"summary": summary, "tensors": rows}, indent=2, default=str))
+        return
+    for row in rows:
+        params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
+        blocks = f" in {row['blocks']} row blocks" if row["blocks"] > 1 else ""
+        click.echo(
+            f"{row['tensor']} {row['shape']} {row['dtype']} <- {row['operator']}"
+            f"({len(row['inputs'])} models{', base' if row['base'] else ''}) "
+            f"t={row['t']} {params}{blocks}"
+        )
+    click.echo("")
+    click.echo(f"method:          {plan.method.name} ({plan.method.summary})")
+    click.echo(f"inputs:          {', '.join(refs)}")
+    click.echo(f"tensors:         {len(plan.tasks)}")
+    click.echo(f"bytes to read:   {format_size(plan.bytes_to_read)}")
+    click.echo(f"bytes to write:  {format_size(plan.bytes_to_write)}")
+    click.echo(
+        f"memory budget:   {format_size(plan.memory_budget)}; estimated peak tensor "
+        f"memory {format_size(plan.peak_estimate)} (plus ~0.4 GB for Python and torch)"
+    )
+    if plan.oversize:
+        click.echo(
+            f"over budget:     {len(plan.oversize)} tensor(s) cannot be split by "
+            f"{plan.method.name} and exceed the budget: {', '.join(plan.oversize[:5])}"
+        )
+
+
+@main.command("inspect")
+@click.argument("model")
+@click.option("--keys", "show_keys", is_flag=True, help="list every tensor")
+@click.option("--allow-pickle", is_flag=True, help="also read PyTorch .bin pickles")
+@_friendly
+def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
+    """Keys, dtypes, parameter count, shards and layer count of MODEL (headers only)."""
+    from weightsmith.engine.plan import _num_layers
+    from weightsmith.io.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(model, allow_pickle=allow_pickle)
+    dtypes = Counter(str(e.dtype).removeprefix("torch.") for e in ckpt.entries.values())
+    click.echo(f"model:       {ckpt.ref} ({ckpt.root})")
+    if ckpt.revision:
+        click.echo(f"revision:    {ckpt.revision}")
+    click.echo(f"tensors:     {len(ckpt.entries)}")
+    click.echo(f"parameters:  {ckpt.num_parameters:,}")
+    click.echo(f"bytes:       {format_size(ckpt.total_bytes)}")
+    click.echo(f"dtypes:      {', '.join(f'{k} x{v}' for k, v in dtypes.most_common())}")
+    click.echo(
+        f"shards:      {len(ckpt.shard_files)} ({', '.join(ckpt.shard_files[:4])}"
+        f"{' ...' if len(ckpt.shard_files) > 4 else ''})"
+    )
+    click.echo(f"layers:      {_num_layers(ckpt)}")
+    if ckpt.config:
+        click.echo(f"architecture: {', '.join(ckpt.config.get('architectures') or ['?'])}")
+    if show_keys:
+        for name, e in ckpt.entries.items():
+            click.echo(f"  {name} {list(e.shape)} {str(e.dtype).removeprefix('torch.')}")
+
+
+@main.command("methods")
+def methods_cmd() -> None:
+    """List merge methods and their parameters."""
+    from weightsmith.ops.registry import methods
+
+    for name, m in methods().items():
+        params = ", ".join(
+            f"{p.name}{'[per model]' if p.per_model else ''}{'' if p.required else '=' + str(p.default)}"
+            for p in m.params
+        )
+        click.echo(f"{name:18s} {m.summary}\n{'':18s} parameters: {params}")
+
+
+def _register_optional_commands() -> None:
+    # The training commands live in finetune/ and need the [train] extra only when run.
+    try:
+        from weightsmith.finetune.cli import eval_cmd, finetune_cmd, testbed_cmd
+    except ImportError:
+        return
+    for cmd in (finetune_cmd, eval_cmd, testbed_cmd):
+        main.add_command(cmd)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    main()

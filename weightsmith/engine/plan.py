@@ -1,0 +1,420 @@
+"""MergePlan: one task per output tensor, built from headers alone (no tensor data is read).
+
+The plan fixes everything before work starts: which inputs feed each output tensor, every
+parameter resolved for that tensor, output dtypes and shapes (so shard layout is known up
+front), and how huge tensors are split into row blocks to stay under the memory budget.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from weightsmith.errors import MergeError, RecipeError
+from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.io.safetensors_format import element_size
+from weightsmith.ops.registry import REQUIRED, MergeMethod, Param, get_method
+from weightsmith.recipe import Recipe, resolve_setting
+
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
+# Output key -> input keys that hold the same tensor when weights are tied.
+TIED_ALIASES: dict[str, tuple[str, ...]] = {
+    "lm_head.weight": (
+        "model.embed_tokens.weight",
+        "transformer.wte.weight",
+        "embed_tokens.weight",
+    ),
+    "model.embed_tokens.weight": ("lm_head.weight",),
+    "cls.predictions.decoder.weight": ("bert.embeddings.word_embeddings.weight",),
+    "embed_out.weight": ("gpt_neox.embed_in.weight",),
+}
+VOCAB_NAME = re.compile(r"embed|lm_head|wte|word_embeddings|embed_out|shared\.weight|decoder\.weight")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def layer_index(name: str) -> int | None:
+    m = LAYER_PATTERN.search(name)
+    return int(m.group(1)) if m else None
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of a task: checkpoint index, key in that checkpoint, rows it really has."""
+
+    ckpt: int
+    key: str
+    rows: int | None = None  # set when vocab_policy pads or truncates this input
+
+
+@dataclass
+class TensorTask:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    kind: str  # "merge" or "copy"
+    models: list[Source]
+    base: Source | None
+    params: dict[str, Any] = field(default_factory=dict)
+    t: float = 0.0
+    seed: int | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def out_bytes(self) -> int:
+        return self.numel * element_size(self.out_dtype)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A task, or a block of its rows, with the bytes it may hold while in flight."""
+
+    task: TensorTask
+    rows: tuple[int, int] | None
+    reserve: int
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MergeMethod
+    checkpoints: list[Checkpoint]
+    base_index: int | None
+    model_indices: list[int]
+    ref_index: int  # the checkpoint whose config, key set and tokenizer the output follows
+    tasks: list[TensorTask]
+    memory_budget: int
+    num_layers: int | None
+    units: list[WorkUnit] = field(default_factory=list)
+    oversize: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.recipe.compute_dtype
+
+    @property
+    def bytes_to_read(self) -> int:
+        total = 0
+        for task in self.tasks:
+            for src in [*task.models, *([task.base] if task.base else [])]:
+                if task.kind == "copy" and src is not task.base:
+                    continue
+                total += self.checkpoints[src.ckpt].entry(src.key).nbytes
+        return total
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(t.out_bytes for t in self.tasks)
+
+    @property
+    def peak_estimate(self) -> int:
+        """Largest sum of reservations that can be in flight at once (capped by the budget)."""
+        biggest = sorted((u.reserve for u in self.units), reverse=True)[:3]
+        return min(sum(biggest), max(self.memory_budget, biggest[0] if biggest else 0))
+
+    @property
+    def out_vocab_rows(self) -> int | None:
+        for task in self.tasks:
+            if any(s.rows is not None for s in [*task.models, task.base] if s):
+                return task.shape[0]
+        return None
+
+
+def _seed_for(seed: int, name: str) -> int:
+    # Stable across runs, processes and batching: derived from the seed and the tensor name.
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _sort_key(name: str) -> tuple[int, int, str]:
+    idx = layer_index(name)
+    if idx is not None:
+        return (1, idx, name)
+    return (0 if VOCAB_NAME.search(name) and "lm_head" not in name else 2, 0, name)
+
+
+def _convert(param: Param, value: Any, where: str) -> Any:
+    if param.kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise RecipeError(f"{where}: `{param.name}` must be true or false, got {value!r}")
+    if param.kind in (float, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise RecipeError(f"{where}: `{param.name}` must be a number, got {value!r}")
+        try:
+            return param.kind(float(value)) if param.kind is int else float(value)
+        except ValueError:
+            raise RecipeError(f"{where}: `{param.name}` must be a number, got {value!r}") from None
+    return value
+
+
+def check_parameters(recipe: Recipe, method: MergeMethod) -> None:
+    """Unknown or misplaced parameters are errors, not silently ignored."""
+    known = {p.name: p for p in method.params}
+    names = ", ".join(known) or "(none)"
+    for key in recipe.parameters:
+        if key not in known:
+            raise RecipeError(
+                f"parameters.{key}: `{method.name}` has no parameter `{key}`; its parameters: {names}"
+            )
+    for i, spec in enumerate(recipe.models):
+        for key in spec.parameters:
+            if key not in known:
+                raise RecipeError(
+                    f"models[{i}] ({spec.ref}).parameters.{key}: `{method.name}` has no parameter "
+                    f"`{key}`; its parameters: {names}"
+                )
+            if not known[key].per_model:
+                raise RecipeError(
+                    f"models[{i}] ({spec.ref}).parameters.{key}: `{key}` is shared by the whole "
+                    f"merge in `{method.name}`; move it to the top-level `parameters:`"
+                )
+    for p in method.params:
+        if p.per_model and p.required and p.name not in recipe.parameters:
+            for i, spec in enumerate(recipe.models):
+                if p.name not in spec.parameters:
+                    raise RecipeError(
+                        f"models[{i}] ({spec.ref}): `{method.name}` needs `{p.name}` for every "
+                        f"model; add parameters: {{{p.name}: ...}} to it or to the global parameters"
+                    )
+        if not p.per_model and p.required and p.name not in recipe.parameters:
+            raise RecipeError(f"parameters: `{method.name}` needs `{p.name}`")
+
+
+def resolve_params(
+    recipe: Recipe, method: MergeMethod, model_specs: list[Any], name: str, t: float
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in method.params:
+        if p.per_model:
+            values = []
+            for spec in model_specs:
+                setting = spec.parameters.get(p.name, recipe.parameters.get(p.name, REQUIRED))
+                value = REQUIRED if setting is REQUIRED else resolve_setting(setting, name, t)
+                if value is None or value is REQUIRED:
+                    if p.required:
+                        raise RecipeError(
+                            f"model {spec.ref}: no `{p.name}` applies to tensor {name!r} (no filter "
+                            "matched); add a default entry without a filter"
+                        )
+                    value = p.default
+                values.append(_convert(p, value, f"model {spec.ref}"))
+            out[p.name] = values
+        else:
+            setting = recipe.parameters.get(p.name, REQUIRED)
+            value = REQUIRED if setting is REQUIRED else resolve_setting(setting, name, t)
+            if value is None or value is REQUIRED:
+                value = p.default
+            out[p.name] = _convert(p, value, "parameters")
+    return out
+
+
+def build_plan(
+    recipe: Recipe,
+    checkpoints: list[Checkpoint],
+    *,
+    memory_budget: int,
+    random_seed: int | None = None,
+) -> MergePlan:
+    """Build the plan. ``checkpoints`` are base first (if the recipe has one), then models."""
+    try:
+        method = get_method(recipe.merge_method)
+    except KeyError as e:
+        raise RecipeError(str(e.args[0])) from None
+    check_parameters(recipe, method)
+    has_base = recipe.base_model is not None and method.base != "unused"
+    if method.base == "required" and not has_base:
+        raise RecipeError(f"`{method.name}` needs a base_model: the model the fine-tunes started from")
+    base_index = 0 if has_base else None
+    first_model = 1 if recipe.base_model is not None else 0
+    model_indices = list(range(first_model, len(checkpoints)))
+    n = len(model_indices)
+    if n < method.min_models or (method.max_models is not None and n > method.max_models):
+        want = (
+            f"exactly {method.min_models}"
+            if method.min_models == method.max_models
+            else f"at least {method.min_models}"
+            + (f" and at most {method.max_models}" if method.max_models else "")
+        )
+        raise RecipeError(f"`{method.name}` takes {want} model(s) besides the base; got {n}")
+    # The base (or, without one, the first model) defines the output's tensors and config.
+    ref_index = 0 if recipe.base_model is not None else model_indices[0]
+    ref_ckpt = checkpoints[ref_index]
+    num_layers = _num_layers(ref_ckpt)
+    specs = [recipe.models[i - first_model] for i in model_indices]
+    tasks: list[TensorTask] = []
+    used: list[set[str]] = [set() for _ in checkpoints]
+    for name in sorted(ref_ckpt.keys(), key=_sort_key):
+        ref_entry = ref_ckpt.entry(name)
+        sources = []
+        for idx in model_indices:
+            key = _find_key(checkpoints[idx], name)
+            if key is None:
+                raise MergeError(
+                    f"model {checkpoints[idx].ref!r} ({checkpoints[idx].root}): has no tensor "
+                    f"{name!r}, which the {'base' if base_index is not None else 'first model'} "
+                    "has; all inputs must share one architecture"
+                )
+            used[idx].add(key)
+            sources.append(Source(idx, key))
+        used[ref_index].add(name)
+        base_src = Source(0, name) if base_index is not None else None
+        if not is_float(ref_entry.dtype):
+            # Integer and bool buffers (position ids, masks, counters) are never merged.
+            src = base_src or sources[0]
+            tasks.append(TensorTask(name, ref_entry.shape, ref_entry.dtype, "copy", [], src))
+            continue
+        shape, sources, base_src = _align_shapes(
+            recipe, checkpoints, name, ref_entry.shape, sources, base_src
+        )
+        idx = layer_index(name)
+        t = 0.0
+        if idx is not None and num_layers:
+            t = idx / (num_layers - 1) if num_layers > 1 else 1.0
+        params = resolve_params(recipe, method, specs, name, t)
+        out_dtype = recipe.out_dtype or recipe.dtype or ref_entry.dtype
+        seed = _seed_for(random_seed or 0, name) if method.uses_randomness else None
+        tasks.append(TensorTask(name, shape, out_dtype, "merge", sources, base_src, params, t, seed))
+    if recipe.extra_keys == "error":
+        for idx, ckpt in enumerate(checkpoints):
+            extra = [k for k in ckpt.keys() if k not in used[idx] and not _is_alias_only(k, used[idx])]
+            if extra and (idx in model_indices or idx == base_index):
+                shown = ", ".join(repr(k) for k in extra[:5]) + (" ..." if len(extra) > 5 else "")
+                raise MergeError(
+                    f"model {ckpt.ref!r} ({ckpt.root}): {len(extra)} tensor(s) the output does not "
+                    f"have: {shown}. Inputs must share one architecture; set `extra_keys: ignore` "
+                    "in the recipe to drop them"
+                )
+    plan = MergePlan(
+        recipe,
+        method,
+        checkpoints,
+        base_index,
+        model_indices,
+        ref_index,
+        tasks,
+        memory_budget,
+        num_layers,
+    )
+    split_units(plan)
+    return plan
+
+
+def _is_alias_only(key: str, used: set[str]) -> bool:
+    return any(key in aliases and out in used for out, aliases in TIED_ALIASES.items())
+
+
+def _find_key(ckpt: Checkpoint, name: str) -> str | None:
+    if name in ckpt:
+        return name
+    tie = (ckpt.config or {}).get("tie_word_embeddings", True)
+    for alias in TIED_ALIASES.get(name, ()):
+        if alias in ckpt and tie:
+            return alias
+    return None
+
+
+def _num_layers(ckpt: Checkpoint) -> int | None:
+    config = ckpt.config or {}
+    for cfg in (config, config.get("text_config") or {}):
+        for key in LAYER_COUNT_KEYS:
+            if isinstance(cfg.get(key), int):
+                return int(cfg[key])
+    indices = [i for i in (layer_index(k) for k in ckpt.keys()) if i is not None]
+    return max(indices) + 1 if indices else None
+
+
+def _align_shapes(
+    recipe: Recipe,
+    checkpoints: list[Checkpoint],
+    name: str,
+    ref_shape: tuple[int, ...],
+    sources: list[Source],
+    base: Source | None,
+) -> tuple[tuple[int, ...], list[Source], Source | None]:
+    """Check all inputs agree on shape; apply vocab_policy to vocabulary-sized tensors."""
+    every = ([base] if base else []) + sources
+    shapes = [checkpoints[s.ckpt].entry(s.key).shape for s in every]
+    if all(s == ref_shape for s in shapes):
+        return ref_shape, sources, base
+    for src, shape in zip(every, shapes):
+        if shape != ref_shape and (len(shape) != len(ref_shape) or shape[1:] != ref_shape[1:] or not shape):
+            ckpt = checkpoints[src.ckpt]
+            raise MergeError(
+                f"model {ckpt.ref!r} ({ckpt.entry(src.key).path}): tensor {src.key!r} has shape "
+                f"{list(shape)} but the reference has {list(ref_shape)}; these models do not share "
+                "an architecture"
+            )
+    vocab_like = bool(VOCAB_NAME.search(name)) or any(
+        (checkpoints[s.ckpt].config or {}).get("vocab_size") == sh[0] for s, sh in zip(every, shapes)
+    )
+    rows = [sh[0] for sh in shapes]
+    odd = next(s for s, sh in zip(every, shapes) if sh != ref_shape)
+    if not vocab_like or recipe.vocab_policy == "error":
+        ckpt = checkpoints[odd.ckpt]
+        hint = (
+            "the vocabulary sizes differ: set `vocab_policy: pad` (zero rows for missing tokens) "
+            "or `vocab_policy: truncate` (keep the common token-ID prefix) in the recipe"
+            if vocab_like
+            else "these models do not share an architecture"
+        )
+        raise MergeError(
+            f"model {ckpt.ref!r} ({ckpt.entry(odd.key).path}): tensor {odd.key!r} has "
+            f"{checkpoints[odd.ckpt].entry(odd.key).shape[0]} rows but the reference has "
+            f"{ref_shape[0]}; {hint}"
+        )
+    out_rows = max(rows) if recipe.vocab_policy == "pad" else min(rows)
+    fixed = [Source(s.ckpt, s.key, r) for s, r in zip(every, rows)]
+    new_base = fixed[0] if base else None
+    return (out_rows, *ref_shape[1:]), fixed[1:] if base else fixed, new_base
+
+
+def split_units(plan: MergePlan) -> None:
+    """Cut tasks into work units whose in-flight bytes fit a third of the budget each.
+
+    A third: one unit computing, one prefetched, one being written.
+    """
+    cs = element_size(plan.compute_dtype)
+    target = max(plan.memory_budget // 3, 1)
+    for task in plan.tasks:
+        if task.kind == "copy":
+            nbytes = task.out_bytes * 2
+            plan.units.append(WorkUnit(task, None, nbytes))
+            continue
+        n_inputs = len(task.models) + (1 if task.base else 0)
+        # stacked inputs, task vectors, weighted copies, output, raw reads: ~3N + 4 per element
+        per_elem = (3 * n_inputs + 4) * cs
+        total = task.numel * per_elem
+        rows = task.shape[0] if task.shape else 1
+        if total <= target or not task.shape or rows <= 1:
+            if total > plan.memory_budget:
+                plan.oversize.append(task.name)
+            plan.units.append(WorkUnit(task, None, total))
+            continue
+        if not plan.method.elementwise:
+            if total > plan.memory_budget:
+                plan.oversize.append(task.name)
+            plan.units.append(WorkUnit(task, None, total))
+            continue
+        per_row = total // rows
+        block = max(1, target // max(per_row, 1))
+        for start in range(0, rows, block):
+            stop = min(rows, start + block)
+            plan.units.append(WorkUnit(task, (start, stop), per_row * (stop - start)))

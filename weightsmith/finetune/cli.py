@@ -1,0 +1,150 @@
+"""Click commands ``finetune``, ``eval`` and ``testbed``; the main group registers them."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from weightsmith.errors import WeightsmithError
+from weightsmith.finetune.data import TASKS
+
+
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Known errors print one line to stderr and exit with the error's code, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except WeightsmithError as err:
+            click.echo(f"error: {err}", err=True)
+            raise SystemExit(err.exit_code) from None
+
+    return wrapper
+
+
+_path = click.Path(path_type=str)
+_task = click.Choice(TASKS)
+
+
+@click.command("finetune")
+@click.argument("base", type=_path)
+@click.argument("out", type=_path)
+@click.option("--data", required=True, type=_path, help="Training JSONL file.")
+@click.option("--task", required=True, type=_task)
+@click.option("--epochs", type=float, default=3.0, show_default=True)
+@click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--lr", type=float, default=5e-5, show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--truncate", is_flag=True, help="Cut examples longer than --max-length.")
+@click.option("--label-smoothing", "label_smoothing", type=float, default=0.0, metavar="EPS")
+@click.option(
+    "--mixup",
+    type=float,
+    default=0.0,
+    metavar="ALPHA",
+    help="MixUp on input embeddings with Beta(ALPHA, ALPHA); classification only.",
+)
+@click.option(
+    "--freeze",
+    multiple=True,
+    metavar="PATTERN",
+    help="Freeze parameters whose name matches (regex search / substring).",
+)
+@click.option(
+    "--train-only",
+    multiple=True,
+    metavar="PATTERN",
+    help="Train only parameters whose name matches.",
+)
+@click.option(
+    "--mask",
+    type=_path,
+    default=None,
+    metavar="MASK.safetensors",
+    help="Sparse fine-tuning: only nonzero mask entries change; absent tensors freeze.",
+)
+@click.option("--half-freeze", is_flag=True, help="HFT: freeze a seeded half of each block.")
+@click.option(
+    "--init-from",
+    type=_path,
+    default=None,
+    metavar="DIR",
+    help="Start from these weights (same architecture), e.g. a merge.",
+)
+@click.option("--num-labels", type=int, default=None, help="Size of a new classification head.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def finetune_cmd(base: str, out: str, data: str, task: str, **options: Any) -> None:
+    """Fine-tune the transformers checkpoint BASE on --data and write it to OUT."""
+    from weightsmith.finetune.trainer import finetune
+
+    options["freeze"] = tuple(options["freeze"])
+    options["train_only"] = tuple(options["train_only"])
+    result = finetune(base, out, data, task, **options)
+    click.echo(
+        f"wrote {result.out_dir}: {result.steps} steps, final loss {result.final_loss:.4f}, "
+        f"{result.trainable_params:,} trainable parameters, {result.wall_time_s:.1f} s"
+    )
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        parts.append(f"{key} {value}" if isinstance(value, int) else f"{key} {value:.4f}")
+    return "  ".join(parts)
+
+
+@click.command("eval")
+@click.argument("model", type=_path)
+@click.option("--data", required=True, type=_path, help="Evaluation JSONL file.")
+@click.option("--task", required=True, type=_task)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-length", type=int, default=512, show_default=True)
+@click.option("--truncate", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print metrics as JSON.")
+@_user_errors
+def eval_cmd(
+    model: str,
+    data: str,
+    task: str,
+    batch_size: int,
+    max_length: int,
+    truncate: bool,
+    as_json: bool,
+) -> None:
+    """Evaluate the fine-tuned folder MODEL on --data."""
+    from weightsmith.finetune.evaluation import evaluate
+
+    metrics = evaluate(model, data, task, batch_size=batch_size, max_length=max_length, truncate=truncate)
+    click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
+
+
+@click.command("testbed")
+@click.argument("name", type=click.Choice(["minilm", "tinylm"]))
+@click.argument("out", type=_path)
+@click.option("--force", is_flag=True, help="Rebuild even if OUT holds an identical build.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@_user_errors
+def testbed_cmd(name: str, out: str, force: bool, quiet: bool) -> None:
+    """Build the reproducible model family NAME into OUT (cached by recipe hash)."""
+    from weightsmith.testbeds import build
+
+    info = build(name, out, force=force, quiet=quiet)
+    click.echo(f"testbed {name} in {out} ({'cached' if info.get('cached') else 'built'}):")
+    for task, result in info["tasks"].items():
+        click.echo(
+            f"  {task:<12} base {result['base']:.3f}  fine-tuned {result['finetuned']:.3f}  "
+            f"({result['metric']})"
+        )

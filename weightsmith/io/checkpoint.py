@@ -1,0 +1,320 @@
+"""Lazy checkpoints: keys, shapes and dtypes from headers; tensor bytes read on demand.
+
+A ``Checkpoint`` never holds tensor data. ``read`` copies one tensor (or a block of its rows)
+from disk into a fresh buffer with ``pread``, so memory is bounded by what the caller keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightsmith.errors import CheckpointError
+from weightsmith.io.safetensors_format import TensorEntry, element_size, read_header
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    return bool(_HUB_ID.match(ref)) and not ref.startswith((".", "/"))
+
+
+def pread_into(fd: int, buf: memoryview, offset: int, path: str, name: str) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset``; a short read means the file shrank under us."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(
+                f"{path}: file ended while reading tensor {name!r} (needed {len(view)} bytes at "
+                f"offset {offset}); the shard is truncated — re-download or re-save it"
+            )
+        done += n
+
+
+@dataclass
+class Checkpoint:
+    """A model's tensors, read lazily from safetensors shards (or, opted in, torch pickles)."""
+
+    ref: str
+    root: Path
+    entries: dict[str, TensorEntry]
+    config: dict[str, Any] | None = None
+    revision: str | None = None
+    shard_files: list[str] = field(default_factory=list)
+    _pickled: dict[str, torch.Tensor] | None = None
+    _fds: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(
+        cls,
+        ref: str | os.PathLike[str],
+        *,
+        allow_pickle: bool = False,
+        search_dirs: tuple[Path, ...] = (),
+    ) -> Checkpoint:
+        """Open a folder, a single ``.safetensors`` file, or a Hub repo id (``org/name@rev``).
+
+        Relative paths are tried against the working directory first, then ``search_dirs``
+        (the recipe's folder), so recipes run from anywhere.
+        """
+        text = str(ref)
+        candidates = [Path(text).expanduser()]
+        candidates += [d / text for d in search_dirs if not Path(text).is_absolute()]
+        for path in candidates:
+            if path.exists():
+                return cls._open_local(text, path, allow_pickle)
+        if looks_like_hub_id(text):
+            from weightsmith.io.hub import resolve_hub_model
+
+            path, revision = resolve_hub_model(text)
+            ckpt = cls._open_local(text, path, allow_pickle)
+            ckpt.revision = revision
+            return ckpt
+        raise CheckpointError(
+            f"model {text!r}: no such file or folder (looked in {', '.join(map(str, candidates))}); "
+            "give a local path, a .safetensors file, or a Hub id like org/name"
+        )
+
+    @classmethod
+    def _open_local(cls, ref: str, path: Path, allow_pickle: bool) -> Checkpoint:
+        if path.is_file():
+            root = path.parent
+            if path.name.endswith(".index.json"):
+                shards, weight_map = _read_index(path)
+                return cls._from_shards(ref, root, shards, weight_map, allow_pickle)
+            return cls._from_shards(ref, root, [path.name], None, allow_pickle)
+        root = path
+        indexes = sorted(root.glob("*.safetensors.index.json"))
+        singles = sorted(root.glob("*.safetensors"))
+        if indexes:
+            shards, weight_map = _read_index(indexes[0])
+            return cls._from_shards(ref, root, shards, weight_map, allow_pickle)
+        if (root / "model.safetensors").exists():
+            return cls._from_shards(ref, root, ["model.safetensors"], None, allow_pickle)
+        if len(singles) == 1:
+            return cls._from_shards(ref, root, [singles[0].name], None, allow_pickle)
+        if len(singles) > 1:
+            raise CheckpointError(
+                f"{root}: several .safetensors files but no *.safetensors.index.json; add the "
+                "index or point the recipe at one file"
+            )
+        bin_index = root / "pytorch_model.bin.index.json"
+        if bin_index.exists():
+            shards, weight_map = _read_index(bin_index)
+            return cls._from_shards(ref, root, shards, weight_map, allow_pickle)
+        if (root / "pytorch_model.bin").exists():
+            return cls._from_shards(ref, root, ["pytorch_model.bin"], None, allow_pickle)
+        raise CheckpointError(
+            f"{root}: no model.safetensors, *.safetensors.index.json or pytorch_model.bin here"
+        )
+
+    @classmethod
+    def _from_shards(
+        cls,
+        ref: str,
+        root: Path,
+        shards: list[str],
+        weight_map: dict[str, str] | None,
+        allow_pickle: bool,
+    ) -> Checkpoint:
+        entries: dict[str, TensorEntry] = {}
+        pickled: dict[str, torch.Tensor] | None = None
+        for shard in shards:
+            shard_path = root / shard
+            if not shard_path.exists():
+                raise CheckpointError(
+                    f"{shard_path}: shard listed in the index of model {ref!r} is missing; "
+                    "re-download the model or fix its index"
+                )
+            if shard.endswith(".safetensors"):
+                found, _ = read_header(str(shard_path))
+            else:
+                found, tensors = _load_pickle(shard_path, allow_pickle)
+                pickled = {**(pickled or {}), **tensors}
+            for name, entry in found.items():
+                if weight_map is not None and weight_map.get(name) != shard:
+                    continue  # present in the file but the index points elsewhere: index wins
+                entries[name] = entry
+        if weight_map is not None:
+            for name, shard in weight_map.items():
+                if name not in entries:
+                    raise CheckpointError(
+                        f"{root / shard}: index of model {ref!r} says tensor {name!r} is in this "
+                        "shard but its header does not list it; the index or shard is corrupt"
+                    )
+        config = None
+        config_path = root / "config.json"
+        if config_path.exists():
+            try:
+                config = json.loads(config_path.read_text())
+            except ValueError as e:
+                raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+        return cls(ref, root, entries, config, None, list(shards), pickled)
+
+    # ------------------------------------------------------------------ queries
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def entry(self, key: str) -> TensorEntry:
+        try:
+            return self.entries[key]
+        except KeyError:
+            raise CheckpointError(f"model {self.ref!r} has no tensor {key!r}") from None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(e.numel for e in self.entries.values())
+
+    # ------------------------------------------------------------------ reading
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (or rows ``[start, stop)`` of its first dimension) in its own dtype."""
+        e = self.entry(key)
+        shape = e.shape
+        offset, nbytes = e.offset, e.nbytes
+        if rows is not None:
+            start, stop = rows
+            row_bytes = e.nbytes // shape[0] if shape and shape[0] else 0
+            offset += start * row_bytes
+            nbytes = (stop - start) * row_bytes
+            shape = (stop - start, *shape[1:])
+        if self._pickled is not None and key in self._pickled:
+            t = self._pickled[key]
+            return (t[rows[0] : rows[1]] if rows else t).clone()
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            pread_into(self._fd(e.path), buf.numpy().data, offset, e.path, key)
+        return buf.view(e.dtype).reshape(shape)
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except OSError as e:
+                        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from e
+                    self._fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # file descriptors are a finite resource
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ provenance
+    def provenance(self) -> dict[str, Any]:
+        """What identifies these inputs: ref, revision, and per shard its size and a hash.
+
+        Hub shards carry their LFS sha256 for free (the cache names blobs by it). For local
+        shards we hash the header (names, shapes, dtypes, offsets) rather than re-reading
+        gigabytes of data; the model card says which kind of hash it is.
+        """
+        shards = []
+        for shard in self.shard_files:
+            path = self.root / shard
+            info: dict[str, Any] = {"file": shard, "bytes": path.stat().st_size}
+            real = path.resolve()
+            if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+                info["sha256"] = real.name
+            else:
+                with open(path, "rb") as f:
+                    head = f.read(8)
+                    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                    info["header_sha256"] = hashlib.sha256(head + f.read(min(n, 10**8))).hexdigest()
+            shards.append(info)
+        return {
+            "model": self.ref,
+            "path": str(self.root),
+            "revision": self.revision,
+            "shards": shards,
+        }
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.ref!r}, {len(self.entries)} tensors, {self.total_bytes} bytes)"
+
+
+def _read_index(path: Path) -> tuple[list[str], dict[str, str]]:
+    try:
+        index = json.loads(path.read_text())
+        weight_map = dict(index["weight_map"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid shard index (needs a 'weight_map' object): {e}") from e
+    shards = sorted(set(weight_map.values()))
+    return shards, weight_map
+
+
+def _load_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorEntry], dict[str, torch.Tensor]]:
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{path}: this is a PyTorch pickle; weightsmith does not unpickle files by default. "
+            "Convert it to safetensors, or pass --allow-pickle to load it with weights_only=True"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt archives
+        raise CheckpointError(f"{path}: cannot load with weights_only=True ({e})") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    entries = {
+        k: TensorEntry(k, v.dtype, tuple(v.shape), str(path), 0, v.numel() * element_size(v.dtype))
+        for k, v in tensors.items()
+    }
+    return entries, tensors
+
+
+def _arith(name: str):  # noqa: ANN202 - builds Checkpoint's operator methods
+    def op(self: Checkpoint, *args: Any) -> Any:
+        from weightsmith.lazy import Leaf
+
+        return getattr(Leaf(self), name)(*args)
+
+    op.__name__ = name
+    return op
+
+
+for _op in (
+    "__add__",
+    "__radd__",
+    "__sub__",
+    "__rsub__",
+    "__mul__",
+    "__rmul__",
+    "__neg__",
+    "__truediv__",
+):
+    setattr(Checkpoint, _op, _arith(_op))

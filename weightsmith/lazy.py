@@ -1,0 +1,195 @@
+"""Lazy task-vector arithmetic for notebooks.
+
+    base = Checkpoint.open("org/base")
+    tv_a = Checkpoint.open("org/ft-a") - base          # a TaskVector: nothing is read yet
+    tv_b = Checkpoint.open("org/ft-b") - base
+    merged = base + 0.4 * (tv_a + tv_b)
+    merged.save("out/")                                 # evaluated tensor by tensor, streamed
+
+Expressions are trees over checkpoints; ``save`` runs them through the same engine, memory
+budget and atomic writer as ``weightsmith merge``. ``tensor(name)`` evaluates one tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from weightsmith.errors import MergeError
+
+if TYPE_CHECKING:
+    from weightsmith.io.checkpoint import Checkpoint
+    from weightsmith.pipeline import MergeResult
+
+
+class Expr:
+    """A lazily evaluated combination of checkpoints (linear in the checkpoints)."""
+
+    def leaves(self) -> list[Checkpoint]:
+        raise NotImplementedError
+
+    def evaluate(self, values: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Evaluate given each leaf's tensor, keyed by ``id`` of the leaf checkpoint."""
+        raise NotImplementedError
+
+    # arithmetic -------------------------------------------------------------
+    def __add__(self, other: Any) -> Expr:
+        return Sum(as_expr(self), as_expr(other), 1.0)
+
+    def __radd__(self, other: Any) -> Expr:
+        return Sum(as_expr(other), as_expr(self), 1.0)
+
+    def __sub__(self, other: Any) -> Expr:
+        a, b = as_expr(self), as_expr(other)
+        if isinstance(a, Leaf) and isinstance(b, Leaf):
+            return TaskVector(a, b)
+        return Sum(a, b, -1.0)
+
+    def __rsub__(self, other: Any) -> Expr:
+        return as_expr(other) - self
+
+    def __mul__(self, scalar: float) -> Expr:
+        if not isinstance(scalar, (int, float)):
+            return NotImplemented
+        return Scaled(float(scalar), as_expr(self))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: float) -> Expr:
+        return Scaled(1.0 / float(scalar), as_expr(self))
+
+    def __neg__(self) -> Expr:
+        return Scaled(-1.0, as_expr(self))
+
+    # evaluation --------------------------------------------------------------
+    def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Evaluate one tensor in ``dtype`` (float32 by default)."""
+        leaves = _unique(self.leaves())
+        values = {id(c): c.read(name).to(dtype) for c in leaves}
+        return self.evaluate(values)
+
+    def keys(self) -> list[str]:
+        return _unique(self.leaves())[0].keys()
+
+    def save(
+        self,
+        out: str | Path,
+        *,
+        out_dtype: torch.dtype | str | None = None,
+        **options: Any,
+    ) -> MergeResult:
+        """Write the expression's value as a model folder (options as ``weightsmith.merge``)."""
+        from weightsmith.pipeline import save_expression
+
+        return save_expression(self, out, out_dtype=out_dtype, **options)
+
+
+def as_expr(value: Any) -> Expr:
+    from weightsmith.io.checkpoint import Checkpoint
+
+    if isinstance(value, Expr):
+        return value
+    if isinstance(value, Checkpoint):
+        return Leaf(value)
+    raise TypeError(f"cannot combine {type(value).__name__} with a model; use checkpoints and numbers")
+
+
+def _unique(items: list[Checkpoint]) -> list[Checkpoint]:
+    seen: dict[int, Checkpoint] = {}
+    for c in items:
+        seen.setdefault(id(c), c)
+    return list(seen.values())
+
+
+@dataclass(eq=False)
+class Leaf(Expr):
+    ckpt: Checkpoint
+
+    def leaves(self) -> list[Checkpoint]:
+        return [self.ckpt]
+
+    def evaluate(self, values: dict[int, torch.Tensor]) -> torch.Tensor:
+        return values[id(self.ckpt)]
+
+    def __repr__(self) -> str:
+        return self.ckpt.ref
+
+
+@dataclass(eq=False)
+class Sum(Expr):
+    a: Expr
+    b: Expr
+    sign: float
+
+    def leaves(self) -> list[Checkpoint]:
+        return self.a.leaves() + self.b.leaves()
+
+    def evaluate(self, values: dict[int, torch.Tensor]) -> torch.Tensor:
+        a, b = self.a.evaluate(values), self.b.evaluate(values)
+        return a + b if self.sign > 0 else a - b
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} {'+' if self.sign > 0 else '-'} {self.b!r})"
+
+
+@dataclass(eq=False)
+class TaskVector(Sum):
+    """``finetuned - base``: the direction fine-tuning moved the weights."""
+
+    def __init__(self, finetuned: Leaf, base: Leaf) -> None:
+        super().__init__(finetuned, base, -1.0)
+
+    @property
+    def finetuned(self) -> Checkpoint:
+        assert isinstance(self.a, Leaf)
+        return self.a.ckpt
+
+    @property
+    def base(self) -> Checkpoint:
+        assert isinstance(self.b, Leaf)
+        return self.b.ckpt
+
+    def norm(self) -> float:
+        """L2 norm over all floating tensors, streamed (one tensor in memory at a time)."""
+        total = 0.0
+        for name in self.base.keys():
+            if self.base.entry(name).dtype.is_floating_point:
+                total += float(self.tensor(name).double().pow(2).sum())
+        return total**0.5
+
+
+@dataclass(eq=False)
+class Scaled(Expr):
+    scale: float
+    inner: Expr
+
+    def leaves(self) -> list[Checkpoint]:
+        return self.inner.leaves()
+
+    def evaluate(self, values: dict[int, torch.Tensor]) -> torch.Tensor:
+        return self.scale * self.inner.evaluate(values)
+
+    def __repr__(self) -> str:
+        return f"{self.scale:g} * {self.inner!r}"
+
+
+def check_same_keys(leaves: list[Checkpoint]) -> None:
+    first = leaves[0]
+    for other in leaves[1:]:
+        missing = [k for k in first.keys() if k not in other]
+        extra = [k for k in other.keys() if k not in first]
+        if missing or extra:
+            what = f"lacks {missing[:3]}" if missing else f"has extra {extra[:3]}"
+            raise MergeError(
+                f"model {other.ref!r} ({other.root}) {what} compared with {first.ref!r}; "
+                "arithmetic needs checkpoints of one architecture"
+            )
+        for k in first.keys():
+            if first.entry(k).shape != other.entry(k).shape:
+                raise MergeError(
+                    f"model {other.ref!r}: tensor {k!r} has shape {list(other.entry(k).shape)} "
+                    f"but {first.ref!r} has {list(first.entry(k).shape)}"
+                )

@@ -1,0 +1,108 @@
+"""Merge methods by name, with their parameter schemas.
+
+A method is a pure function over stacked float tensors: it never opens files, never picks a
+device, and never knows how the engine batched its inputs. The engine never knows its math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One recipe parameter of a method.
+
+    ``per_model`` parameters are resolved for each input model (e.g. ``weight``); the others
+    are shared by the whole merge (e.g. ``lambda``). Either kind may vary per tensor through
+    filters and per layer through gradients.
+    """
+
+    name: str
+    default: Any = REQUIRED
+    per_model: bool = False
+    kind: type = float
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass
+class MergeInputs:
+    """What a method sees for one output tensor (or one block of its rows).
+
+    ``models`` stacks the non-base inputs along dim 0 in recipe order, in the compute dtype
+    (float32 unless the recipe asks for float64). ``stats`` is where a method may leave
+    numbers about this tensor for ``merge_report.json``.
+    """
+
+    name: str
+    models: torch.Tensor
+    base: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    context: Any = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: tuple[Param, ...]
+    base: Literal["required", "optional", "unused"]
+    summary: str
+    paper: str = ""
+    min_models: int = 1
+    max_models: int | None = None
+    # True when output element i depends only on input elements i, so the engine may split
+    # a huge tensor into row blocks. Methods with per-tensor statistics or randomness say False.
+    elementwise: bool = True
+    uses_randomness: bool = False
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def __call__(self, inputs: MergeInputs, **params: Any) -> torch.Tensor:
+        return self.fn(inputs, **params)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"unknown merge_method {name!r}; known methods: {known}") from None
+
+
+def methods() -> dict[str, MergeMethod]:
+    _load_builtin_methods()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _load_builtin_methods() -> None:
+    # Importing the package registers every built-in method module exactly once.
+    import weightsmith.ops  # noqa: F401
+
+
+def per_model_column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-model scalars shaped to broadcast against a stack of shape [N, *tensor_shape]."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))

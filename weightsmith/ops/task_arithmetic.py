@@ -1,0 +1,54 @@
+"""Task arithmetic: add, negate and combine task vectors tau_i = theta_i - theta_0.
+
+Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (arXiv 2212.04089).
+theta = theta_0 + lambda * sum_i w_i * tau_i (divided by sum_i w_i when ``normalize``).
+A negative ``weight`` negates a task (forgetting); analogies are weights +1, +1, -1.
+Parameters: ``weight`` (per model, required), ``lambda`` (default 1), ``normalize`` (default
+false, as in mergekit).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from weightsmith.errors import MergeError
+from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, per_model_column, register
+
+
+def task_vectors(inputs: MergeInputs) -> torch.Tensor:
+    assert inputs.base is not None
+    return inputs.models - inputs.base.unsqueeze(0)
+
+
+def task_arithmetic(
+    inputs: MergeInputs, weight: list[float], normalize: bool = False, **params: float
+) -> torch.Tensor:
+    lam = params.get("lambda", 1.0)
+    tau = task_vectors(inputs)
+    merged = (tau * per_model_column(weight, tau)).sum(0)
+    if normalize:
+        total = sum(weight)
+        if total == 0:
+            raise MergeError(
+                f"tensor {inputs.name!r}: task weights sum to 0, so normalize cannot divide by "
+                "them; set normalize: false (the usual choice for task arithmetic)"
+            )
+        merged = merged / total
+    assert inputs.base is not None
+    return inputs.base + lam * merged
+
+
+register(
+    MergeMethod(
+        name="task_arithmetic",
+        fn=task_arithmetic,
+        params=(
+            Param("weight", per_model=True, doc="task vector coefficient; negative negates"),
+            Param("lambda", 1.0, doc="global scale of the summed task vector"),
+            Param("normalize", False, kind=bool, doc="divide by the sum of weights"),
+        ),
+        base="required",
+        summary="base + lambda * sum_i weight_i * (model_i - base)",
+        paper="arXiv:2212.04089",
+    )
+)

@@ -1,0 +1,322 @@
+"""The merge job: recipe -> plan -> streamed execution -> complete output folder, atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import weightsmith
+from weightsmith.engine.executor import RunStats, execute
+from weightsmith.engine.plan import MergePlan, Source, TensorTask, build_plan, split_units
+from weightsmith.errors import RecipeError
+from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.io.model_card import render_model_card
+from weightsmith.io.safetensors_format import DTYPE_NAMES
+from weightsmith.io.writer import OutputDir, ShardWriter
+from weightsmith.lazy import Expr, check_same_keys
+from weightsmith.ops.registry import MergeInputs, MergeMethod
+from weightsmith.recipe import ModelSpec, Recipe, load_recipe, parse_dtype
+from weightsmith.units import parse_size
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Small files that describe how to use the model rather than its weights.
+TAG_ALONG_FILES = (
+    "generation_config.json",
+    "preprocessor_config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+
+DEFAULT_MEMORY_BUDGET = "2GB"
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    plan: MergePlan
+    stats: RunStats
+    seconds: float
+
+
+def open_inputs(recipe: Recipe, allow_pickle: bool = False) -> list[Checkpoint]:
+    """Open the base (if any) then every model, headers only."""
+    refs = []
+    if recipe.base_model is not None:
+        refs.append(recipe.base_model)
+    refs += [m.ref for m in recipe.models]
+    return [Checkpoint.open(r, allow_pickle=allow_pickle, search_dirs=recipe.search_dirs) for r in refs]
+
+
+def normalize_models(recipe: Recipe) -> Recipe:
+    """A base listed again among the models adds a zero task vector: drop it (as mergekit)."""
+    from weightsmith.ops.registry import get_method
+
+    try:
+        method = get_method(recipe.merge_method)
+    except KeyError as e:
+        raise RecipeError(str(e.args[0])) from None
+    if recipe.base_model is not None and method.base != "unused":
+        recipe.models = [m for m in recipe.models if m.ref != recipe.base_model]
+        if not recipe.models:
+            raise RecipeError("`models` lists only the base model; add the fine-tuned models")
+    return recipe
+
+
+def plan_merge(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    *,
+    memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
+    random_seed: int | None = None,
+    allow_pickle: bool = False,
+) -> MergePlan:
+    """Validate a recipe and build its plan from headers alone (the dry run)."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    recipe = normalize_models(recipe)
+    checkpoints = open_inputs(recipe, allow_pickle)
+    return build_plan(
+        recipe,
+        checkpoints,
+        memory_budget=_size(memory_budget, "memory budget"),
+        random_seed=random_seed,
+    )
+
+
+def merge(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    out: str | Path,
+    *,
+    memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    random_seed: int | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    allow_pickle: bool = False,
+    progress: bool = False,
+    fsync: bool = True,
+) -> MergeResult:
+    """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
+
+    ``recipe`` is a YAML path, a YAML string or a dict in mergekit's format.
+    """
+    started = time.perf_counter()
+    plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
+    return run_plan(
+        plan,
+        out,
+        out_shard_size=out_shard_size,
+        overwrite=overwrite,
+        device=device,
+        threads=threads,
+        progress=progress,
+        fsync=fsync,
+        started=started,
+    )
+
+
+def run_plan(
+    plan: MergePlan,
+    out: str | Path,
+    *,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: bool = False,
+    fsync: bool = True,
+    started: float | None = None,
+) -> MergeResult:
+    """Execute a plan into a new output folder, atomically."""
+    started = started if started is not None else time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    shard_bytes = _size(out_shard_size, "out shard size")
+    _check_device(device)
+    with OutputDir(out, overwrite=overwrite) as folder:
+        layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
+        writer = ShardWriter(
+            folder.tmp, layout, shard_bytes, {"weightsmith_version": weightsmith.__version__}
+        )
+        try:
+            bar = _progress_bar(plan, progress)
+            stats = execute(
+                plan,
+                writer,
+                threads=threads or 2,
+                device=device,
+                progress=bar.update if bar else None,
+            )
+            if bar:
+                bar.close()
+            index = writer.finish(fsync=fsync)
+        finally:
+            writer.close()
+        index["metadata"]["weightsmith_version"] = weightsmith.__version__
+        folder.write_json("model.safetensors.index.json", index)
+        write_side_files(plan, folder, stats, time.perf_counter() - started)
+        path = folder.commit()
+    return MergeResult(path, plan, stats, time.perf_counter() - started)
+
+
+def save_expression(
+    expr: Expr,
+    out: str | Path,
+    *,
+    out_dtype: torch.dtype | str | None = None,
+    memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
+    **options: Any,
+) -> MergeResult:
+    """Stream a lazy checkpoint expression (``base + 0.4 * tv``) into a model folder."""
+    leaves = list({id(c): c for c in expr.leaves()}.values())
+    check_same_keys(leaves)
+    if isinstance(out_dtype, str):
+        out_dtype = parse_dtype(out_dtype, "out_dtype")
+    slot = {id(c): i for i, c in enumerate(leaves)}
+
+    def evaluate(inputs: MergeInputs) -> torch.Tensor:
+        return expr.evaluate({key: inputs.models[i] for key, i in slot.items()})
+
+    method = MergeMethod(
+        name="expression",
+        fn=evaluate,
+        params=(),
+        base="unused",
+        summary=f"checkpoint arithmetic: {expr!r}",
+    )
+    raw = {"expression": repr(expr), "models": [c.ref for c in leaves]}
+    recipe = Recipe("expression", [ModelSpec(c.ref) for c in leaves], out_dtype=out_dtype, raw=raw)
+    first = leaves[0]
+    tasks = []
+    for name in first.keys():
+        entry = first.entry(name)
+        if entry.dtype.is_floating_point:
+            sources = [Source(i, name) for i in range(len(leaves))]
+            tasks.append(TensorTask(name, entry.shape, out_dtype or entry.dtype, "merge", sources, None))
+        else:
+            tasks.append(TensorTask(name, entry.shape, entry.dtype, "copy", [], Source(0, name)))
+    plan = MergePlan(
+        recipe,
+        method,
+        leaves,
+        None,
+        list(range(len(leaves))),
+        0,
+        tasks,
+        _size(memory_budget, "memory budget"),
+        None,
+    )
+    split_units(plan)
+    return run_plan(plan, out, **options)
+
+
+def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, seconds: float) -> None:
+    """config.json, tokenizer, recipe, model card and merge report beside the shards."""
+    recipe = plan.recipe
+    ref = plan.checkpoints[plan.ref_index]
+    if ref.config is not None:
+        config = dict(ref.config)
+        float_dtypes = [t.out_dtype for t in plan.tasks if t.kind == "merge"]
+        if float_dtypes:
+            name = str(max(set(float_dtypes), key=float_dtypes.count)).removeprefix("torch.")
+            for key in ("torch_dtype", "dtype"):
+                if key in config or key == "dtype" and "torch_dtype" not in config:
+                    config[key] = name
+        rows = plan.out_vocab_rows
+        if rows is not None and "vocab_size" in config:
+            config["vocab_size"] = rows
+        folder.write_json("config.json", config)
+    tok_root = _tokenizer_root(plan)
+    for fname in TOKENIZER_FILES:
+        if (tok_root / fname).is_file():
+            folder.copy_file(tok_root / fname)
+    for fname in TAG_ALONG_FILES:
+        if (ref.root / fname).is_file():
+            folder.copy_file(ref.root / fname)
+    folder.write_text("weightsmith_recipe.yaml", recipe.to_yaml())
+    inputs = [c.provenance() for c in plan.checkpoints]
+    name = recipe.name or Path(folder.out).name
+    license_ = (ref.config or {}).get("license")
+    card = render_model_card(
+        name=name,
+        method=plan.method.name,
+        method_summary=plan.method.summary,
+        paper=plan.method.paper,
+        recipe_yaml=recipe.to_yaml(),
+        inputs=inputs,
+        base=recipe.base_model,
+        version=weightsmith.__version__,
+        license=license_,
+    )
+    folder.write_text("README.md", card)
+    report = {
+        "weightsmith_version": weightsmith.__version__,
+        "merge_method": plan.method.name,
+        "inputs": inputs,
+        "seconds": round(seconds, 3),
+        "bytes_read": stats.bytes_read,
+        "bytes_written": stats.bytes_written,
+        "tensors": len(plan.tasks),
+        "per_tensor": stats.report,
+        "dtypes": sorted({DTYPE_NAMES[t.out_dtype] for t in plan.tasks}),
+    }
+    folder.write_text("merge_report.json", json.dumps(report, indent=2) + "\n")
+
+
+def _tokenizer_root(plan: MergePlan) -> Path:
+    source = plan.recipe.tokenizer_source
+    ref = plan.checkpoints[plan.ref_index]
+    if source in (None, "base"):
+        return ref.root
+    for ckpt in plan.checkpoints:
+        if ckpt.ref == source:
+            return ckpt.root
+    return Checkpoint.open(source, search_dirs=plan.recipe.search_dirs).root
+
+
+def _size(value: str | int, what: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise RecipeError(f"{what}: {e}") from None
+
+
+def _check_device(device: str) -> None:
+    if device == "cpu":
+        return
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"--device {device}: no CUDA device is available here; use --device cpu")
+
+
+def _progress_bar(plan: MergePlan, enabled: bool) -> Callable[..., Any] | None:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=plan.bytes_to_write,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc=f"merge ({plan.method.name})",
+        smoothing=0.1,
+    )

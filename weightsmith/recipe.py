@@ -1,0 +1,253 @@
+"""Recipes: the YAML merge users already write (mergekit's format) plus weightsmith's options.
+
+Parameter values resolve exactly as mergekit resolves them: a scalar; a list of numbers
+interpolated piecewise-linearly over layer depth t in [0, 1] (a "gradient"; non-numeric lists
+pick element floor(t * (n - 1))); or a list of ``{filter: substring, value: ...}`` where the
+first entry whose substring occurs in the tensor name wins and an entry without a filter (or
+``*``) matches everything. Tensors outside the layer stack (embeddings, final norm, head) are
+evaluated at t = 0.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from weightsmith.errors import RecipeError
+
+DTYPE_ALIASES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+}
+
+TOP_LEVEL_FIELDS = {
+    "merge_method": "name of the merge method (see `weightsmith methods`)",
+    "models": "list of {model: PATH_OR_HUB_ID, parameters: {...}}",
+    "base_model": "the shared base the fine-tunes started from",
+    "parameters": "global method parameters",
+    "dtype": "compute dtype hint (weightsmith always computes in float32 or wider)",
+    "out_dtype": "dtype of the written tensors (default: dtype, else the base's)",
+    "tokenizer_source": "'base' or a model path/id whose tokenizer files are copied",
+    "vocab_policy": "error | pad | truncate when vocabulary sizes differ",
+    "extra_keys": "error | ignore when an input has tensors the output does not",
+    "name": "a name for the merged model (used in the model card)",
+    "chat_template": "accepted for mergekit compatibility: only 'auto' (copy the tokenizer's)",
+}
+UNSUPPORTED_FIELDS = {
+    "slices": "layer slicing (frankenmerges) is not supported yet; use `models:`",
+    "modules": "per-module recipes are not supported yet; use `models:`",
+    "tokenizer": "the `tokenizer:` block (vocabulary union) is not supported yet; use "
+    "tokenizer_source: base or a model, and vocab_policy: pad | truncate",
+}
+MODEL_FIELDS = {"model", "parameters"}
+
+
+@dataclass(frozen=True)
+class Conditional:
+    """``{filter: substring, value: ...}``: applies to tensors whose name contains filter."""
+
+    filter: str | None
+    value: Any
+
+
+def _check_setting(value: Any, where: str) -> Any:
+    """Validate a parameter setting's shape once, at load time."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        if not value:
+            raise RecipeError(f"{where}: empty list; give a value, a gradient or filters")
+        if all(isinstance(v, (bool, int, float, str)) for v in value):
+            return list(value)
+        conds = []
+        for i, entry in enumerate(value):
+            if not isinstance(entry, dict) or "value" not in entry:
+                raise RecipeError(f"{where}[{i}]: expected {{filter: substring, value: ...}}, got {entry!r}")
+            unknown = set(entry) - {"filter", "value"}
+            if unknown:
+                raise RecipeError(
+                    f"{where}[{i}]: unknown field(s) {sorted(unknown)}; "
+                    "a conditional has only `filter` and `value`"
+                )
+            filt = entry.get("filter")
+            if filt is not None and not isinstance(filt, str):
+                raise RecipeError(f"{where}[{i}].filter: must be a string, got {filt!r}")
+            conds.append(Conditional(filt, _check_setting(entry["value"], f"{where}[{i}].value")))
+        return conds
+    raise RecipeError(f"{where}: cannot use {value!r} as a parameter value")
+
+
+def resolve_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """Evaluate a validated setting for one tensor at layer depth t (mergekit semantics)."""
+    if isinstance(setting, list) and setting and isinstance(setting[0], Conditional):
+        for cond in setting:
+            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+                return resolve_setting(cond.value, tensor_name, t)
+        return None
+    if isinstance(setting, list):
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
+        if not numeric:
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    return setting
+
+
+def parse_dtype(name: Any, where: str) -> torch.dtype:
+    if isinstance(name, str) and name.lower() in DTYPE_ALIASES:
+        return DTYPE_ALIASES[name.lower()]
+    raise RecipeError(f"{where}: unknown dtype {name!r}; use one of float32, bfloat16, float16, float64")
+
+
+@dataclass
+class ModelSpec:
+    ref: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    merge_method: str
+    models: list[ModelSpec]
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
+    tokenizer_source: str | None = None
+    vocab_policy: str = "error"
+    extra_keys: str = "error"
+    name: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        # Arithmetic is never done in 16-bit types, whatever `dtype` says.
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
+    def search_dirs(self) -> tuple[Path, ...]:
+        return (self.source.parent,) if self.source else ()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
+    """Load and validate a recipe from a YAML file path, a YAML string or a dict."""
+    path: Path | None = None
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        text = str(source)
+        if "\n" not in text and Path(text).exists():
+            path = Path(text)
+            text = path.read_text()
+        elif "\n" not in text and text.endswith((".yaml", ".yml")):
+            raise RecipeError(f"recipe file {text!r} does not exist")
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path or 'recipe'}: not valid YAML: {e}") from e
+    where = str(path) if path else "recipe"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a recipe is a mapping with merge_method, models, ...")
+    for key in raw:
+        if key in UNSUPPORTED_FIELDS:
+            raise RecipeError(f"{where}: `{key}`: {UNSUPPORTED_FIELDS[key]}")
+        if key not in TOP_LEVEL_FIELDS:
+            fields = ", ".join(TOP_LEVEL_FIELDS)
+            raise RecipeError(f"{where}: unknown field `{key}`; recipe fields are: {fields}")
+    method = raw.get("merge_method")
+    if not isinstance(method, str):
+        raise RecipeError(f"{where}: `merge_method` is required (e.g. merge_method: linear)")
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise RecipeError(f"{where}: `models` must be a non-empty list of {{model: PATH}} entries")
+    models = []
+    for i, entry in enumerate(models_raw):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise RecipeError(f"{where}: models[{i}] needs a `model:` path or Hub id")
+        unknown = set(entry) - MODEL_FIELDS
+        if unknown:
+            raise RecipeError(
+                f"{where}: models[{i}] has unknown field(s) {sorted(unknown)}; an entry has "
+                "`model` and `parameters` (did you mean to put them under parameters:?)"
+            )
+        ref = _model_ref(entry["model"], f"{where}: models[{i}].model")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise RecipeError(f"{where}: models[{i}].parameters must be a mapping")
+        checked = {k: _check_setting(v, f"{where}: models[{i}].parameters.{k}") for k, v in params.items()}
+        models.append(ModelSpec(ref, checked))
+    params = raw.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RecipeError(f"{where}: `parameters` must be a mapping")
+    base = raw.get("base_model")
+    recipe = Recipe(
+        merge_method=method,
+        models=models,
+        base_model=_model_ref(base, f"{where}: base_model") if base is not None else None,
+        parameters={k: _check_setting(v, f"{where}: parameters.{k}") for k, v in params.items()},
+        dtype=parse_dtype(raw["dtype"], f"{where}: dtype") if "dtype" in raw else None,
+        out_dtype=parse_dtype(raw["out_dtype"], f"{where}: out_dtype") if "out_dtype" in raw else None,
+        tokenizer_source=raw.get("tokenizer_source"),
+        vocab_policy=_choice(raw, "vocab_policy", ("error", "pad", "truncate"), where),
+        extra_keys=_choice(raw, "extra_keys", ("error", "ignore"), where),
+        name=raw.get("name"),
+        raw=raw,
+        source=path,
+    )
+    if recipe.tokenizer_source == "union":
+        raise RecipeError(
+            f"{where}: tokenizer_source: union is not supported yet; use base or a model, "
+            "with vocab_policy: pad"
+        )
+    chat = raw.get("chat_template")
+    if chat not in (None, "auto"):
+        raise RecipeError(
+            f"{where}: chat_template: only `auto` is supported (the tokenizer source's template "
+            "is copied with its tokenizer files)"
+        )
+    return recipe
+
+
+def _model_ref(value: Any, where: str) -> str:
+    if isinstance(value, dict):  # mergekit's object form {model: {path, revision}}
+        inner = value.get("model", value)
+        if isinstance(inner, dict) and "path" in inner:
+            rev = inner.get("revision")
+            return f"{inner['path']}@{rev}" if rev else str(inner["path"])
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"{where}: expected a local path or a Hub id like org/name")
+    if "+" in value and not Path(value).exists():
+        raise RecipeError(f"{where}: LoRA references (model+lora) are not supported yet")
+    return value
+
+
+def _choice(raw: dict[str, Any], key: str, options: tuple[str, ...], where: str) -> str:
+    value = raw.get(key, options[0])
+    if value not in options:
+        raise RecipeError(f"{where}: `{key}` must be one of {', '.join(options)}, got {value!r}")
+    return value
