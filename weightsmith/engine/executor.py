@@ -24,6 +24,26 @@ from weightsmith.io.writer import ShardWriter
 from weightsmith.ops.registry import MergeInputs
 
 
+def _return_big_buffers_to_the_os() -> None:
+    """Make glibc serve tensor-sized buffers with mmap, so freeing them lowers RSS.
+
+    By default glibc raises its mmap threshold after the first large free (up to 32 MB) and
+    then keeps freed tensor buffers in per-thread heaps, so RSS drifts above what is live.
+    A fixed threshold keeps resident memory equal to what the budget accounts for.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 class Budget:
     """A byte semaphore. A unit larger than the whole budget waits until it runs alone."""
 
@@ -128,6 +148,7 @@ def execute(
     device: str = "cpu",
 ) -> RunStats:
     """Run every unit of the plan, writing results through ``writer``."""
+    _return_big_buffers_to_the_os()
     budget = Budget(plan.memory_budget)
     cancelled = threading.Event()
     stats = RunStats()

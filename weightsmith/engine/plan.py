@@ -387,12 +387,13 @@ def _align_shapes(
 
 
 def split_units(plan: MergePlan) -> None:
-    """Cut tasks into work units whose in-flight bytes fit a third of the budget each.
+    """Cut tasks into work units whose in-flight bytes fit a quarter of the budget each.
 
-    A third: one unit computing, one prefetched, one being written.
+    A quarter: one unit computing, one prefetched, one being written, and headroom for the
+    allocator's own slack, which the budget must also cover.
     """
     cs = element_size(plan.compute_dtype)
-    target = max(plan.memory_budget // 3, 1)
+    target = max(plan.memory_budget // 4, 1)
     for task in plan.tasks:
         if task.kind == "copy":
             nbytes = task.out_bytes * 2
