@@ -367,3 +367,17 @@ def test_lazy_task_vector_api(family, tmp_path):
     assert tv_a.norm() > 0
     with pytest.raises(TypeError):
         _ = base + "x"
+
+
+def test_task_models_wrapping_the_base_are_mapped_by_prefix(family, tmp_path):
+    base, models = family
+    ft = load_folder(models[0])
+    wrapped = {f"backbone.{k}": v for k, v in ft.items()}
+    wrapped["score.weight"] = torch.zeros(2, 32, dtype=torch.bfloat16)  # a new task head
+    wrapped_dir = save_model(tmp_path / "wrapped", wrapped, LLAMA_CONFIG, shards=1)
+    recipe = ta_recipe(base, [wrapped_dir], weights=(1.0,), lam=1.0, extra_keys="ignore")
+    plan = weightsmith.plan_merge(recipe)
+    assert any("'backbone.'" in note for note in plan.notes)
+    weightsmith.merge(recipe, tmp_path / "out")
+    out = load_folder(tmp_path / "out")
+    assert set(out) == set(ft) and all(torch.equal(out[k], ft[k]) for k in out)

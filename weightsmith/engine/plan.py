@@ -261,11 +261,18 @@ def build_plan(
     specs = [recipe.models[i - first_model] for i in model_indices]
     tasks: list[TensorTask] = []
     used: list[set[str]] = [set() for _ in checkpoints]
+    prefixes = {idx: key_prefix_map(ref_ckpt.keys(), checkpoints[idx]) for idx in model_indices}
+    notes = [
+        f"model {checkpoints[idx].ref!r}: tensor names mapped "
+        f"{(strip or '<none>')!r} -> {(add or '<none>')!r} to match the reference"
+        for idx, (strip, add) in prefixes.items()
+        if strip or add
+    ]
     for name in sorted(ref_ckpt.keys(), key=_sort_key):
         ref_entry = ref_ckpt.entry(name)
         sources = []
         for idx in model_indices:
-            key = _find_key(checkpoints[idx], name)
+            key = _find_key(checkpoints[idx], name, prefixes[idx])
             if key is None:
                 raise MergeError(
                     f"model {checkpoints[idx].ref!r} ({checkpoints[idx].root}): has no tensor "
@@ -312,6 +319,7 @@ def build_plan(
         tasks,
         memory_budget,
         num_layers,
+        notes=notes,
     )
     split_units(plan)
     return plan
@@ -321,13 +329,42 @@ def _is_alias_only(key: str, used: set[str]) -> bool:
     return any(key in aliases and out in used for out, aliases in TIED_ALIASES.items())
 
 
-def _find_key(ckpt: Checkpoint, name: str) -> str | None:
-    if name in ckpt:
-        return name
+def key_prefix_map(ref_keys: list[str], ckpt: Checkpoint) -> tuple[str, str]:
+    """How this input names the reference's tensors: (prefix to strip, prefix to add).
+
+    A fine-tuned task model often wraps the encoder it started from (``bert.`` before every
+    name of a ``BertModel`` base, plus a new head); mapping by a common prefix lets such
+    checkpoints merge with their base without renaming files.
+    """
+    keys = set(ckpt.keys())
+    if sum(k in keys for k in ref_keys) * 2 >= len(ref_keys):
+        return ("", "")
+    best, best_hits = ("", ""), sum(k in keys for k in ref_keys)
+    adds = {k.split(".", 1)[0] + "." for k in keys if "." in k}
+    strips = {k.split(".", 1)[0] + "." for k in ref_keys if "." in k}
+    candidates = [("", a) for a in adds] + [(s, "") for s in strips]
+    candidates += [(s, a) for s in strips for a in adds if s != a]
+    for strip, add in candidates:
+        hits = sum(
+            k.startswith(strip) and add + k[len(strip) :] in keys for k in ref_keys
+        )
+        if hits > best_hits:
+            best, best_hits = (strip, add), hits
+    return best if best_hits * 2 >= len(ref_keys) else ("", "")
+
+
+def _find_key(ckpt: Checkpoint, name: str, prefix: tuple[str, str] = ("", "")) -> str | None:
+    strip, add = prefix
+    mapped = add + name[len(strip) :] if name.startswith(strip) else name
+    for candidate in (mapped, name):
+        if candidate in ckpt:
+            return candidate
     tie = (ckpt.config or {}).get("tie_word_embeddings", True)
     for alias in TIED_ALIASES.get(name, ()):
-        if alias in ckpt and tie:
-            return alias
+        mapped_alias = add + alias[len(strip) :] if alias.startswith(strip) else alias
+        for candidate in (mapped_alias, alias):
+            if candidate in ckpt and tie:
+                return candidate
     return None
 
 
