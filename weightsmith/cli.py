@@ -154,6 +154,7 @@ def plan_cmd(
         "memory_budget": plan.memory_budget,
         "estimated_peak_bytes": plan.peak_estimate,
         "over_budget_tensors": plan.oversize,
+        "notes": plan.notes,
     }
     if as_json:
         click.echo(json.dumps({"summary": summary, "tensors": rows}, indent=2, default=str))
@@ -176,6 +177,8 @@ def plan_cmd(
         f"memory budget:   {format_size(plan.memory_budget)}; estimated peak tensor "
         f"memory {format_size(plan.peak_estimate)} (plus ~0.4 GB for Python and torch)"
     )
+    for note in plan.notes:
+        click.echo(f"note:            {note}")
     if plan.oversize:
         click.echo(
             f"over budget:     {len(plan.oversize)} tensor(s) cannot be split by "
