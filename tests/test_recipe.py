@@ -84,3 +84,11 @@ def test_recipe_from_dict_keeps_raw_for_provenance():
     assert "merge_method: linear" in r.to_yaml()
     raw["merge_method"] = "changed"
     assert r.merge_method == "linear"
+
+
+def test_recipe_text_is_kept_verbatim_with_comments(tmp_path):
+    text = "# my merge\nmerge_method: linear  # soup\nmodels:\n  - model: a\n"
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert load_recipe(path).to_yaml() == text
+    assert load_recipe(text).to_yaml() == text

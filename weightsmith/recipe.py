@@ -93,16 +93,22 @@ def _check_setting(value: Any, where: str) -> Any:
     raise RecipeError(f"{where}: cannot use {value!r} as a parameter value")
 
 
-def resolve_setting(setting: Any, tensor_name: str, t: float) -> Any:
-    """Evaluate a validated setting for one tensor at layer depth t (mergekit semantics)."""
+def resolve_setting(setting: Any, tensor_name: str, t: float, numeric: bool = False) -> Any:
+    """Evaluate a validated setting for one tensor at layer depth t (mergekit semantics).
+
+    ``numeric``: the parameter is a number, so strings in a gradient are read as numbers
+    first (YAML loads ``1e-3`` as a string) and the gradient interpolates, as in mergekit.
+    """
     if isinstance(setting, list) and setting and isinstance(setting[0], Conditional):
         for cond in setting:
             if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
-                return resolve_setting(cond.value, tensor_name, t)
+                return resolve_setting(cond.value, tensor_name, t, numeric)
         return None
+    if isinstance(setting, list) and numeric:
+        setting = [_as_number(v) for v in setting]
     if isinstance(setting, list):
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
-        if not numeric:
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
+        if not numbers:
             return setting[int(t * (len(setting) - 1))]
         scaled = t * (len(setting) - 1)
         i0 = int(scaled)
@@ -110,6 +116,15 @@ def resolve_setting(setting: Any, tensor_name: str, t: float) -> Any:
         frac = scaled - i0
         return (1 - frac) * setting[i0] + frac * setting[i1]
     return setting
+
+
+def _as_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_dtype(name: Any, where: str) -> torch.dtype:
@@ -138,6 +153,7 @@ class Recipe:
     name: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    text: str | None = None  # the YAML as the user wrote it, comments included
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -149,12 +165,15 @@ class Recipe:
         return (self.source.parent,) if self.source else ()
 
     def to_yaml(self) -> str:
+        if self.text is not None:
+            return self.text
         return yaml.safe_dump(self.raw, sort_keys=False)
 
 
 def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     """Load and validate a recipe from a YAML file path, a YAML string or a dict."""
     path: Path | None = None
+    text: str | None = None
     if isinstance(source, dict):
         raw = copy.deepcopy(source)
     else:
@@ -218,6 +237,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         name=raw.get("name"),
         raw=raw,
         source=path,
+        text=text,
     )
     if recipe.tokenizer_source == "union":
         raise RecipeError(

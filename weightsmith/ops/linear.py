@@ -10,14 +10,18 @@ from __future__ import annotations
 import torch
 
 from weightsmith.errors import MergeError
-from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, per_model_column, register
+from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, register
 
 
 def linear(inputs: MergeInputs, weight: list[float], normalize: bool = True) -> torch.Tensor:
     x = inputs.models
-    out = (x * per_model_column(weight, x)).sum(0)
+    # Accumulate model by model with a fused multiply-add, and divide by the weight sum taken
+    # in the compute dtype: the same operation order as mergekit, so results match bit for bit.
+    out = torch.zeros_like(x[0])
+    for i, w in enumerate(weight):
+        out.addcmul_(x[i], torch.tensor(w, dtype=x.dtype, device=x.device))
     if normalize:
-        total = sum(weight)
+        total = torch.tensor(weight, dtype=x.dtype, device=x.device).sum()
         if total == 0:
             raise MergeError(
                 f"tensor {inputs.name!r}: linear weights sum to 0, so normalize cannot divide by "

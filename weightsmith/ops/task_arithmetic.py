@@ -23,6 +23,8 @@ def task_vectors(inputs: MergeInputs) -> torch.Tensor:
 def task_arithmetic(
     inputs: MergeInputs, weight: list[float], normalize: bool = False, **params: float
 ) -> torch.Tensor:
+    # density, rescale and int8_mask are accepted, unused, as mergekit accepts them here:
+    # recipes copied from TIES configs run unchanged.
     lam = params.get("lambda", 1.0)
     tau = task_vectors(inputs)
     merged = (tau * per_model_column(weight, tau)).sum(0)
@@ -46,6 +48,9 @@ register(
             Param("weight", per_model=True, doc="task vector coefficient; negative negates"),
             Param("lambda", 1.0, doc="global scale of the summed task vector"),
             Param("normalize", False, kind=bool, doc="divide by the sum of weights"),
+            Param("density", 1.0, per_model=True, doc="accepted for mergekit recipes; unused"),
+            Param("rescale", False, kind=bool, doc="accepted for mergekit recipes; unused"),
+            Param("int8_mask", False, kind=bool, doc="accepted for mergekit recipes; unused"),
         ),
         base="required",
         summary="base + lambda * sum_i weight_i * (model_i - base)",

@@ -1,0 +1,81 @@
+"""Regenerate the mergekit parity goldens under tests/data/parity/.
+
+Builds the tiny inputs described by tests/data/parity/inputs.json (twice, to check the build is
+bit-stable), runs ``mergekit-yaml`` offline on every recipe in tests/data/parity/recipes/, and
+stores each output as golden/<recipe>.safetensors plus the input digests in inputs.json.
+
+mergekit is LGPL: install it in its own venv, never in weightsmith's:
+
+    python3 -m venv .bench/mergekit-venv
+    .bench/mergekit-venv/bin/pip install torch==2.13.0 mergekit==0.1.5
+    .venv/bin/python benchmarks/parity/make_golden.py --mergekit .bench/mergekit-venv/bin/mergekit-yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+import test_parity_mergekit as parity  # noqa: E402
+
+
+def mergekit_version(exe: Path) -> str:
+    python = exe.parent / "python"
+    code = "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"
+    done = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mergekit", type=Path, default=REPO / ".bench/mergekit-venv/bin/mergekit-yaml")
+    parser.add_argument("--keep", type=Path, help="also keep mergekit's full output folders here")
+    args = parser.parse_args()
+    exe = args.mergekit.absolute()
+    if not exe.is_file():
+        sys.exit(f"{exe}: no mergekit-yaml there (see this script's docstring)")
+
+    with tempfile.TemporaryDirectory(prefix="ws-parity-") as tmp:
+        root = Path(tmp)
+        folders = parity.build_inputs(root / "inputs")
+        digests = parity.input_digests(folders)
+        again = parity.input_digests(parity.build_inputs(root / "inputs-again"))
+        if again != digests:
+            sys.exit("building the inputs twice gave different tensors: the generator is not bit-stable")
+
+        parity.GOLDEN.mkdir(parents=True, exist_ok=True)
+        for old in parity.GOLDEN.glob("*.safetensors"):
+            old.unlink()
+        for recipe in parity.RECIPES:
+            raw = parity.materialize(recipe, folders)
+            out = parity.run_mergekit(str(exe), raw, root / "out" / recipe.stem, root)
+            shards = sorted(out.glob("*.safetensors"))
+            if len(shards) != 1:
+                sys.exit(f"{recipe.stem}: expected one output shard from mergekit, got {shards}")
+            shutil.copyfile(shards[0], parity.GOLDEN / f"{recipe.stem}.safetensors")
+            print(f"{recipe.stem}: {sorted(p.name for p in out.iterdir())}")
+            if args.keep:
+                shutil.copytree(out, args.keep / recipe.stem, dirs_exist_ok=True)
+
+    spec = json.loads((parity.DATA / "inputs.json").read_text())
+    spec["sha256"] = digests
+    spec["generated_by"] = {
+        "mergekit_and_torch": mergekit_version(exe),
+        "torch_for_inputs": parity.torch.__version__,
+    }
+    (parity.DATA / "inputs.json").write_text(json.dumps(spec, indent=2) + "\n")
+    print(f"wrote {len(parity.RECIPES)} goldens to {parity.GOLDEN}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Parity with mergekit 0.1.5: same recipes, same inputs, outputs equal to one bf16 step.
+
+The golden outputs under tests/data/parity/golden/ were written by ``mergekit-yaml`` (run by
+benchmarks/parity/make_golden.py, see tests/data/parity/README.md). The inputs are not stored:
+this test rebuilds them from the seeds in inputs.json and first checks they are bit-identical to
+the ones the goldens were made from.
+
+Set WEIGHTSMITH_MERGEKIT=/path/to/mergekit-yaml to also run mergekit live, side by side with
+weightsmith, on inputs built from other seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from models import load_folder, perturb, random_state, save_model
+from safetensors.torch import load_file
+
+import weightsmith
+
+DATA = Path(__file__).parent / "data" / "parity"
+RECIPES = sorted((DATA / "recipes").glob("*.yaml"))
+GOLDEN = DATA / "golden"
+SPEC: dict[str, Any] = json.loads((DATA / "inputs.json").read_text())
+MERGEKIT_ENV = "WEIGHTSMITH_MERGEKIT"
+
+
+# --------------------------------------------------------------------------- inputs
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A tiny word-level tokenizer (one token per character) saved as tokenizer.json + config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    chars = [chr(ord("a") + i) for i in range(26)] + [str(i) for i in range(10)]
+    tokens = (specials + chars)[:vocab_size]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(folder))
+
+
+def build_inputs(root: Path, seed_offset: int = 0) -> dict[str, Path]:
+    """The base and fine-tunes of inputs.json as sharded bf16 checkpoints under ``root``."""
+    config = SPEC["config"]
+    base_state = random_state(config, seed=SPEC["base_seed"] + seed_offset)
+    states = {"base": base_state}
+    for name, seed in SPEC["finetune_seeds"].items():
+        states[name] = perturb(base_state, seed=seed + seed_offset, scale=SPEC["perturb_scale"])
+    folders = {}
+    for name, state in states.items():
+        folders[name] = save_model(root / name, state, config, shards=SPEC["shards"], tokenizer=False)
+        write_tokenizer(folders[name], config["vocab_size"])
+    return folders
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def input_digests(folders: dict[str, Path]) -> dict[str, str]:
+    return {name: state_digest(load_folder(folder)) for name, folder in folders.items()}
+
+
+def materialize(recipe_path: Path, folders: dict[str, Path]) -> dict[str, Any]:
+    """The recipe with its model names (base, ft0, ...) replaced by the input folders' paths."""
+    raw = yaml.safe_load(recipe_path.read_text())
+
+    def path_of(name: str) -> str:
+        return str(folders[name].resolve())
+
+    if "base_model" in raw:
+        raw["base_model"] = path_of(raw["base_model"])
+    raw["models"] = [{**entry, "model": path_of(entry["model"])} for entry in raw["models"]]
+    return raw
+
+
+def run_mergekit(exe: str, recipe: dict[str, Any], out: Path, workdir: Path) -> Path:
+    """Run ``mergekit-yaml`` offline on a materialized recipe; returns the output folder."""
+    config = workdir / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    subprocess.run([exe, str(config), str(out)], check=True, env=env, capture_output=True, text=True)
+    return out
+
+
+# --------------------------------------------------------------------------- comparison
+def ordered_bits(t: torch.Tensor) -> torch.Tensor:
+    """bf16 bit patterns mapped to integers that are consecutive for adjacent bf16 values."""
+    bits = t.contiguous().view(torch.int16).to(torch.int32)
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+def bf16_step(magnitude: torch.Tensor) -> torch.Tensor:
+    """Spacing between adjacent bf16 values at this magnitude (one bf16 rounding step)."""
+    _, exponent = torch.frexp(magnitude)
+    return torch.ldexp(torch.full_like(magnitude, torch.finfo(torch.bfloat16).eps), exponent - 1)
+
+
+def allowed_error(ours: torch.Tensor, theirs: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """One bf16 step at the result's magnitude; where the inputs cancel to about zero, the
+    float32 rounding noise of summing them (n * eps32 * sum |x_i|), which is far below a bf16
+    step of the inputs but above one of a near-zero result."""
+    step = bf16_step(torch.maximum(ours.float().abs(), theirs.float().abs()))
+    magnitude = torch.stack([x.float().abs() for x in inputs]).sum(0)
+    return torch.maximum(step, len(inputs) * torch.finfo(torch.float32).eps * magnitude)
+
+
+@dataclass
+class TensorDiff:
+    name: str
+    max_abs: float
+    differing: int  # elements whose bits differ
+    max_steps: int  # largest distance in adjacent bf16 values
+    over: int  # elements beyond the allowed error
+
+
+def compare(
+    ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], inputs: list[dict[str, torch.Tensor]]
+) -> list[TensorDiff]:
+    diffs = []
+    for name in sorted(set(ours) & set(theirs)):
+        a, b = ours[name], theirs[name]
+        assert a.dtype == b.dtype == torch.bfloat16, f"{name}: dtypes {a.dtype} vs {b.dtype}"
+        assert a.shape == b.shape, f"{name}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+        error = (a.float() - b.float()).abs()
+        steps = (ordered_bits(a) - ordered_bits(b)).abs()
+        allowed = allowed_error(a, b, [x[name] for x in inputs])
+        diffs.append(
+            TensorDiff(
+                name,
+                error.max().item() if a.numel() else 0.0,
+                int((steps != 0).sum()),
+                int(steps.max()) if a.numel() else 0,
+                int((error > allowed).sum()),
+            )
+        )
+    return diffs
+
+
+def check_parity(
+    label: str,
+    ours: dict[str, torch.Tensor],
+    theirs: dict[str, torch.Tensor],
+    inputs: list[dict[str, torch.Tensor]],
+) -> None:
+    only_ours, only_theirs = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    assert not only_ours and not only_theirs, (
+        f"{label}: key sets differ; only in weightsmith: {only_ours}; only in mergekit: {only_theirs}"
+    )
+    diffs = compare(ours, theirs, inputs)
+    print(
+        f"\n{label}: {sum(d.differing == 0 for d in diffs)}/{len(diffs)} tensors bit-identical, "
+        f"{sum(d.differing for d in diffs)} of {sum(t.numel() for t in ours.values())} elements differ "
+        f"(at most {max(d.max_steps for d in diffs)} bf16 values apart), "
+        f"max abs diff {max(d.max_abs for d in diffs):.3g}"
+    )
+    off = [d for d in diffs if d.over]
+    assert not off, f"{label}: beyond one bf16 rounding step from mergekit in " + ", ".join(
+        f"{d.name} ({d.over} elements, up to {d.max_steps} bf16 values apart, max abs {d.max_abs:.3g})"
+        for d in off
+    )
+
+
+def check_loads(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """transformers loads the merged folder with every weight from disk, and runs forward."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
+    loaded = model.state_dict()
+    for name, t in tensors.items():
+        assert torch.equal(loaded[name], t), f"{folder}: transformers did not load {name} as written"
+    vocab = model.config.vocab_size
+    ids = torch.arange(8).remainder(vocab).unsqueeze(0)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], vocab)
+    assert torch.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_inputs(tmp_path_factory.mktemp("parity-inputs"))
+
+
+@pytest.fixture(scope="module")
+def input_states(inputs: dict[str, Path]) -> list[dict[str, torch.Tensor]]:
+    return [load_folder(folder) for folder in inputs.values()]
+
+
+def test_inputs_match_the_golden_inputs(inputs: dict[str, Path]) -> None:
+    assert SPEC.get("sha256"), "inputs.json has no digests: run benchmarks/parity/make_golden.py"
+    assert input_digests(inputs) == SPEC["sha256"], (
+        "the rebuilt inputs differ from those the goldens were made from (torch RNG or "
+        "tests/models.py changed?): regenerate with benchmarks/parity/make_golden.py"
+    )
+
+
+def test_every_recipe_has_a_golden() -> None:
+    assert RECIPES
+    assert sorted(p.stem for p in RECIPES) == sorted(p.stem for p in GOLDEN.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_matches_mergekit_golden(
+    recipe: Path, inputs: dict[str, Path], input_states: list[dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    out = weightsmith.merge(materialize(recipe, inputs), tmp_path / "out", fsync=False).out
+    ours = load_folder(out)
+    check_parity(recipe.stem, ours, load_file(str(GOLDEN / f"{recipe.stem}.safetensors")), input_states)
+    check_loads(out, ours)
+
+
+@pytest.fixture(scope="module")
+def live_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    # Other seeds than the goldens': the live run checks fresh inputs.
+    return build_inputs(tmp_path_factory.mktemp("parity-live-inputs"), seed_offset=1000)
+
+
+@pytest.mark.skipif(not os.environ.get(MERGEKIT_ENV), reason=f"set {MERGEKIT_ENV}=/path/to/mergekit-yaml")
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_matches_mergekit_live(recipe: Path, live_inputs: dict[str, Path], tmp_path: Path) -> None:
+    raw = materialize(recipe, live_inputs)
+    theirs = load_folder(run_mergekit(os.environ[MERGEKIT_ENV], raw, tmp_path / "mergekit", tmp_path))
+    out = weightsmith.merge(raw, tmp_path / "weightsmith", fsync=False).out
+    ours = load_folder(out)
+    states = [load_folder(folder) for folder in live_inputs.values()]
+    check_parity(f"{recipe.stem} (live)", ours, theirs, states)
+    check_loads(out, ours)
