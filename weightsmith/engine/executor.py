@@ -81,6 +81,13 @@ class RunStats:
     bytes_written: int = 0
     tensors: int = 0
     report: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Model-wide statistics passes run before the output pass (engine/passes.py), what they
+    # read, and their result (handed to the method as ``inputs.context``).
+    global_passes: int = 0
+    global_bytes_read: int = 0
+    context: Any = None
+    # merge_report.json's summary (engine/summary.py), filled by the pipeline after the run.
+    summary: dict[str, Any] | None = None
 
 
 def _read_rows(plan: MergePlan, src: Source, rows: tuple[int, int] | None, task_rows: int) -> torch.Tensor:
@@ -149,9 +156,16 @@ def execute(
 ) -> RunStats:
     """Run every unit of the plan, writing results through ``writer``."""
     _return_big_buffers_to_the_os()
+    stats = RunStats()
+    # Methods with model-wide statistics stream the inputs first; the result is small.
+    from weightsmith.engine.passes import run_global_passes
+
+    stats.context, stats.global_passes, stats.global_bytes_read = run_global_passes(
+        plan, threads=threads, device=device
+    )
+    context = stats.context
     budget = Budget(plan.memory_budget)
     cancelled = threading.Event()
-    stats = RunStats()
     ready: queue.Queue[Future[Loaded] | None] = queue.Queue(maxsize=max(2, threads * 2))
     to_write: queue.Queue[tuple[WorkUnit, torch.Tensor, int] | None] = queue.Queue(maxsize=2)
     errors: list[BaseException] = []
@@ -200,7 +214,7 @@ def execute(
             if fut is None:
                 break
             loaded = fut.result()
-            out, tensor_stats = _compute(plan, loaded, device)
+            out, tensor_stats = _compute(plan, loaded, device, context)
             if tensor_stats:
                 # Row blocks of one tensor add up: methods report additive quantities.
                 into = stats.report.setdefault(loaded.unit.task.name, {})
@@ -223,7 +237,7 @@ def execute(
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    stats.bytes_read = plan.bytes_to_read
+    stats.bytes_read = plan.bytes_to_read + stats.global_bytes_read
     return stats
 
 
@@ -237,7 +251,9 @@ def _drain(q: queue.Queue[Any]) -> None:
         pass
 
 
-def _compute(plan: MergePlan, loaded: Loaded, device: str) -> tuple[torch.Tensor, dict[str, float]]:
+def _compute(
+    plan: MergePlan, loaded: Loaded, device: str, context: Any = None
+) -> tuple[torch.Tensor, dict[str, float]]:
     unit = loaded.unit
     task = unit.task
     if task.kind == "copy":
@@ -252,7 +268,7 @@ def _compute(plan: MergePlan, loaded: Loaded, device: str) -> tuple[torch.Tensor
     if task.seed is not None:
         generator = torch.Generator(device=models.device)
         generator.manual_seed(task.seed)
-    inputs = MergeInputs(task.name, models, base, generator)
+    inputs = MergeInputs(task.name, models, base, generator, context)
     out = plan.method(inputs, **task.params)
     if not torch.isfinite(out).all():
         raise MergeError(

@@ -17,7 +17,7 @@ from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.safetensors_format import element_size
 from weightsmith.ops.registry import REQUIRED, MergeMethod, Param, get_method
-from weightsmith.recipe import Recipe, resolve_setting
+from weightsmith.recipe import ModelSpec, Recipe, resolve_setting
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
 # Output key -> input keys that hold the same tensor when weights are tied.
@@ -203,23 +203,31 @@ def resolve_params(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in method.params:
+        numeric = p.kind in (int, float)
         if p.per_model:
             values = []
             for spec in model_specs:
-                setting = spec.parameters.get(p.name, recipe.parameters.get(p.name, REQUIRED))
-                value = REQUIRED if setting is REQUIRED else resolve_setting(setting, name, t)
-                if value is None or value is REQUIRED:
+                # As in mergekit: a model's own setting wins, but where none of its filters
+                # matches this tensor the global setting applies, then the default.
+                value = None
+                for scope in (spec.parameters, recipe.parameters):
+                    if p.name in scope:
+                        value = resolve_setting(scope[p.name], name, t, numeric)
+                        if value is not None:
+                            break
+                if value is None:
                     if p.required:
                         raise RecipeError(
                             f"model {spec.ref}: no `{p.name}` applies to tensor {name!r} (no filter "
-                            "matched); add a default entry without a filter"
+                            "matched, here or in the global parameters); add a default entry "
+                            "without a filter"
                         )
                     value = p.default
                 values.append(_convert(p, value, f"model {spec.ref}"))
             out[p.name] = values
         else:
             setting = recipe.parameters.get(p.name, REQUIRED)
-            value = REQUIRED if setting is REQUIRED else resolve_setting(setting, name, t)
+            value = REQUIRED if setting is REQUIRED else resolve_setting(setting, name, t, numeric)
             if value is None or value is REQUIRED:
                 value = p.default
             out[p.name] = _convert(p, value, "parameters")
@@ -245,6 +253,23 @@ def build_plan(
     base_index = 0 if has_base else None
     first_model = 1 if recipe.base_model is not None else 0
     model_indices = list(range(first_model, len(checkpoints)))
+    specs = [recipe.models[i - first_model] for i in model_indices]
+    base_unlisted = all(m.ref != recipe.base_model for m in recipe.models)
+    if recipe.base_model is not None and not has_base and base_unlisted:
+        # A method without a base (linear) still merges a base_model that `models` does not
+        # list, as one more input after the others, weighted by the global parameters: what
+        # mergekit does with the same recipe.
+        model_indices.append(0)
+        specs.append(ModelSpec(recipe.base_model))
+        missing = [
+            p.name for p in method.params if p.per_model and p.required and p.name not in recipe.parameters
+        ]
+        if missing:
+            raise RecipeError(
+                f"base_model {recipe.base_model}: `{method.name}` merges it as one more input, so it "
+                f"needs `{missing[0]}`: list it under models with parameters: {{{missing[0]}: ...}} "
+                "or set a global value under parameters:"
+            )
     n = len(model_indices)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         want = (
@@ -258,7 +283,6 @@ def build_plan(
     ref_index = 0 if recipe.base_model is not None else model_indices[0]
     ref_ckpt = checkpoints[ref_index]
     num_layers = _num_layers(ref_ckpt)
-    specs = [recipe.models[i - first_model] for i in model_indices]
     tasks: list[TensorTask] = []
     used: list[set[str]] = [set() for _ in checkpoints]
     prefixes = {idx: key_prefix_map(ref_ckpt.keys(), checkpoints[idx]) for idx in model_indices}
@@ -322,6 +346,13 @@ def build_plan(
         notes=notes,
     )
     split_units(plan)
+    # The method checks its parameters over all tensors now, before any work starts, and says
+    # whether it needs model-wide statistics passes (engine/passes.py).
+    from weightsmith.engine.passes import describe, prepare_statistics
+
+    note = describe(prepare_statistics(plan))
+    if note:
+        plan.notes.append(note)
     return plan
 
 
@@ -446,7 +477,7 @@ def split_units(plan: MergePlan) -> None:
                 plan.oversize.append(task.name)
             plan.units.append(WorkUnit(task, None, total))
             continue
-        if not plan.method.elementwise:
+        if not plan.method.splittable(task.params):
             if total > plan.memory_budget:
                 plan.oversize.append(task.name)
             plan.units.append(WorkUnit(task, None, total))

@@ -53,6 +53,15 @@ class MergeInputs:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """One merged tensor as ``MergeMethod.prepare`` sees it at plan time (no data)."""
+
+    name: str
+    shape: tuple[int, ...]
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     fn: Callable[..., torch.Tensor]
@@ -64,8 +73,24 @@ class MergeMethod:
     max_models: int | None = None
     # True when output element i depends only on input elements i, so the engine may split
     # a huge tensor into row blocks. Methods with per-tensor statistics or randomness say False.
-    elementwise: bool = True
+    # It may also be a function of a tensor's resolved parameters (ties splits only with
+    # scope: model, where the model-wide statistics are known before the output pass).
+    elementwise: bool | Callable[[dict[str, Any]], bool] = True
     uses_randomness: bool = False
+    # Called at plan time with every merged tensor and the compute dtype. It raises RecipeError
+    # for bad parameters (so errors come before any work), and returns None or a
+    # ``weightsmith.engine.passes.GlobalStatistics``: model-wide statistics that the engine fills
+    # by streamed passes over the inputs before the output pass, then hands to ``fn`` as
+    # ``inputs.context``. The engine calls it again for a fresh state at each execution.
+    prepare: Callable[[list[TensorSpec], torch.dtype], Any] | None = None
+    # Turns the totals of the per-tensor ``stats`` (summed over tensors), the model refs in
+    # recipe order and the global statistics' result into merge_report.json's ``summary``;
+    # its ``lines`` (if any) are what ``weightsmith merge`` prints.
+    summarize: Callable[[dict[str, float], list[str], Any], dict[str, Any]] | None = None
+
+    def splittable(self, params: dict[str, Any]) -> bool:
+        """Whether a tensor with these resolved parameters may be merged in row blocks."""
+        return self.elementwise(params) if callable(self.elementwise) else self.elementwise
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -1,0 +1,209 @@
+"""Global statistics passes: model-wide numbers a method needs before it can write any tensor.
+
+Some methods need a statistic over the whole model (TIES with ``scope: model`` needs, per task,
+the k-th largest |delta| over every parameter, then the model-wide majority sign). The inputs
+never fit in memory at once, so the engine streams them: before the output pass it runs passes
+over the same work units under the same memory budget, and for each unit asks the method for a
+small partial statistic (``collect``), reduces the partials (``combine``) and hands the total
+back (``absorb``). The method decides after each pass whether it needs another one
+(``wants_pass``), since a later statistic may depend on an earlier one. The engine never knows
+the math; the method never knows how the inputs were read or split.
+
+Contract for ``collect``: its partials must add up over any split of a tensor into row blocks
+and over tensors (histograms, counts, sums), so the total does not depend on the budget.
+Tensors that are the same storage (tied embeddings) are visited once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from weightsmith.errors import MergeError
+from weightsmith.ops.registry import MergeInputs, TensorSpec
+
+if TYPE_CHECKING:
+    from weightsmith.engine.executor import Loaded
+    from weightsmith.engine.plan import MergePlan, WorkUnit
+
+# A method asking for more passes than this has a bug (each pass reads the whole model).
+MAX_PASSES = 16
+
+
+class GlobalStatistics(ABC):
+    """A method's model-wide statistics, filled by streamed passes before the output pass."""
+
+    #: How many passes the method expects (shown by ``weightsmith plan``); informative only.
+    planned_passes: int = 1
+
+    @abstractmethod
+    def wants_pass(self) -> bool:
+        """True while another pass over the inputs is needed."""
+
+    @abstractmethod
+    def collect(self, inputs: MergeInputs, **params: Any) -> Any:
+        """The partial statistic of one tensor or row block (additive, small)."""
+
+    def combine(self, a: Any, b: Any) -> Any:
+        """Reduce two partials; the default adds them (tensors, numbers, or lists of them)."""
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.combine(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict):
+            return {k: self.combine(a[k], b[k]) for k in a}
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return a + b
+
+    @abstractmethod
+    def absorb(self, total: Any) -> None:
+        """End of a pass: take the reduced statistic (None if nothing was visited)."""
+
+    @abstractmethod
+    def result(self) -> Any:
+        """What the output pass receives as ``inputs.context``."""
+
+
+def tensor_specs(plan: MergePlan) -> list[TensorSpec]:
+    return [TensorSpec(t.name, t.shape, t.params) for t in plan.tasks if t.kind == "merge"]
+
+
+def prepare_statistics(plan: MergePlan) -> GlobalStatistics | None:
+    """Validate the merge's parameters with the method; return fresh global statistics or None."""
+    if plan.method.prepare is None:
+        return None
+    return plan.method.prepare(tensor_specs(plan), plan.compute_dtype)
+
+
+def statistic_units(plan: MergePlan) -> list[WorkUnit]:
+    """The merge units each statistics pass visits: every parameter once."""
+    seen: set[Any] = set()
+    tied_to_seen: set[str] = set()
+    ref_config = plan.checkpoints[plan.ref_index].config or {}
+    tied = bool(ref_config.get("tie_word_embeddings", False))
+    units = []
+    for unit in plan.units:
+        task = unit.task
+        if task.kind != "merge":
+            continue
+        sources = (task.base, tuple(task.models))
+        if (sources, unit.rows) in seen:
+            continue  # an output key read from the very same inputs (an alias)
+        if tied and task.name in tied_to_seen:
+            continue  # a tied copy of a tensor already counted (config says the two are one)
+        seen.add((sources, unit.rows))
+        if tied:
+            from weightsmith.engine.plan import TIED_ALIASES
+
+            tied_to_seen.update(TIED_ALIASES.get(task.name, ()))
+        units.append(unit)
+    return units
+
+
+def run_global_passes(
+    plan: MergePlan, *, threads: int = 2, device: str = "cpu"
+) -> tuple[Any, int, int]:
+    """Run the method's statistics passes.
+
+    Returns what the output pass gets as ``inputs.context``, the number of passes run and the
+    bytes they read.
+    """
+    stats = prepare_statistics(plan)
+    if stats is None:
+        return None, 0, 0
+    units = statistic_units(plan)
+    per_pass = sum(_unit_bytes(plan, u) for u in units)
+    passes = 0
+    while stats.wants_pass():
+        passes += 1
+        if passes > MAX_PASSES:
+            raise MergeError(
+                f"`{plan.method.name}` asked for more than {MAX_PASSES} statistics passes; "
+                "this is a bug in the method, please report it"
+            )
+        total: Any = None
+        for loaded in _stream(plan, units, threads):
+            unit = loaded.unit
+            models, base = loaded.models, loaded.base
+            assert models is not None
+            if device != "cpu":
+                models = models.to(device, non_blocking=True)
+                base = base.to(device, non_blocking=True) if base is not None else None
+            inputs = MergeInputs(unit.task.name, models, base)
+            part = stats.collect(inputs, **unit.task.params)
+            total = part if total is None else stats.combine(total, part)
+            del inputs, models, base, loaded
+        stats.absorb(total)
+    return stats.result(), passes, passes * per_pass
+
+
+def _unit_bytes(plan: MergePlan, unit: WorkUnit) -> int:
+    task = unit.task
+    total = 0
+    for src in [*task.models, *([task.base] if task.base else [])]:
+        nbytes = plan.checkpoints[src.ckpt].entry(src.key).nbytes
+        if unit.rows is not None and task.shape:
+            nbytes = nbytes * (unit.rows[1] - unit.rows[0]) // max(task.shape[0], 1)
+        total += nbytes
+    return total
+
+
+def _stream(plan: MergePlan, units: list[WorkUnit], threads: int) -> Any:
+    """Yield loaded units in order, reading ahead on ``threads`` threads within the budget.
+
+    Only this generator's consumer releases memory, so it never blocks on the budget: it reads
+    ahead while the reservations fit and otherwise hands over the oldest unit first.
+    """
+    from weightsmith.engine.executor import load_unit
+
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="ws-stats")
+    pending: deque[tuple[Future[Loaded], int]] = deque()
+    in_flight = 0
+    budget = plan.memory_budget
+    window = max(2, threads * 2)
+    it = iter(units)
+    nxt = next(it, None)
+    try:
+        while nxt is not None or pending:
+            while nxt is not None and len(pending) < window:
+                want = min(nxt.reserve, budget)
+                if pending and in_flight + want > budget:
+                    break
+                pending.append((pool.submit(load_unit, plan, nxt, want), want))
+                in_flight += want
+                nxt = next(it, None)
+            fut, want = pending.popleft()
+            loaded = fut.result()
+            try:
+                yield loaded
+            finally:
+                del loaded
+                in_flight -= want
+    finally:
+        for fut, _ in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def describe(stats: GlobalStatistics | None) -> str | None:
+    """One line for ``weightsmith plan`` about the extra passes, or None."""
+    if stats is None or not stats.wants_pass():
+        return None
+    n = stats.planned_passes
+    return (
+        f"{n} streamed statistics pass{'es' if n != 1 else ''} over the inputs before the output "
+        "pass (model-wide statistics)"
+    )
+
+
+__all__ = [
+    "GlobalStatistics",
+    "describe",
+    "prepare_statistics",
+    "run_global_passes",
+    "statistic_units",
+    "tensor_specs",
+]

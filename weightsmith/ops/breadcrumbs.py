@@ -1,0 +1,153 @@
+"""Model Breadcrumbs: keep a magnitude band of each task vector, dropping both the small
+entries and the largest outliers; ``breadcrumbs_ties`` adds TIES's sign consensus.
+
+Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",
+ECCV 2024 (arXiv 2312.06795). Parameters as mergekit: ``density`` (per model, fraction kept,
+default 1 = no sparsification, in which case gamma is ignored as in mergekit), ``gamma`` (per
+model, fraction of the largest |delta| removed, default 0.01), ``weight``, ``lambda``,
+``normalize`` (default false), ``rescale`` (L1 norm matching, default false).
+
+``scope``:
+* ``tensor`` (default, mergekit): the band is chosen over the whole tensor; when
+  density + gamma > 1 fewer outliers are removed so that floor(density n) entries stay.
+* ``row`` (the paper's code): per row along the last dimension, remove the floor(gamma d)
+  largest and keep the next floor(density d) (fewer at the end of the row); 1-D tensors are
+  one row.
+Either way the band is by value, so magnitudes tied with a kept entry are kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from weightsmith.errors import RecipeError
+from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
+from weightsmith.ops.sparsify import (
+    check_choice,
+    check_density,
+    common_params,
+    generalized_task_arithmetic,
+    rescale_l1_,
+    summarize,
+    trim_band_,
+    trim_band_rows_,
+)
+
+SCOPES = ("tensor", "row")
+
+
+def _breadcrumbs(
+    inputs: MergeInputs,
+    *,
+    consensus: bool,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    normalize: bool,
+    rescale: bool,
+    scope: str,
+    lam: float,
+) -> torch.Tensor:
+    trim = trim_band_rows_ if scope == "row" else trim_band_
+
+    def sparsify(i: int, delta: torch.Tensor) -> None:
+        if density[i] >= 1 and (scope == "tensor" or gamma[i] <= 0):
+            return
+        l1 = delta.abs().sum() if rescale else None
+        trim(delta, density[i], gamma[i])
+        if l1 is not None:
+            rescale_l1_(delta, l1)
+
+    return generalized_task_arithmetic(
+        inputs, sparsify, weight=weight, lam=lam, normalize=normalize, consensus=consensus
+    )
+
+
+def breadcrumbs(
+    inputs: MergeInputs,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    normalize: bool = False,
+    rescale: bool = False,
+    int8_mask: bool = False,
+    scope: str = "tensor",
+    **params: float,
+) -> torch.Tensor:
+    return _breadcrumbs(
+        inputs,
+        consensus=False,
+        weight=weight,
+        density=density,
+        gamma=gamma,
+        normalize=normalize,
+        rescale=rescale,
+        scope=scope,
+        lam=params.get("lambda", 1.0),
+    )
+
+
+def breadcrumbs_ties(
+    inputs: MergeInputs,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    normalize: bool = False,
+    rescale: bool = False,
+    int8_mask: bool = False,
+    scope: str = "tensor",
+    **params: float,
+) -> torch.Tensor:
+    return _breadcrumbs(
+        inputs,
+        consensus=True,
+        weight=weight,
+        density=density,
+        gamma=gamma,
+        normalize=normalize,
+        rescale=rescale,
+        scope=scope,
+        lam=params.get("lambda", 1.0),
+    )
+
+
+def _prepare(name: str):  # noqa: ANN202 - a small closure factory
+    def prepare(specs: list[TensorSpec], dtype: torch.dtype) -> None:
+        check_density(specs, name)
+        check_choice(specs, "scope", SCOPES, name)
+        for spec in specs:
+            for i, g in enumerate(spec.params["gamma"]):
+                if not (0 <= g < 1) or math.isnan(g):
+                    raise RecipeError(
+                        f"{name}: gamma of model {i} for tensor {spec.name!r} is {g}; it is the "
+                        "fraction of largest-magnitude entries removed and must be in [0, 1)"
+                    )
+
+    return prepare
+
+
+_PARAMS = (
+    *common_params(normalize=False, rescale=False),
+    Param("gamma", 0.01, per_model=True, doc="fraction of the largest |delta| removed"),
+    Param("scope", "tensor", kind=str, doc="tensor (mergekit) | row (the paper's code)"),
+)
+
+for _name, _fn, _summary in (
+    ("breadcrumbs", breadcrumbs, "keep a magnitude band of each task vector (drop tiny and outliers), add"),
+    ("breadcrumbs_ties", breadcrumbs_ties, "breadcrumbs band, then TIES sign election"),
+):
+    register(
+        MergeMethod(
+            name=_name,
+            fn=_fn,
+            params=_PARAMS,
+            base="required",
+            summary=_summary,
+            paper="arXiv:2312.06795",
+            elementwise=False,  # the band is chosen over the whole tensor (or whole rows)
+            prepare=_prepare(_name),
+            summarize=summarize,
+        )
+    )
