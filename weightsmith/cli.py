@@ -76,6 +76,7 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--threads", type=int, default=None, help="reader threads and torch threads")
 @click.option("--no-fsync", is_flag=True, help="skip fsync before the final rename (faster, less safe)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
+@click.option("--push-to", metavar="REPO_ID", default=None, help="after the merge, push OUT to this Hub repo")
 @_common_plan_options
 @_friendly
 def merge_cmd(
@@ -87,6 +88,7 @@ def merge_cmd(
     threads: int | None,
     no_fsync: bool,
     quiet: bool,
+    push_to: str | None,
     memory_budget: str,
     random_seed: int | None,
     allow_pickle: bool,
@@ -94,6 +96,10 @@ def merge_cmd(
     """Merge the models named in RECIPE (YAML, mergekit format) into the new folder OUT."""
     from weightsmith.pipeline import merge
 
+    if push_to:
+        from weightsmith.io.hub_push import check_can_push
+
+        check_can_push(push_to)  # before the merge, not after an hour of it
     result = merge(
         recipe,
         out,
@@ -115,6 +121,47 @@ def merge_cmd(
             f"{result.out} in {result.seconds:.2f}s (read {format_size(s.bytes_read)}, wrote "
             f"{format_size(s.bytes_written)}, {format_size(rate)}/s)"
         )
+        if s.global_passes:
+            click.echo(f"  {s.global_passes} model-wide statistics passes before the output pass")
+        for line in (s.summary or {}).get("lines", []):
+            click.echo(line)
+    if push_to:
+        push_cmd.callback(
+            out=str(result.out), repo_id=push_to, private=False, revision=None, create_pr=False, message=None
+        )
+
+
+@main.command("push")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="create the repo private; refuse an existing public one")
+@click.option("--revision", metavar="BRANCH", default=None, help="branch to commit to (created from main)")
+@click.option("--create-pr", is_flag=True, help="open a pull request instead of committing to the branch")
+@click.option("--message", default=None, help="commit message")
+@_friendly
+def push_cmd(
+    out: str, repo_id: str, private: bool, revision: str | None, create_pr: bool, message: str | None
+) -> None:
+    """Upload the finished output folder OUT to the Hub repo REPO_ID in one commit.
+
+    Logs in through huggingface_hub (HF_TOKEN or `hf auth login`). A weightsmith README.md is
+    re-rendered first, so an OUT/eval_results.json shows on the card.
+    """
+    from weightsmith.io.hub_push import push_to_hub
+
+    result = push_to_hub(
+        out,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=message,
+        log=lambda line: click.echo(line, err=True),
+    )
+    click.echo(
+        f"pushed {len(result.files)} files ({format_size(result.bytes)}) to {result.repo_id}: "
+        f"{result.pr_url or result.commit_url}"
+    )
 
 
 @main.command("plan")

@@ -135,7 +135,7 @@ class Sum(Expr):
         return f"({self.a!r} {'+' if self.sign > 0 else '-'} {self.b!r})"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class TaskVector(Sum):
     """``finetuned - base``: the direction fine-tuning moved the weights."""
 

@@ -14,9 +14,10 @@ import torch
 import weightsmith
 from weightsmith.engine.executor import RunStats, execute
 from weightsmith.engine.plan import MergePlan, Source, TensorTask, build_plan, split_units
+from weightsmith.engine.summary import build_summary
 from weightsmith.errors import RecipeError
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.io.model_card import render_model_card
+from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
 from weightsmith.io.writer import OutputDir, ShardWriter
 from weightsmith.lazy import Expr, check_same_keys
@@ -173,6 +174,7 @@ def run_plan(
             writer.close()
         index["metadata"]["weightsmith_version"] = weightsmith.__version__
         folder.write_json("model.safetensors.index.json", index)
+        stats.summary = build_summary(plan, stats)
         write_side_files(plan, folder, stats, time.perf_counter() - started)
         path = folder.commit()
     return MergeResult(path, plan, stats, time.perf_counter() - started)
@@ -255,31 +257,33 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
     folder.write_text("weightsmith_recipe.yaml", recipe.to_yaml())
     inputs = [c.provenance() for c in plan.checkpoints]
     name = recipe.name or Path(folder.out).name
-    license_ = (ref.config or {}).get("license")
-    card = render_model_card(
-        name=name,
-        method=plan.method.name,
-        method_summary=plan.method.summary,
-        paper=plan.method.paper,
-        recipe_yaml=recipe.to_yaml(),
-        inputs=inputs,
-        base=recipe.base_model,
-        version=weightsmith.__version__,
-        license=license_,
+    # The license follows the base model (or, without one, the model the output's config follows).
+    lic_src = plan.checkpoints[plan.base_index] if plan.base_index is not None else ref
+    license_ = base_license(
+        lic_src.root,
+        lic_src.config,
+        repo_id=lic_src.ref.partition("@")[0] if lic_src.revision else None,
+        revision=lic_src.revision,
     )
-    folder.write_text("README.md", card)
     report = {
         "weightsmith_version": weightsmith.__version__,
+        "name": name,
         "merge_method": plan.method.name,
+        "method_summary": plan.method.summary,
+        "paper": plan.method.paper,
+        "base_model": recipe.base_model,
+        "license": license_ or None,
         "inputs": inputs,
         "seconds": round(seconds, 3),
         "bytes_read": stats.bytes_read,
         "bytes_written": stats.bytes_written,
         "tensors": len(plan.tasks),
         "per_tensor": stats.report,
+        **({"summary": stats.summary} if stats.summary else {}),
         "dtypes": sorted({DTYPE_NAMES[t.out_dtype] for t in plan.tasks}),
     }
     folder.write_text("merge_report.json", json.dumps(report, indent=2) + "\n")
+    folder.write_text("README.md", render_card_from_report(report, recipe.to_yaml(), name=name))
 
 
 def _tokenizer_root(plan: MergePlan) -> Path:
