@@ -73,3 +73,27 @@ def test_registry_lists_methods_and_rejects_unknown():
     assert {"linear", "task_arithmetic", "wise_ft"} <= set(methods())
     with pytest.raises(KeyError, match="known methods"):
         get_method("nope")
+
+
+def test_sequential_adds_equal_dim0_sum_bitwise():
+    # task_arithmetic relies on this to match mergekit's `.sum(0)` bit for bit, faster.
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 5):
+        x = torch.randn(n, 4096, generator=g) * torch.logspace(-8, 8, 4096)
+        acc = x[0].clone()
+        for i in range(1, n):
+            acc.add_(x[i])
+        assert torch.equal(acc, x.sum(0))
+
+
+def test_all_finite_catches_nan_and_inf_in_every_float_dtype():
+    from weightsmith.engine.executor import all_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x = torch.randn(10000).to(dtype)
+        assert all_finite(x)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            y = x.clone()
+            y[7777] = bad
+            assert not all_finite(y)
+    assert all_finite(torch.empty(0))

@@ -155,9 +155,11 @@ def run_plan(
     _check_device(device)
     with OutputDir(out, overwrite=overwrite) as folder:
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
+        reserve_started = time.perf_counter()
         writer = ShardWriter(
             folder.tmp, layout, shard_bytes, {"weightsmith_version": weightsmith.__version__}
         )
+        reserve_seconds = time.perf_counter() - reserve_started
         try:
             bar = _progress_bar(plan, progress)
             stats = execute(
@@ -169,7 +171,10 @@ def run_plan(
             )
             if bar:
                 bar.close()
+            finish_started = time.perf_counter()
             index = writer.finish(fsync=fsync)
+            stats.add_time("reserve", reserve_seconds)
+            stats.add_time("finish", time.perf_counter() - finish_started)
         finally:
             writer.close()
         index["metadata"]["weightsmith_version"] = weightsmith.__version__
@@ -275,6 +280,7 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         "license": license_ or None,
         "inputs": inputs,
         "seconds": round(seconds, 3),
+        "stage_seconds": {k: round(v, 3) for k, v in stats.timings.items()},
         "bytes_read": stats.bytes_read,
         "bytes_written": stats.bytes_written,
         "tensors": len(plan.tasks),

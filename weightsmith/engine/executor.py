@@ -1,18 +1,22 @@
-"""Runs a MergePlan: read-ahead, compute, write-behind, all under one memory budget.
+"""Runs a MergePlan: read-ahead, compute, write-behind, in reusable buffers under one budget.
 
-Three stages overlap: reader threads ``pread`` the next units' inputs and convert them to the
-compute dtype; the calling thread runs the operator; a writer thread casts and ``pwrite``s the
-result. Every unit reserves its bytes from a shared ``Budget`` before its reads start and gives
-them back after its write, so in-flight tensors never exceed ``--memory-budget``. The engine
-never knows the operator's math: it hands stacked tensors to ``method(inputs, **params)``.
+Three stages overlap: a reader thread ``pread``s the next unit's inputs straight into a slot
+of preallocated buffers (converting to the compute dtype there when needed); the calling
+thread runs the operator on views of that slot and casts the result into the slot's output
+buffer; a writer thread ``pwrite``s it to its place in the shard and frees the slot. A fixed
+number of slots, sized by the plan from ``--memory-budget``, bounds memory; reusing them
+instead of allocating per tensor avoids a page fault per 4 KiB, which otherwise costs more
+than the reads. The engine never knows the operator's math: it hands stacked tensors to
+``method(inputs, **params)``.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,56 +24,110 @@ import torch
 
 from weightsmith.engine.plan import MergePlan, Source, WorkUnit
 from weightsmith.errors import MergeError
+from weightsmith.io.safetensors_format import element_size
 from weightsmith.io.writer import ShardWriter
 from weightsmith.ops.registry import MergeInputs
 
-
-def _return_big_buffers_to_the_os() -> None:
-    """Make glibc serve tensor-sized buffers with mmap, so freeing them lowers RSS.
-
-    By default glibc raises its mmap threshold after the first large free (up to 32 MB) and
-    then keeps freed tensor buffers in per-thread heaps, so RSS drifts above what is live.
-    A fixed threshold keeps resident memory equal to what the budget accounts for.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 1 << 20)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
+SLOTS = 3  # one unit loading, one computing, one being written
+_POLL = 0.1  # seconds between checks for cancellation while waiting
 
 
-class Budget:
-    """A byte semaphore. A unit larger than the whole budget waits until it runs alone."""
+def unit_shape(unit: WorkUnit) -> tuple[int, ...]:
+    shape = unit.task.shape
+    if unit.rows is None:
+        return shape
+    return (unit.rows[1] - unit.rows[0], *shape[1:])
 
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.free = total
-        self.cond = threading.Condition()
 
-    def acquire(self, nbytes: int, cancelled: threading.Event) -> int:
-        want = min(nbytes, self.total)
-        with self.cond:
-            while self.free < want and not cancelled.is_set():
-                self.cond.wait(0.1)
-            self.free -= want
-        return want
+def unit_numel(unit: WorkUnit) -> int:
+    return math.prod(unit_shape(unit))
 
-    def release(self, nbytes: int) -> None:
-        with self.cond:
-            self.free += nbytes
-            self.cond.notify_all()
+
+@dataclass
+class Slot:
+    """Byte buffers for one unit in flight; typed views are cut from them per unit."""
+
+    capacity: int  # elements per tensor
+    stacked: torch.Tensor  # n_models * capacity compute-dtype elements
+    base: torch.Tensor  # capacity compute-dtype elements
+    out: torch.Tensor  # capacity compute-dtype elements
+    cast: torch.Tensor  # capacity output-dtype elements (widest output dtype)
+    raw: torch.Tensor  # staging for inputs that need a dtype conversion
+    pooled: bool = True
+
+    @classmethod
+    def allocate(cls, capacity: int, n_models: int, cs: int, out_es: int, raw_es: int) -> Slot:
+        def buf(nbytes: int) -> torch.Tensor:
+            return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+
+        return cls(
+            capacity,
+            buf(n_models * capacity * cs),
+            buf(capacity * cs),
+            buf(capacity * cs),
+            buf(capacity * out_es),
+            buf(capacity * raw_es),
+        )
+
+
+def typed(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A typed view of the front of a uint8 buffer."""
+    nbytes = math.prod(shape) * element_size(dtype)
+    return buffer[:nbytes].view(dtype).view(shape)
+
+
+class SlotPool:
+    """A fixed set of reusable slots; a unit bigger than a slot gets a one-off slot."""
+
+    def __init__(self, plan: MergePlan, count: int = SLOTS) -> None:
+        merge_units = [u for u in plan.units if u.task.kind == "merge"]
+        oversize = set(plan.oversize)
+        fitting = [unit_numel(u) for u in merge_units if u.task.name not in oversize]
+        self.capacity = max(fitting, default=1)
+        self.n_models = max((len(u.task.models) for u in merge_units), default=1)
+        self.cs = element_size(plan.compute_dtype)
+        self.out_es = max((element_size(u.task.out_dtype) for u in plan.units), default=1)
+        self.raw_es = max(
+            (plan.checkpoints[s.ckpt].entry(s.key).dtype.itemsize for u in plan.units
+             for s in [*u.task.models, *([u.task.base] if u.task.base else [])]),
+            default=1,
+        )
+        self.free: queue.Queue[Slot | None] = queue.Queue()
+        self.created = 0
+        self.count = count
+
+    def _new(self, capacity: int) -> Slot:
+        return Slot.allocate(capacity, self.n_models, self.cs, self.out_es, self.raw_es)
+
+    def acquire(self, unit: WorkUnit, cancelled: threading.Event) -> Slot | None:
+        need = unit_numel(unit)
+        if unit.task.kind == "copy":
+            need = math.ceil(unit.task.out_bytes / max(self.raw_es, 1))
+        if need > self.capacity:
+            slot = self._new(need)  # an oversize tensor the method cannot split
+            slot.pooled = False
+            return slot
+        while not cancelled.is_set():
+            if self.created < self.count and self.free.empty():
+                self.created += 1
+                return self._new(self.capacity)
+            try:
+                slot = self.free.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+            if slot is not None:
+                return slot
+        return None
+
+    def release(self, slot: Slot) -> None:
+        if slot.pooled:
+            self.free.put(slot)
 
 
 @dataclass
 class Loaded:
     unit: WorkUnit
-    reserved: int
+    slot: Slot
     models: torch.Tensor | None = None
     base: torch.Tensor | None = None
     copy: torch.Tensor | None = None
@@ -88,61 +146,120 @@ class RunStats:
     context: Any = None
     # merge_report.json's summary (engine/summary.py), filled by the pipeline after the run.
     summary: dict[str, Any] | None = None
+    # Busy seconds per stage (they overlap, so their sum can exceed the wall time).
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
 
 
-def _read_rows(plan: MergePlan, src: Source, rows: tuple[int, int] | None, task_rows: int) -> torch.Tensor:
-    """Read an input (or rows of it), zero-padding or truncating per vocab_policy."""
+def _read_input(
+    plan: MergePlan, src: Source, unit: WorkUnit, dest: torch.Tensor, raw: torch.Tensor
+) -> None:
+    """Read one input of a unit into ``dest`` (compute dtype), padding or truncating vocab rows."""
     ckpt = plan.checkpoints[src.ckpt]
-    if src.rows is None:
-        return ckpt.read(src.key, rows)
     entry = ckpt.entry(src.key)
-    start, stop = rows if rows else (0, task_rows)
-    out_rows = stop - start
-    have = max(0, min(src.rows, start + out_rows) - start)
-    part = ckpt.read(src.key, (start, start + have)) if have else None
-    if have == out_rows and part is not None:
-        return part
-    full = torch.zeros((out_rows, *entry.shape[1:]), dtype=entry.dtype)
-    if part is not None:
-        full[:have] = part
-    return full
+    rows = unit.rows
+    if src.rows is not None:  # vocab_policy: this input has src.rows rows of the output's
+        start, stop = rows if rows else (0, unit.task.shape[0])
+        have = max(0, min(src.rows, stop) - start)
+        if have < stop - start:
+            dest[have:].zero_()
+        if have == 0:
+            return
+        rows, dest = (start, start + have), dest[:have]
+    if entry.dtype == dest.dtype:
+        ckpt.read_into(src.key, dest.reshape(-1).view(torch.uint8), rows)
+    else:
+        dest.copy_(ckpt.read_into(src.key, raw, rows))
 
 
-def load_unit(plan: MergePlan, unit: WorkUnit, reserved: int) -> Loaded:
-    task, rows = unit.task, unit.rows
-    loaded = Loaded(unit, reserved)
+def load_unit(plan: MergePlan, unit: WorkUnit, slot: Slot) -> Loaded:
+    """Fill a slot with a unit's inputs; returns views of the slot."""
+    task = unit.task
+    loaded = Loaded(unit, slot)
     if task.kind == "copy":
         assert task.base is not None
-        loaded.copy = plan.checkpoints[task.base.ckpt].read(task.base.key, rows)
+        loaded.copy = plan.checkpoints[task.base.ckpt].read_into(task.base.key, slot.raw, unit.rows)
         return loaded
     cd = plan.compute_dtype
-    n_rows = task.shape[0] if task.shape else 1
-    first = _read_rows(plan, task.models[0], rows, n_rows)
-    stacked = torch.empty((len(task.models), *first.shape), dtype=cd)
-    stacked[0].copy_(first)
-    del first
-    for i, src in enumerate(task.models[1:], start=1):
-        stacked[i].copy_(_read_rows(plan, src, rows, n_rows))
+    shape = unit_shape(unit)
+    stacked = typed(slot.stacked, cd, (len(task.models), *shape))
+    for i, src in enumerate(task.models):
+        _read_input(plan, src, unit, stacked[i], slot.raw)
     loaded.models = stacked
     if task.base is not None:
-        loaded.base = _read_rows(plan, task.base, rows, n_rows).to(cd)
+        loaded.base = typed(slot.base, cd, shape)
+        _read_input(plan, task.base, unit, loaded.base, slot.raw)
     return loaded
+
+
+def stream_loaded(
+    plan: MergePlan, units: list[WorkUnit], pool: SlotPool, stats: RunStats | None = None
+) -> Iterator[Loaded]:
+    """Yield loaded units in order while a reader thread fills the next slots.
+
+    The consumer owns each yielded slot and must ``pool.release`` it when done with it (the
+    writer does, for the output pass).
+    """
+    cancelled = threading.Event()
+    ready: queue.Queue[Loaded | BaseException | None] = queue.Queue()
+
+    def produce() -> None:
+        try:
+            for unit in units:
+                slot = pool.acquire(unit, cancelled)
+                if slot is None:
+                    return
+                try:
+                    started = time.perf_counter()
+                    loaded = load_unit(plan, unit, slot)
+                    if stats is not None:
+                        stats.add_time("read", time.perf_counter() - started)
+                    ready.put(loaded)
+                except BaseException:
+                    pool.release(slot)
+                    raise
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            ready.put(e)
+        finally:
+            ready.put(None)
+
+    reader = threading.Thread(target=produce, name="ws-read", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
+        reader.join()
+        while not ready.empty():
+            item = ready.get_nowait()
+            if isinstance(item, Loaded):
+                pool.release(item.slot)
 
 
 def _nonfinite_culprit(plan: MergePlan, unit: WorkUnit) -> str:
     """After a NaN/Inf shows up, find which input (if any) already had one."""
     task = unit.task
+    shape = unit_shape(unit)
     for src in [*([task.base] if task.base else []), *task.models]:
         ckpt = plan.checkpoints[src.ckpt]
-        data = _read_rows(plan, src, unit.rows, task.shape[0] if task.shape else 1)
-        if not torch.isfinite(data.float()).all():
+        data = torch.empty(shape, dtype=torch.float64)
+        raw = torch.empty(math.prod(shape) * 8, dtype=torch.uint8)
+        _read_input(plan, src, unit, data, raw)
+        if not torch.isfinite(data).all():
             return (
                 f"the input model {ckpt.ref!r} ({ckpt.entry(src.key).path}) already contains "
                 "NaN/Inf in this tensor; fix or replace that checkpoint"
             )
     return (
-        "no input has NaN/Inf, so the merge arithmetic overflowed the output dtype; lower the "
-        "weights or lambda, or write a wider out_dtype"
+        "no input has NaN/Inf, so the merge arithmetic overflowed; lower the weights or lambda"
     )
 
 
@@ -155,129 +272,116 @@ def execute(
     device: str = "cpu",
 ) -> RunStats:
     """Run every unit of the plan, writing results through ``writer``."""
-    _return_big_buffers_to_the_os()
     stats = RunStats()
+    pool = SlotPool(plan)
     # Methods with model-wide statistics stream the inputs first; the result is small.
     from weightsmith.engine.passes import run_global_passes
 
     stats.context, stats.global_passes, stats.global_bytes_read = run_global_passes(
-        plan, threads=threads, device=device
+        plan, pool, device=device
     )
-    context = stats.context
-    budget = Budget(plan.memory_budget)
-    cancelled = threading.Event()
-    ready: queue.Queue[Future[Loaded] | None] = queue.Queue(maxsize=max(2, threads * 2))
-    to_write: queue.Queue[tuple[WorkUnit, torch.Tensor, int] | None] = queue.Queue(maxsize=2)
+    to_write: queue.Queue[tuple[WorkUnit, torch.Tensor, Slot] | None] = queue.Queue()
     errors: list[BaseException] = []
-    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="ws-read")
-
-    def produce() -> None:
-        try:
-            for unit in plan.units:
-                if cancelled.is_set():
-                    break
-                reserved = budget.acquire(unit.reserve, cancelled)
-                ready.put(pool.submit(load_unit, plan, unit, reserved))
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            errors.append(e)
-        finally:
-            ready.put(None)
+    aborted = threading.Event()
 
     def write_behind() -> None:
         while True:
             item = to_write.get()
             if item is None:
                 return
-            unit, out, reserved = item
+            unit, out, slot = item
             try:
-                if not cancelled.is_set():
+                if not errors and not aborted.is_set():
+                    started = time.perf_counter()
                     writer.write(unit.task.name, out, unit.rows)
-                    stats.bytes_written += out.numel() * out.element_size()
+                    stats.add_time("write", time.perf_counter() - started)
+                    nbytes = out.numel() * out.element_size()
+                    stats.bytes_written += nbytes
                     if progress:
-                        progress(out.numel() * out.element_size())
-            except BaseException as e:  # noqa: BLE001
+                        progress(nbytes)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 errors.append(e)
-                cancelled.set()
             finally:
                 del out
-                budget.release(reserved)
+                pool.release(slot)
 
-    producer = threading.Thread(target=produce, name="ws-plan", daemon=True)
     writer_thread = threading.Thread(target=write_behind, name="ws-write", daemon=True)
-    producer.start()
     writer_thread.start()
+    units = stream_loaded(plan, plan.units, pool, stats)
     try:
-        while True:
+        for loaded in units:
             if errors:
                 raise errors[0]
-            fut = ready.get()
-            if fut is None:
-                break
-            loaded = fut.result()
-            out, tensor_stats = _compute(plan, loaded, device, context)
+            unit = loaded.unit
+            if loaded.copy is not None:
+                to_write.put((unit, loaded.copy, loaded.slot))
+                continue
+            try:
+                started = time.perf_counter()
+                out, tensor_stats = _compute(plan, loaded, device, stats.context)
+                stats.add_time("compute", time.perf_counter() - started)
+            except BaseException:
+                pool.release(loaded.slot)
+                raise
             if tensor_stats:
                 # Row blocks of one tensor add up: methods report additive quantities.
-                into = stats.report.setdefault(loaded.unit.task.name, {})
+                into = stats.report.setdefault(unit.task.name, {})
                 for k, v in tensor_stats.items():
                     into[k] = into.get(k, 0.0) + v
-            to_write.put((loaded.unit, out, loaded.reserved))
-            loaded = None  # drop input references before the next unit
+            to_write.put((unit, out, loaded.slot))
             stats.tensors += 1
-        to_write.put(None)
-        writer_thread.join()
-        if errors:
-            raise errors[0]
+            del loaded
     except BaseException:
-        cancelled.set()
-        _drain(ready)
-        try:
-            to_write.put_nowait(None)
-        except queue.Full:
-            pass
+        aborted.set()  # the output folder will be removed: skip pending writes
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        units.close()
+        to_write.put(None)
+        writer_thread.join()
+    if errors:
+        raise errors[0]
     stats.bytes_read = plan.bytes_to_read + stats.global_bytes_read
     return stats
 
 
-def _drain(q: queue.Queue[Any]) -> None:
-    try:
-        while True:
-            item = q.get_nowait()
-            if isinstance(item, Future):
-                item.cancel()
-    except queue.Empty:
-        pass
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. min/max propagate NaN and expose Inf in one fast pass, where
+    ``isfinite().all()`` is an order of magnitude slower on the CPU."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def _compute(
     plan: MergePlan, loaded: Loaded, device: str, context: Any = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    unit = loaded.unit
+    """Run the method on a loaded unit; return the result cast into the slot's buffer."""
+    unit, slot = loaded.unit, loaded.slot
     task = unit.task
-    if task.kind == "copy":
-        assert loaded.copy is not None
-        return loaded.copy, {}
     assert loaded.models is not None
     models, base = loaded.models, loaded.base
+    shape = unit_shape(unit)
+    out_buffer = typed(slot.out, plan.compute_dtype, shape)
     if device != "cpu":
         models = models.to(device, non_blocking=True)
         base = base.to(device, non_blocking=True) if base is not None else None
+        out_buffer = None
     generator = None
     if task.seed is not None:
         generator = torch.Generator(device=models.device)
         generator.manual_seed(task.seed)
-    inputs = MergeInputs(task.name, models, base, generator, context)
+    inputs = MergeInputs(task.name, models, base, generator, context, out=out_buffer)
     out = plan.method(inputs, **task.params)
-    if not torch.isfinite(out).all():
-        raise MergeError(
-            f"tensor {task.name!r}: the merge produced NaN/Inf; {_nonfinite_culprit(plan, unit)}"
-        )
-    out = out.to(task.out_dtype)
-    if task.out_dtype.is_floating_point and not torch.isfinite(out).all():
+    cast = typed(slot.cast, task.out_dtype, shape)
+    cast.copy_(out)
+    if task.out_dtype.is_floating_point and not all_finite(cast):
+        if not all_finite(out):
+            raise MergeError(
+                f"tensor {task.name!r}: the merge produced NaN/Inf; {_nonfinite_culprit(plan, unit)}"
+            )
         raise MergeError(
             f"tensor {task.name!r}: values overflow {str(task.out_dtype).removeprefix('torch.')}; "
             "write a wider out_dtype or lower the weights"
         )
-    return (out.cpu() if out.device.type != "cpu" else out), inputs.stats
+    return cast, inputs.stats

@@ -17,15 +17,13 @@ Tensors that are the same storage (tied embeddings) are visited once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from weightsmith.errors import MergeError
 from weightsmith.ops.registry import MergeInputs, TensorSpec
 
 if TYPE_CHECKING:
-    from weightsmith.engine.executor import Loaded
+    from weightsmith.engine.executor import SlotPool
     from weightsmith.engine.plan import MergePlan, WorkUnit
 
 # A method asking for more passes than this has a bug (each pass reads the whole model).
@@ -103,14 +101,14 @@ def statistic_units(plan: MergePlan) -> list[WorkUnit]:
     return units
 
 
-def run_global_passes(
-    plan: MergePlan, *, threads: int = 2, device: str = "cpu"
-) -> tuple[Any, int, int]:
-    """Run the method's statistics passes.
+def run_global_passes(plan: MergePlan, pool: SlotPool, *, device: str = "cpu") -> tuple[Any, int, int]:
+    """Run the method's statistics passes, streaming units through the engine's slots.
 
     Returns what the output pass gets as ``inputs.context``, the number of passes run and the
     bytes they read.
     """
+    from weightsmith.engine.executor import stream_loaded
+
     stats = prepare_statistics(plan)
     if stats is None:
         return None, 0, 0
@@ -125,17 +123,24 @@ def run_global_passes(
                 "this is a bug in the method, please report it"
             )
         total: Any = None
-        for loaded in _stream(plan, units, threads):
-            unit = loaded.unit
-            models, base = loaded.models, loaded.base
-            assert models is not None
-            if device != "cpu":
-                models = models.to(device, non_blocking=True)
-                base = base.to(device, non_blocking=True) if base is not None else None
-            inputs = MergeInputs(unit.task.name, models, base)
-            part = stats.collect(inputs, **unit.task.params)
-            total = part if total is None else stats.combine(total, part)
-            del inputs, models, base, loaded
+        stream = stream_loaded(plan, units, pool)
+        try:
+            for loaded in stream:
+                unit = loaded.unit
+                try:
+                    models, base = loaded.models, loaded.base
+                    assert models is not None
+                    if device != "cpu":
+                        models = models.to(device, non_blocking=True)
+                        base = base.to(device, non_blocking=True) if base is not None else None
+                    inputs = MergeInputs(unit.task.name, models, base)
+                    part = stats.collect(inputs, **unit.task.params)
+                    total = part if total is None else stats.combine(total, part)
+                finally:
+                    pool.release(loaded.slot)
+                del inputs, models, base, loaded
+        finally:
+            stream.close()
         stats.absorb(total)
     return stats.result(), passes, passes * per_pass
 
@@ -149,43 +154,6 @@ def _unit_bytes(plan: MergePlan, unit: WorkUnit) -> int:
             nbytes = nbytes * (unit.rows[1] - unit.rows[0]) // max(task.shape[0], 1)
         total += nbytes
     return total
-
-
-def _stream(plan: MergePlan, units: list[WorkUnit], threads: int) -> Any:
-    """Yield loaded units in order, reading ahead on ``threads`` threads within the budget.
-
-    Only this generator's consumer releases memory, so it never blocks on the budget: it reads
-    ahead while the reservations fit and otherwise hands over the oldest unit first.
-    """
-    from weightsmith.engine.executor import load_unit
-
-    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="ws-stats")
-    pending: deque[tuple[Future[Loaded], int]] = deque()
-    in_flight = 0
-    budget = plan.memory_budget
-    window = max(2, threads * 2)
-    it = iter(units)
-    nxt = next(it, None)
-    try:
-        while nxt is not None or pending:
-            while nxt is not None and len(pending) < window:
-                want = min(nxt.reserve, budget)
-                if pending and in_flight + want > budget:
-                    break
-                pending.append((pool.submit(load_unit, plan, nxt, want), want))
-                in_flight += want
-                nxt = next(it, None)
-            fut, want = pending.popleft()
-            loaded = fut.result()
-            try:
-                yield loaded
-            finally:
-                del loaded
-                in_flight -= want
-    finally:
-        for fut, _ in pending:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def describe(stats: GlobalStatistics | None) -> str | None:

@@ -17,7 +17,7 @@ def linear(inputs: MergeInputs, weight: list[float], normalize: bool = True) -> 
     x = inputs.models
     # Accumulate model by model with a fused multiply-add, and divide by the weight sum taken
     # in the compute dtype: the same operation order as mergekit, so results match bit for bit.
-    out = torch.zeros_like(x[0])
+    out = inputs.output_buffer().zero_()
     for i, w in enumerate(weight):
         out.addcmul_(x[i], torch.tensor(w, dtype=x.dtype, device=x.device))
     if normalize:

@@ -42,6 +42,11 @@ class MergeInputs:
     ``models`` stacks the non-base inputs along dim 0 in recipe order, in the compute dtype
     (float32 unless the recipe asks for float64). ``stats`` is where a method may leave
     numbers about this tensor for ``merge_report.json``.
+
+    The engine hands over ``models`` and ``base`` for good: a method may overwrite them in
+    place (and should, where it saves a full-size temporary). ``out``, when given, is a
+    reusable buffer of the output's shape and dtype that a method may compute into and
+    return; see ``output_buffer``.
     """
 
     name: str
@@ -50,6 +55,13 @@ class MergeInputs:
     generator: torch.Generator | None = None
     context: Any = None
     stats: dict[str, float] = field(default_factory=dict)
+    out: torch.Tensor | None = None
+
+    def output_buffer(self) -> torch.Tensor:
+        """The engine's reusable output buffer, or a fresh one (uninitialized)."""
+        if self.out is not None:
+            return self.out
+        return torch.empty_like(self.models[0])
 
 
 @dataclass(frozen=True)
