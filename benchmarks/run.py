@@ -1,0 +1,177 @@
+"""Speed and memory of weightsmith against mergekit and the byte-moving floor, in one run.
+
+    python benchmarks/run.py --params 0.84B --models 4 --methods task_arithmetic,linear,ties
+
+Builds (or reuses) synthetic Llama-shaped bf16 checkpoints with ``make_checkpoints.py``, then
+for each method runs the floor, weightsmith and mergekit (when found) on the same inputs,
+alternating tools within each repeat so that machine noise hits all of them alike. Each run is
+a fresh process; wall time, CPU time and peak RSS come from ``wait4``. The page cache is
+warmed before every run, so all tools read from memory, as the issue's targets assume.
+
+mergekit is looked up at ``--mergekit`` or ``.bench/mergekit-venv/bin/mergekit-yaml`` (install
+it in its own venv: ``python -m venv .bench/mergekit-venv && .bench/mergekit-venv/bin/pip
+install torch==2.13.0 mergekit==0.1.5``). Results go to ``--out`` as JSON and are printed as
+a Markdown table for the README's Performance section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from make_checkpoints import build  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from weightsmith.units import format_size, parse_size  # noqa: E402
+
+
+def recipe(method: str, folders: list[Path]) -> dict:
+    base, models = folders[0], folders[1:]
+    weights = [round(1.0 / len(models), 4)] * len(models)
+    spec = {
+        "base_model": str(base),
+        "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)],
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+    if method == "linear":
+        spec["models"] = [{"model": str(m), "parameters": {"weight": 1.0}} for m in folders]
+        del spec["base_model"]
+        return {"merge_method": "linear", **spec}
+    if method == "task_arithmetic":
+        return {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}, **spec}
+    if method in ("ties", "ties_model"):
+        for m in spec["models"]:
+            m["parameters"]["density"] = 0.2
+        params: dict = {"lambda": 1.0}
+        if method == "ties_model":
+            params["scope"] = "model"
+        return {"merge_method": "ties", "parameters": params, **spec}
+    raise SystemExit(f"unknown benchmark method {method}")
+
+
+def warm(folders: list[Path]) -> None:
+    for folder in folders:
+        for shard in folder.glob("*.safetensors"):
+            with open(shard, "rb") as f:
+                while f.read(64 * 2**20):
+                    pass
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="0.84B")
+    ap.add_argument("--models", type=int, default=4, help="checkpoints in all, base included")
+    ap.add_argument("--methods", default="task_arithmetic,linear,ties,ties_model")
+    ap.add_argument("--tools", default="floor,weightsmith,mergekit")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=ROOT / ".bench")
+    ap.add_argument("--mergekit", default=str(ROOT / ".bench/mergekit-venv/bin/mergekit-yaml"))
+    ap.add_argument("--ws-args", default="", help="extra arguments for weightsmith merge")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
+    args = ap.parse_args()
+
+    params = parse_size(args.params.replace("B", "G"))
+    folders = build(args.work / f"ckpt-{args.params}-{args.models}", params, args.models)
+    input_bytes = sum(f.stat().st_size for d in folders for f in d.glob("*.safetensors"))
+    out_bytes = sum(f.stat().st_size for f in folders[0].glob("*.safetensors"))
+    tools = args.tools.split(",")
+    if "mergekit" in tools and not Path(args.mergekit).exists():
+        print(f"mergekit not found at {args.mergekit}; skipping it", file=sys.stderr)
+        tools.remove("mergekit")
+    ws = [sys.executable, "-m", "weightsmith.cli", "merge"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    runs = []
+    for method in args.methods.split(","):
+        spec = recipe(method, folders)
+        path = args.work / f"bench-{method}.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        for rep in range(args.repeat):
+            for tool in tools:
+                if tool == "mergekit" and method == "ties_model":
+                    continue  # mergekit has only per-tensor TIES
+                out = args.work / f"out-{tool}"
+                shutil.rmtree(out, ignore_errors=True)
+                if tool == "floor":
+                    cmd = [sys.executable, str(HERE / "floor.py"), str(out) + ".bin", str(out_bytes)]
+                    cmd += [str(f) for f in (folders if method != "linear" else folders)]
+                elif tool == "weightsmith":
+                    cmd = ws + [str(path), str(out), "-q", *args.ws_args.split()]
+                else:
+                    cmd = [args.mergekit, str(path), str(out)]
+                warm(folders)
+                figures = timed(cmd, env)
+                figures.update(method=method, tool=tool, repeat=rep)
+                figures["bytes_per_s"] = round((input_bytes + out_bytes) / figures["wall_s"])
+                runs.append(figures)
+                print(json.dumps(figures), flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "params": args.params,
+        "models": args.models,
+        "input_bytes": input_bytes,
+        "output_bytes": out_bytes,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    """Best-of-repeats per (method, tool), with ratios to mergekit and to the floor."""
+    best: dict[tuple[str, str], dict] = {}
+    for r in result["runs"]:
+        key = (r["method"], r["tool"])
+        if key not in best or r["wall_s"] < best[key]["wall_s"]:
+            best[key] = r
+    floor = {m: r["wall_s"] for (m, t), r in best.items() if t == "floor"}
+    lines = [
+        f"{result['models']} checkpoints of {result['params']} params "
+        f"({format_size(result['input_bytes'])} read, {format_size(result['output_bytes'])} written)",
+        "",
+        "| method | tool | wall s | CPU s | peak RSS | GB/s | vs mergekit | vs floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, tool), r in sorted(best.items()):
+        mk = best.get((method, "mergekit"))
+        speedup = f"{mk['wall_s'] / r['wall_s']:.1f}x faster" if mk and tool != "mergekit" else ""
+        fl = floor.get(method) or next(iter(floor.values()), None)
+        vs_floor = f"{r['wall_s'] / fl:.1f}x" if fl and tool != "floor" else ""
+        lines.append(
+            f"| {method} | {tool} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+            f"{format_size(r['peak_rss_bytes'])} | {r['bytes_per_s'] / 1e9:.2f} | {speedup} | {vs_floor} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
