@@ -9,6 +9,9 @@ mergekit is LGPL: install it in its own venv, never in weightsmith's:
     python3 -m venv .bench/mergekit-venv
     .bench/mergekit-venv/bin/pip install torch==2.13.0 mergekit==0.1.5
     .venv/bin/python benchmarks/parity/make_golden.py --mergekit .bench/mergekit-venv/bin/mergekit-yaml
+
+``--only NAME ...`` regenerates just those recipes' goldens and leaves the others alone. Either
+way it says, for each golden it writes, whether the bytes are new, unchanged or changed.
 """
 
 from __future__ import annotations
@@ -40,10 +43,19 @@ def main() -> None:
     )
     parser.add_argument("--mergekit", type=Path, default=REPO / ".bench/mergekit-venv/bin/mergekit-yaml")
     parser.add_argument("--keep", type=Path, help="also keep mergekit's full output folders here")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="regenerate only these recipes (file stems)"
+    )
     args = parser.parse_args()
     exe = args.mergekit.absolute()
     if not exe.is_file():
         sys.exit(f"{exe}: no mergekit-yaml there (see this script's docstring)")
+    recipes = parity.RECIPES
+    if args.only:
+        unknown = sorted(set(args.only) - {r.stem for r in recipes})
+        if unknown:
+            sys.exit(f"no recipe named {', '.join(unknown)} under {parity.DATA / 'recipes'}")
+        recipes = [r for r in recipes if r.stem in args.only]
 
     with tempfile.TemporaryDirectory(prefix="ws-parity-") as tmp:
         root = Path(tmp)
@@ -53,17 +65,24 @@ def main() -> None:
         if again != digests:
             sys.exit("building the inputs twice gave different tensors: the generator is not bit-stable")
 
+        if args.only and digests != json.loads((parity.DATA / "inputs.json").read_text()).get("sha256"):
+            sys.exit("the inputs differ from those of the existing goldens: regenerate them all")
         parity.GOLDEN.mkdir(parents=True, exist_ok=True)
-        for old in parity.GOLDEN.glob("*.safetensors"):
-            old.unlink()
-        for recipe in parity.RECIPES:
+        before = {p.stem: p.read_bytes() for p in parity.GOLDEN.glob("*.safetensors")}
+        if not args.only:
+            for old in parity.GOLDEN.glob("*.safetensors"):
+                old.unlink()
+        for recipe in recipes:
             raw = parity.materialize(recipe, folders)
             out = parity.run_mergekit(str(exe), raw, root / "out" / recipe.stem, root)
             shards = sorted(out.glob("*.safetensors"))
             if len(shards) != 1:
                 sys.exit(f"{recipe.stem}: expected one output shard from mergekit, got {shards}")
-            shutil.copyfile(shards[0], parity.GOLDEN / f"{recipe.stem}.safetensors")
-            print(f"{recipe.stem}: {sorted(p.name for p in out.iterdir())}")
+            golden = parity.GOLDEN / f"{recipe.stem}.safetensors"
+            shutil.copyfile(shards[0], golden)
+            old = before.get(recipe.stem)
+            state = "new" if old is None else "unchanged" if old == golden.read_bytes() else "CHANGED"
+            print(f"{recipe.stem}: {state} ({', '.join(sorted(p.name for p in out.iterdir()))})")
             if args.keep:
                 shutil.copytree(out, args.keep / recipe.stem, dirs_exist_ok=True)
 
@@ -74,7 +93,7 @@ def main() -> None:
         "torch_for_inputs": parity.torch.__version__,
     }
     (parity.DATA / "inputs.json").write_text(json.dumps(spec, indent=2) + "\n")
-    print(f"wrote {len(parity.RECIPES)} goldens to {parity.GOLDEN}")
+    print(f"wrote {len(recipes)} goldens to {parity.GOLDEN}")
 
 
 if __name__ == "__main__":
