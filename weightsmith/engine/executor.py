@@ -131,6 +131,7 @@ class Loaded:
     models: torch.Tensor | None = None
     base: torch.Tensor | None = None
     copy: torch.Tensor | None = None
+    aux: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -191,7 +192,26 @@ def load_unit(plan: MergePlan, unit: WorkUnit, slot: Slot) -> Loaded:
     if task.base is not None:
         loaded.base = typed(slot.base, cd, shape)
         _read_input(plan, task.base, unit, loaded.base, slot.raw)
+    for name, value in task.aux.items():
+        loaded.aux[name] = (
+            [_read_aux(plan, src, unit, shape, slot) for src in value]
+            if isinstance(value, list)
+            else _read_aux(plan, value, unit, shape, slot)
+        )
     return loaded
+
+
+def _read_aux(
+    plan: MergePlan, src: Source | None, unit: WorkUnit, shape: tuple[int, ...], slot: Slot
+) -> torch.Tensor | None:
+    # Checkpoint-valued parameters are rare (transfer, graft): fresh buffers keep slots simple.
+    if src is None:
+        return None
+    dest = torch.empty(shape, dtype=plan.compute_dtype)
+    raw_bytes = math.prod(shape) * plan.checkpoints[src.ckpt].entry(src.key).dtype.itemsize
+    raw = slot.raw if slot.raw.numel() >= raw_bytes else torch.empty(raw_bytes, dtype=torch.uint8)
+    _read_input(plan, src, unit, dest, raw)
+    return dest
 
 
 def stream_loaded(
@@ -363,15 +383,22 @@ def _compute(
     models, base = loaded.models, loaded.base
     shape = unit_shape(unit)
     out_buffer = typed(slot.out, plan.compute_dtype, shape)
+    aux = loaded.aux
     if device != "cpu":
         models = models.to(device, non_blocking=True)
         base = base.to(device, non_blocking=True) if base is not None else None
         out_buffer = None
+        aux = {
+            k: [t.to(device) if t is not None else None for t in v]
+            if isinstance(v, list)
+            else (v.to(device) if v is not None else None)
+            for k, v in aux.items()
+        }
     generator = None
     if task.seed is not None:
         generator = torch.Generator(device=models.device)
         generator.manual_seed(task.seed)
-    inputs = MergeInputs(task.name, models, base, generator, context, out=out_buffer)
+    inputs = MergeInputs(task.name, models, base, generator, context, out=out_buffer, aux=aux)
     out = plan.method(inputs, **task.params)
     cast = typed(slot.cast, task.out_dtype, shape)
     cast.copy_(out)

@@ -133,7 +133,7 @@ def run_global_passes(plan: MergePlan, pool: SlotPool, *, device: str = "cpu") -
                     if device != "cpu":
                         models = models.to(device, non_blocking=True)
                         base = base.to(device, non_blocking=True) if base is not None else None
-                    inputs = MergeInputs(unit.task.name, models, base)
+                    inputs = MergeInputs(unit.task.name, models, base, aux=loaded.aux)
                     part = stats.collect(inputs, **unit.task.params)
                     total = part if total is None else stats.combine(total, part)
                 finally:

@@ -64,6 +64,9 @@ class TensorTask:
     params: dict[str, Any] = field(default_factory=dict)
     t: float = 0.0
     seed: int | None = None
+    # checkpoint-valued parameters: name -> Source (shared) or list of Source per model;
+    # None where that checkpoint lacks the tensor
+    aux: dict[str, Any] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -103,13 +106,16 @@ class MergePlan:
 
     @property
     def compute_dtype(self) -> torch.dtype:
+        wanted = self.method.compute_dtype
+        if wanted is not None and element_size(wanted) > element_size(self.recipe.compute_dtype):
+            return wanted
         return self.recipe.compute_dtype
 
     @property
     def bytes_to_read(self) -> int:
         total = 0
         for task in self.tasks:
-            for src in [*task.models, *([task.base] if task.base else [])]:
+            for src in [*task.models, *([task.base] if task.base else []), *aux_sources(task)]:
                 if task.kind == "copy" and src is not task.base:
                     continue
                 total += self.checkpoints[src.ckpt].entry(src.key).nbytes
@@ -131,6 +137,16 @@ class MergePlan:
             if any(s.rows is not None for s in [*task.models, task.base] if s):
                 return task.shape[0]
         return None
+
+
+def aux_sources(task: TensorTask) -> list[Source]:
+    """Every Source of a task's checkpoint-valued parameters."""
+    out: list[Source] = []
+    for value in task.aux.values():
+        for src in value if isinstance(value, list) else [value]:
+            if src is not None:
+                out.append(src)
+    return out
 
 
 def _seed_for(seed: int, name: str) -> int:
@@ -283,9 +299,13 @@ def build_plan(
     ref_index = 0 if recipe.base_model is not None else model_indices[0]
     ref_ckpt = checkpoints[ref_index]
     num_layers = _num_layers(ref_ckpt)
+    aux_refs = _open_aux_checkpoints(recipe, method, specs, checkpoints)
     tasks: list[TensorTask] = []
     used: list[set[str]] = [set() for _ in checkpoints]
-    prefixes = {idx: key_prefix_map(ref_ckpt.keys(), checkpoints[idx]) for idx in model_indices}
+    prefixes = {
+        idx: key_prefix_map(ref_ckpt.keys(), checkpoints[idx])
+        for idx in [*model_indices, *{i for refs in aux_refs.values() for i in refs if i is not None}]
+    }
     notes = [
         f"model {checkpoints[idx].ref!r}: tensor names mapped "
         f"{(strip or '<none>')!r} -> {(add or '<none>')!r} to match the reference"
@@ -322,7 +342,13 @@ def build_plan(
         params = resolve_params(recipe, method, specs, name, t)
         out_dtype = recipe.out_dtype or recipe.dtype or ref_entry.dtype
         seed = _seed_for(random_seed or 0, name) if method.uses_randomness else None
-        tasks.append(TensorTask(name, shape, out_dtype, "merge", sources, base_src, params, t, seed))
+        aux = {
+            pname: _aux_sources(recipe, checkpoints, name, shape, refs, prefixes, method, pname)
+            for pname, refs in aux_refs.items()
+        }
+        tasks.append(
+            TensorTask(name, shape, out_dtype, "merge", sources, base_src, params, t, seed, aux)
+        )
     if recipe.extra_keys == "error":
         for idx, ckpt in enumerate(checkpoints):
             extra = [k for k in ckpt.keys() if k not in used[idx] and not _is_alias_only(k, used[idx])]
@@ -354,6 +380,77 @@ def build_plan(
     if note:
         plan.notes.append(note)
     return plan
+
+
+def _open_aux_checkpoints(
+    recipe: Recipe, method: MergeMethod, specs: list[Any], checkpoints: list[Checkpoint]
+) -> dict[str, list[int | None]]:
+    """Open the checkpoints that checkpoint-valued parameters name; append them to
+    ``checkpoints``. Returns, per parameter, checkpoint indices (one per model, or one)."""
+    opened: dict[str, int] = {}
+    out: dict[str, list[int | None]] = {}
+    for p in method.params:
+        if not p.checkpoint:
+            continue
+        values = (
+            [spec.parameters.get(p.name, recipe.parameters.get(p.name)) for spec in specs]
+            if p.per_model
+            else [recipe.parameters.get(p.name)]
+        )
+        indices: list[int | None] = []
+        for value in values:
+            if value is None:
+                if p.required:
+                    raise RecipeError(f"`{method.name}` needs `{p.name}`: a checkpoint path or Hub id")
+                indices.append(None)
+                continue
+            if not isinstance(value, str):
+                raise RecipeError(
+                    f"`{p.name}` names a checkpoint (a path or Hub id); it cannot vary by tensor "
+                    f"or layer, got {value!r}"
+                )
+            if value not in opened:
+                checkpoints.append(Checkpoint.open(value, search_dirs=recipe.search_dirs))
+                opened[value] = len(checkpoints) - 1
+            indices.append(opened[value])
+        out[p.name] = indices
+    return out
+
+
+def _aux_sources(
+    recipe: Recipe,
+    checkpoints: list[Checkpoint],
+    name: str,
+    shape: tuple[int, ...],
+    refs: list[int | None],
+    prefixes: dict[int, tuple[str, str]],
+    method: MergeMethod,
+    pname: str,
+) -> Any:
+    """Where each checkpoint-valued parameter's tensor for ``name`` lives (None if absent)."""
+    sources: list[Source | None] = []
+    for idx in refs:
+        if idx is None:
+            sources.append(None)
+            continue
+        ckpt = checkpoints[idx]
+        key = _find_key(ckpt, name, prefixes.get(idx, ("", "")))
+        if key is None:
+            sources.append(None)
+            continue
+        have = ckpt.entry(key).shape
+        if have == shape:
+            sources.append(Source(idx, key))
+        elif have[1:] == shape[1:] and have and recipe.vocab_policy != "error":
+            sources.append(Source(idx, key, have[0]))  # padded with zero rows, or truncated
+        else:
+            raise MergeError(
+                f"model {ckpt.ref!r} ({ckpt.entry(key).path}), given as `{pname}`: tensor {key!r} "
+                f"has shape {list(have)} but the output has {list(shape)}"
+                + ("; set vocab_policy: pad or truncate" if have[1:] == shape[1:] else "")
+            )
+    param = method.param(pname)
+    return sources if param is not None and param.per_model else sources[0]
 
 
 def _is_alias_only(key: str, used: set[str]) -> bool:

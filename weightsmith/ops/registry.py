@@ -29,6 +29,11 @@ class Param:
     per_model: bool = False
     kind: type = float
     doc: str = ""
+    # The value names a checkpoint (folder, .safetensors file or Hub id). The engine opens it
+    # and hands the method the same-named tensor as ``inputs.aux[name]`` (a list over models
+    # for per-model parameters), so methods that need more than the base and the models
+    # (fine-tuning transfer's source bases, grafting's mask) still never open files.
+    checkpoint: bool = False
 
     @property
     def required(self) -> bool:
@@ -56,6 +61,9 @@ class MergeInputs:
     context: Any = None
     stats: dict[str, float] = field(default_factory=dict)
     out: torch.Tensor | None = None
+    # Tensors of checkpoint-valued parameters (see ``Param.checkpoint``), in the compute dtype;
+    # None where that checkpoint has no such tensor.
+    aux: dict[str, Any] = field(default_factory=dict)
 
     def output_buffer(self) -> torch.Tensor:
         """The engine's reusable output buffer, or a fresh one (uninitialized)."""
@@ -89,6 +97,8 @@ class MergeMethod:
     # scope: model, where the model-wide statistics are known before the output pass).
     elementwise: bool | Callable[[dict[str, Any]], bool] = True
     uses_randomness: bool = False
+    # A wider arithmetic dtype the method's reference uses (fine-tuning transfer: float64).
+    compute_dtype: torch.dtype | None = None
     # Called at plan time with every merged tensor and the compute dtype. It raises RecipeError
     # for bad parameters (so errors come before any work), and returns None or a
     # ``weightsmith.engine.passes.GlobalStatistics``: model-wide statistics that the engine fills
