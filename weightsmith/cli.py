@@ -278,13 +278,21 @@ def methods_cmd() -> None:
 
 
 def _register_optional_commands() -> None:
-    # The training commands live in finetune/ and need the [train] extra only when run.
-    try:
-        from weightsmith.finetune.cli import eval_cmd, finetune_cmd, testbed_cmd
-    except ImportError:
-        return
+    # Commands that wrap the training engine (finetune/) or the papers' workflows live in their
+    # own modules; each module of weightsmith.commands lists its click commands in COMMANDS.
+    import importlib
+    import pkgutil
+
+    from weightsmith.finetune.cli import eval_cmd, finetune_cmd, testbed_cmd
+
     for cmd in (finetune_cmd, eval_cmd, testbed_cmd):
         main.add_command(cmd)
+    import weightsmith.commands as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"weightsmith.commands.{info.name}")
+        for cmd in getattr(module, "COMMANDS", ()):
+            main.add_command(cmd)
 
 
 _register_optional_commands()
