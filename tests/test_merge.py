@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from models import LLAMA_CONFIG, load_folder, random_state, save_model
+from models import LLAMA_CONFIG, load_folder, perturb, random_state, save_model
 
 import weightsmith
 from weightsmith.cli import main
@@ -381,3 +381,15 @@ def test_task_models_wrapping_the_base_are_mapped_by_prefix(family, tmp_path):
     weightsmith.merge(recipe, tmp_path / "out")
     out = load_folder(tmp_path / "out")
     assert set(out) == set(ft) and all(torch.equal(out[k], ft[k]) for k in out)
+
+
+def test_inputs_may_lack_integer_buffers_the_base_has(tmp_path):
+    # transformers leaves non-persistent buffers (position_ids) out of newer saves
+    base_state = random_state(LLAMA_CONFIG, seed=0)
+    base_state["model.embeddings.position_ids"] = torch.arange(8)
+    base = save_model(tmp_path / "base", base_state, LLAMA_CONFIG, shards=1)
+    ft_state = {k: v for k, v in perturb(base_state, 1).items() if "position_ids" not in k}
+    ft = save_model(tmp_path / "ft", ft_state, LLAMA_CONFIG, shards=1)
+    weightsmith.merge(ta_recipe(base, [ft], weights=(1.0,), lam=1.0), tmp_path / "out")
+    out = load_folder(tmp_path / "out")
+    assert torch.equal(out["model.embeddings.position_ids"], torch.arange(8))

@@ -22,13 +22,12 @@ from typing import Any
 
 import torch
 
-from weightsmith.engine.plan import MergePlan, Source, WorkUnit
+from weightsmith.engine.plan import SLOTS, MergePlan, Source, WorkUnit
 from weightsmith.errors import MergeError
 from weightsmith.io.safetensors_format import element_size
 from weightsmith.io.writer import ShardWriter
 from weightsmith.ops.registry import MergeInputs
 
-SLOTS = 3  # one unit loading, one computing, one being written
 _POLL = 0.1  # seconds between checks for cancellation while waiting
 
 

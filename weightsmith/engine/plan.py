@@ -127,9 +127,22 @@ class MergePlan:
 
     @property
     def peak_estimate(self) -> int:
-        """Largest sum of reservations that can be in flight at once (capped by the budget)."""
-        biggest = sorted((u.reserve for u in self.units), reverse=True)[:3]
-        return min(sum(biggest), max(self.memory_budget, biggest[0] if biggest else 0))
+        """Tensor memory at the busiest moment: SLOTS slots of the largest unit, one unit's
+        scratch, and any oversize tensor's one-off buffers."""
+        slot_bytes, scratch = bytes_per_element(self)
+        merge_units = [u for u in self.units if u.task.kind == "merge"]
+        fitting = [
+            (u.rows[1] - u.rows[0]) * (u.task.numel // u.task.shape[0]) if u.rows else u.task.numel
+            for u in merge_units
+            if u.task.name not in self.oversize
+        ]
+        cap = max(fitting, default=0)
+        biggest_oversize = max(
+            (u.task.numel for u in merge_units if u.task.name in self.oversize), default=0
+        )
+        return SLOTS * slot_bytes * cap + scratch * max(cap, biggest_oversize) + (
+            (slot_bytes * biggest_oversize) if biggest_oversize else 0
+        )
 
     @property
     def out_vocab_rows(self) -> int | None:
@@ -314,6 +327,18 @@ def build_plan(
     ]
     for name in sorted(ref_ckpt.keys(), key=_sort_key):
         ref_entry = ref_ckpt.entry(name)
+        used[ref_index].add(name)
+        if not is_float(ref_entry.dtype):
+            # Integer and bool buffers (position ids, masks, counters) are never merged: they
+            # come from the reference, and inputs need not have them (transformers often
+            # leaves such buffers out of newer saves).
+            for idx in model_indices:
+                key = _find_key(checkpoints[idx], name, prefixes[idx])
+                if key is not None:
+                    used[idx].add(key)
+            src = Source(ref_index, name)
+            tasks.append(TensorTask(name, ref_entry.shape, ref_entry.dtype, "copy", [], src))
+            continue
         sources = []
         for idx in model_indices:
             key = _find_key(checkpoints[idx], name, prefixes[idx])
@@ -325,13 +350,7 @@ def build_plan(
                 )
             used[idx].add(key)
             sources.append(Source(idx, key))
-        used[ref_index].add(name)
         base_src = Source(0, name) if base_index is not None else None
-        if not is_float(ref_entry.dtype):
-            # Integer and bool buffers (position ids, masks, counters) are never merged.
-            src = base_src or sources[0]
-            tasks.append(TensorTask(name, ref_entry.shape, ref_entry.dtype, "copy", [], src))
-            continue
         shape, sources, base_src = _align_shapes(
             recipe, checkpoints, name, ref_entry.shape, sources, base_src
         )
@@ -551,36 +570,53 @@ def _align_shapes(
     return (out_rows, *ref_shape[1:]), fixed[1:] if base else fixed, new_base
 
 
-def split_units(plan: MergePlan) -> None:
-    """Cut tasks into work units whose in-flight bytes fit a quarter of the budget each.
+# Units in flight at once: one being read, one computing, one being written.
+SLOTS = 3
 
-    A quarter: one unit computing, one prefetched, one being written, and headroom for the
-    allocator's own slack, which the budget must also cover.
+
+def bytes_per_element(plan: MergePlan) -> tuple[int, int]:
+    """(bytes one slot holds per element, scratch a method may add per element).
+
+    A slot holds the stacked inputs, the base and the output in the compute dtype, the cast
+    output, and a staging buffer for one raw input. A method working out of place may add
+    about one more stacked copy while it computes (one unit at a time).
     """
     cs = element_size(plan.compute_dtype)
-    target = max(plan.memory_budget // 4, 1)
+    n_models = max((len(t.models) for t in plan.tasks if t.kind == "merge"), default=1)
+    out_es = max((element_size(t.out_dtype) for t in plan.tasks), default=1)
+    raw_es = max((c.entry(k).dtype.itemsize for c in plan.checkpoints for k in c.keys()), default=1)
+    slot = (n_models + 2) * cs + out_es + raw_es
+    scratch = (n_models + 1) * cs
+    return slot, scratch
+
+
+def split_units(plan: MergePlan) -> None:
+    """Cut tasks into work units so that SLOTS slots plus one unit's scratch fit the budget.
+
+    Tensors of methods that need a whole tensor at once (``splittable`` false) stay whole; if
+    one is larger than the budget allows, it is listed in ``plan.oversize`` and gets a one-off
+    buffer when its turn comes.
+    """
+    slot_bytes, scratch = bytes_per_element(plan)
+    per_elem = SLOTS * slot_bytes + scratch
+    # A fifth of the budget is headroom for what is not a tensor buffer: the allocator's
+    # slack, thread stacks, headers and bookkeeping, which the measured peak also contains.
+    capacity = max(plan.memory_budget * 4 // 5 // per_elem, 1)
     for task in plan.tasks:
         if task.kind == "copy":
-            nbytes = task.out_bytes * 2
-            plan.units.append(WorkUnit(task, None, nbytes))
+            plan.units.append(WorkUnit(task, None, task.out_bytes))
             continue
-        n_inputs = len(task.models) + (1 if task.base else 0)
-        # stacked inputs, task vectors, weighted copies, output, raw reads: ~3N + 4 per element
-        per_elem = (3 * n_inputs + 4) * cs
-        total = task.numel * per_elem
         rows = task.shape[0] if task.shape else 1
-        if total <= target or not task.shape or rows <= 1:
-            if total > plan.memory_budget:
+        per_unit = (slot_bytes + scratch) * task.numel
+        if task.numel <= capacity or not task.shape or rows <= 1 or not plan.method.splittable(task.params):
+            if task.numel > capacity:
                 plan.oversize.append(task.name)
-            plan.units.append(WorkUnit(task, None, total))
+            plan.units.append(WorkUnit(task, None, per_unit))
             continue
-        if not plan.method.splittable(task.params):
-            if total > plan.memory_budget:
-                plan.oversize.append(task.name)
-            plan.units.append(WorkUnit(task, None, total))
-            continue
-        per_row = total // rows
-        block = max(1, target // max(per_row, 1))
+        row_numel = task.numel // rows
+        block = max(1, capacity // max(row_numel, 1))
         for start in range(0, rows, block):
             stop = min(rows, start + block)
-            plan.units.append(WorkUnit(task, (start, stop), per_row * (stop - start)))
+            plan.units.append(
+                WorkUnit(task, (start, stop), (slot_bytes + scratch) * row_numel * (stop - start))
+            )
