@@ -194,8 +194,11 @@ def generalized_task_arithmetic(
 ) -> torch.Tensor:
     """Sparsify each task vector (``sparsify(i, delta_i)`` in place), weight, combine, add base."""
     assert inputs.base is not None
-    delta = task_vectors(inputs)
-    record_inputs(inputs.stats, inputs, delta)
+    record_inputs(inputs.stats, inputs, None)
+    # In place: the engine hands the stacked models over, and a fresh [N, ...] copy would cost
+    # a page fault per 4 KiB on every tensor.
+    delta = inputs.models.sub_(inputs.base.unsqueeze(0))
+    record_task_vectors(inputs.stats, delta)
     if sparsify is not None:
         for i in range(delta.shape[0]):
             sparsify(i, delta[i])
@@ -292,9 +295,15 @@ def record_inputs(stats: dict[str, float], inputs: MergeInputs, delta: torch.Ten
         stats["sq_base"] = _sq(inputs.base)
     for i in range(inputs.models.shape[0]):
         stats[f"sq_model[{i}]"] = _sq(inputs.models[i])
-        if delta is not None:
-            stats[f"sq_tv[{i}]"] = _sq(delta[i])
-            stats[f"nonzero_tv[{i}]"] = float(torch.count_nonzero(delta[i]))
+    if delta is not None:
+        record_task_vectors(stats, delta)
+
+
+def record_task_vectors(stats: dict[str, float], delta: torch.Tensor) -> None:
+    """Additive per-tensor numbers about the task vectors: sums of squares, non-zeros."""
+    for i in range(delta.shape[0]):
+        stats[f"sq_tv[{i}]"] = _sq(delta[i])
+        stats[f"nonzero_tv[{i}]"] = float(torch.count_nonzero(delta[i]))
 
 
 def record_signs(stats: dict[str, float], weighted: torch.Tensor, elected_pos: torch.Tensor | None) -> None:
