@@ -19,6 +19,7 @@ Either way the band is by value, so magnitudes tied with a kept entry are kept.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -45,11 +46,13 @@ def _breadcrumbs(
     weight: list[float],
     density: list[float],
     gamma: list[float],
-    normalize: bool,
-    rescale: bool,
-    scope: str,
-    lam: float,
+    normalize: bool = False,
+    rescale: bool = False,
+    int8_mask: bool = False,
+    scope: str = "tensor",
+    **params: float,
 ) -> torch.Tensor:
+    """breadcrumbs (``consensus=False``) and breadcrumbs_ties (``consensus=True``)."""
     trim = trim_band_rows_ if scope == "row" else trim_band_
 
     def sparsify(i: int, delta: torch.Tensor) -> None:
@@ -61,56 +64,17 @@ def _breadcrumbs(
             rescale_l1_(delta, l1)
 
     return generalized_task_arithmetic(
-        inputs, sparsify, weight=weight, lam=lam, normalize=normalize, consensus=consensus
-    )
-
-
-def breadcrumbs(
-    inputs: MergeInputs,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    normalize: bool = False,
-    rescale: bool = False,
-    int8_mask: bool = False,
-    scope: str = "tensor",
-    **params: float,
-) -> torch.Tensor:
-    return _breadcrumbs(
         inputs,
-        consensus=False,
+        sparsify,
         weight=weight,
-        density=density,
-        gamma=gamma,
-        normalize=normalize,
-        rescale=rescale,
-        scope=scope,
         lam=params.get("lambda", 1.0),
+        normalize=normalize,
+        consensus=consensus,
     )
 
 
-def breadcrumbs_ties(
-    inputs: MergeInputs,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    normalize: bool = False,
-    rescale: bool = False,
-    int8_mask: bool = False,
-    scope: str = "tensor",
-    **params: float,
-) -> torch.Tensor:
-    return _breadcrumbs(
-        inputs,
-        consensus=True,
-        weight=weight,
-        density=density,
-        gamma=gamma,
-        normalize=normalize,
-        rescale=rescale,
-        scope=scope,
-        lam=params.get("lambda", 1.0),
-    )
+breadcrumbs = partial(_breadcrumbs, consensus=False)
+breadcrumbs_ties = partial(_breadcrumbs, consensus=True)
 
 
 def _prepare(name: str):  # noqa: ANN202 - a small closure factory

@@ -22,6 +22,8 @@ different streams.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
@@ -45,11 +47,13 @@ def _dare(
     consensus: bool,
     weight: list[float],
     density: list[float],
-    normalize: bool,
-    rescale: bool,
-    rescale_mode: str,
-    lam: float,
+    normalize: bool = False,
+    rescale: bool = True,
+    rescale_mode: str = "inverse_density",
+    int8_mask: bool = False,
+    **params: float,
 ) -> torch.Tensor:
+    """dare_linear (``consensus=False``) and dare_ties (``consensus=True``)."""
     generators = model_generators(inputs, len(density))
 
     def sparsify(i: int, delta: torch.Tensor) -> None:
@@ -63,52 +67,17 @@ def _dare(
             delta.div_(density[i])
 
     return generalized_task_arithmetic(
-        inputs, sparsify, weight=weight, lam=lam, normalize=normalize, consensus=consensus
-    )
-
-
-def dare_linear(
-    inputs: MergeInputs,
-    weight: list[float],
-    density: list[float],
-    normalize: bool = False,
-    rescale: bool = True,
-    rescale_mode: str = "inverse_density",
-    int8_mask: bool = False,
-    **params: float,
-) -> torch.Tensor:
-    return _dare(
         inputs,
-        consensus=False,
+        sparsify,
         weight=weight,
-        density=density,
-        normalize=normalize,
-        rescale=rescale,
-        rescale_mode=rescale_mode,
         lam=params.get("lambda", 1.0),
+        normalize=normalize,
+        consensus=consensus,
     )
 
 
-def dare_ties(
-    inputs: MergeInputs,
-    weight: list[float],
-    density: list[float],
-    normalize: bool = False,
-    rescale: bool = True,
-    rescale_mode: str = "inverse_density",
-    int8_mask: bool = False,
-    **params: float,
-) -> torch.Tensor:
-    return _dare(
-        inputs,
-        consensus=True,
-        weight=weight,
-        density=density,
-        normalize=normalize,
-        rescale=rescale,
-        rescale_mode=rescale_mode,
-        lam=params.get("lambda", 1.0),
-    )
+dare_linear = partial(_dare, consensus=False)
+dare_ties = partial(_dare, consensus=True)
 
 
 def _prepare(name: str):  # noqa: ANN202 - a small closure factory
