@@ -83,6 +83,8 @@ _task = click.Choice(TASKS)
     help="Start from these weights (same architecture), e.g. a merge.",
 )
 @click.option("--num-labels", type=int, default=None, help="Size of a new classification head.")
+@click.option("--threads", type=int, default=None,
+              help="Torch CPU threads while training (fix it for bitwise reproducibility).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors

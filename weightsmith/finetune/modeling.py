@@ -97,13 +97,8 @@ def load_model(
     new_head = False
     if task == "classification":
         auto = transformers.AutoModelForSequenceClassification
-        if has_classification_head(config):
-            if num_labels is not None and num_labels > config.num_labels:
-                raise DataError(
-                    f"the data has labels up to {num_labels - 1} but {model_dir} has a "
-                    f"{config.num_labels}-class head"
-                )
-        else:
+        # An existing head keeps its size; callers check labels against it line by line.
+        if not has_classification_head(config):
             if require_head:
                 raise CheckpointError(
                     f"{model_dir}: has no sequence-classification head (architectures: "

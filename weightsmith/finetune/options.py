@@ -33,6 +33,7 @@ class FinetuneOptions:
     half_freeze: bool = False
     init_from: str | None = None
     num_labels: int | None = None  # size of a new head; default: largest label in the data + 1
+    threads: int | None = None  # torch intra-op threads while training; None keeps the default
     quiet: bool = False
     overwrite: bool = False
 
@@ -59,6 +60,8 @@ class FinetuneOptions:
             raise bad(f"mixup alpha must be >= 0, got {self.mixup}")
         if self.mixup > 0 and task != "classification":
             raise bad("mixup mixes input embeddings of whole examples; it needs classification")
+        if self.threads is not None and self.threads < 1:
+            raise bad(f"threads must be >= 1, got {self.threads}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise bad(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         return self

@@ -28,6 +28,7 @@ from weightsmith.finetune.modeling import (
     save_model,
 )
 from weightsmith.finetune.options import FinetuneOptions, OptionError
+from weightsmith.finetune.runtime import fixed_threads
 from weightsmith.finetune.schedule import warmup_cosine
 from weightsmith.finetune.selection import SparseMask, select_trainable
 from weightsmith.finetune.trainlog import TrainLog, package_versions, plot_loss
@@ -94,8 +95,9 @@ def finetune(
     """Fine-tune a transformers checkpoint folder and write an HF-format folder to ``out_dir``.
 
     ``options`` are the fields of :class:`FinetuneOptions` (epochs/steps, lr, warmup_steps,
-    batch_size, grad_accum, weight_decay, seed, max_length, truncate, label_smoothing, mixup,
-    freeze, train_only, mask, half_freeze, init_from, num_labels, quiet, overwrite).
+    batch_size, grad_accum, weight_decay, max_grad_norm, seed, max_length, truncate,
+    label_smoothing, mixup, freeze, train_only, mask, half_freeze, init_from, num_labels,
+    threads, quiet, overwrite).
     The same seed on the same machine gives bitwise-identical weights.
     """
     check_task(task)
@@ -147,7 +149,7 @@ def finetune(
     }
     log = TrainLog(meta)
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), fixed_threads(opts.threads):
         # One seed drives dropout, shuffling and MixUp so a run is a pure function of it.
         torch.manual_seed(opts.seed)
         shuffle = torch.Generator().manual_seed(opts.seed)
