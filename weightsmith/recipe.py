@@ -46,6 +46,14 @@ TOP_LEVEL_FIELDS = {
     "extra_keys": "error | ignore when an input has tensors the output does not",
     "name": "a name for the merged model (used in the model card)",
     "chat_template": "accepted for mergekit compatibility: only 'auto' (copy the tokenizer's)",
+    "evaluation": "held-out data that scores candidate merges: {data: JSONL, task, metric, model} "
+    "(soup with mode: greedy)",
+    "calibration": "data the input model is run on before the merge: {data: JSONL, task} (antidote)",
+}
+# Data blocks (evaluation, calibration): the fields each accepts; data and task are required.
+DATA_BLOCK_FIELDS = {
+    "evaluation": ("data", "task", "metric", "model", "batch_size", "max_length", "truncate"),
+    "calibration": ("data", "task", "batch_size", "max_length", "truncate"),
 }
 UNSUPPORTED_FIELDS = {
     "slices": "layer slicing (frankenmerges) is not supported yet; use `models:`",
@@ -151,6 +159,9 @@ class Recipe:
     vocab_policy: str = "error"
     extra_keys: str = "error"
     name: str | None = None
+    # Data blocks for methods that run models before merging (validated mappings, or None).
+    evaluation: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     text: str | None = None  # the YAML as the user wrote it, comments included
@@ -163,6 +174,16 @@ class Recipe:
     @property
     def search_dirs(self) -> tuple[Path, ...]:
         return (self.source.parent,) if self.source else ()
+
+    def data_path(self, value: str) -> Path:
+        """A data file named in the recipe: relative to the working directory, else to the
+        recipe's folder (as model paths are), so recipes run from anywhere."""
+        path = Path(value).expanduser()
+        if not path.is_absolute() and not path.exists():
+            for folder in self.search_dirs:
+                if (folder / path).exists():
+                    return folder / path
+        return path
 
     def to_yaml(self) -> str:
         if self.text is not None:
@@ -235,6 +256,8 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         vocab_policy=_choice(raw, "vocab_policy", ("error", "pad", "truncate"), where),
         extra_keys=_choice(raw, "extra_keys", ("error", "ignore"), where),
         name=raw.get("name"),
+        evaluation=_data_block(raw, "evaluation", where),
+        calibration=_data_block(raw, "calibration", where),
         raw=raw,
         source=path,
         text=text,
@@ -264,6 +287,32 @@ def _model_ref(value: Any, where: str) -> str:
     if "+" in value and not Path(value).exists():
         raise RecipeError(f"{where}: LoRA references (model+lora) are not supported yet")
     return value
+
+
+def _data_block(raw: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:
+    """Check the shape of an ``evaluation:`` / ``calibration:`` block; the method checks the rest."""
+    block = raw.get(key)
+    if block is None:
+        return None
+    allowed = DATA_BLOCK_FIELDS[key]
+    if not isinstance(block, dict):
+        raise RecipeError(f"{where}: `{key}` must be a mapping with {', '.join(allowed)}")
+    unknown = sorted(set(block) - set(allowed))
+    if unknown:
+        raise RecipeError(f"{where}: `{key}` has unknown field(s) {unknown}; fields are {', '.join(allowed)}")
+    for name in ("data", "task"):
+        if not isinstance(block.get(name), str) or not block[name].strip():
+            raise RecipeError(f"{where}: `{key}.{name}` is required (a string)")
+    for name in ("batch_size", "max_length"):
+        value = block.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RecipeError(f"{where}: `{key}.{name}` must be a positive integer, got {value!r}")
+    for name in ("metric", "model"):
+        if name in block and not isinstance(block[name], str):
+            raise RecipeError(f"{where}: `{key}.{name}` must be a string, got {block[name]!r}")
+    if "truncate" in block and not isinstance(block["truncate"], bool):
+        raise RecipeError(f"{where}: `{key}.truncate` must be true or false")
+    return dict(block)
 
 
 def _choice(raw: dict[str, Any], key: str, options: tuple[str, ...], where: str) -> str:

@@ -1,13 +1,19 @@
 """Merge operators: one module per method family, registered by name on import."""
 
 from weightsmith.ops import (  # noqa: F401
+    antidote,
+    bang,
     breadcrumbs,
     dare,
+    graft,
     linear,
+    lines,
     model_stock,
     slerp,
+    soup,
     task_arithmetic,
     ties,
+    transfer,
     wise_ft,
 )
 from weightsmith.ops.registry import (  # noqa: F401
