@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -167,12 +166,13 @@ def run_plan(
 ) -> MergeResult:
     """Execute a plan into a new output folder, atomically."""
     started = started if started is not None else time.perf_counter()
-    # The reader and writer threads run beside the operator, so the operator's own torch
-    # threads get the other cores: on 2 cores, 2 intra-op threads fight the reader for a core
-    # and spin at every parallel region (measured: ties 148 s vs 100 s on a 0.84B merge).
-    # The caller's setting is restored afterwards (merge() is also called from notebooks).
+    # torch's own default (one thread per core) measured best on a quiet 2-core machine (ties
+    # 36 s vs 44 s with one thread, linear 6.1 s vs 8.3 s); on a machine busy with other work,
+    # `--threads 1` avoids spinning at every parallel region. The caller's setting is restored
+    # afterwards (merge() is also called from notebooks).
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    if threads:
+        torch.set_num_threads(threads)
     try:
         return _run_plan(plan, out, out_shard_size, overwrite, device, threads, progress, fsync, started)
     finally:
