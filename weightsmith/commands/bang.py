@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from weightsmith.errors import OutputError, RecipeError
-from weightsmith.finetune.cli import _user_errors
+from weightsmith.finetune.cli import _user_errors, schedule_options
 from weightsmith.finetune.data import TASKS
 
 
@@ -129,15 +129,7 @@ _path = click.Path(path_type=str)
               help="Also divide the fine-tune's head by this before averaging (merge_method: bang).")
 @click.option("--finetuned", type=_path, default=None, metavar="DIR",
               help="Keep the calibrated fine-tune here (default: a temporary folder).")
-@click.option("--epochs", type=float, default=3.0, show_default=True)
-@click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--lr", type=float, default=5e-5, show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-length", type=int, default=128, show_default=True)
-@click.option("--truncate", is_flag=True, help="Cut examples longer than --max-length.")
+@schedule_options
 @click.option("--freeze", multiple=True, metavar="PATTERN", help="Freeze matching parameters.")
 @click.option("--train-only", multiple=True, metavar="PATTERN", help="Train only matching parameters.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT (and --finetuned) if they exist.")

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from weightsmith.errors import WeightsmithError
+from weightsmith.finetune.cli import schedule_options
 
 _path = click.Path(path_type=str)
 
@@ -73,7 +74,7 @@ def transfer_model(
 @click.argument("old_base", type=_path)
 @click.argument("out", type=_path)
 @click.option("--weight", type=float, default=1.0, show_default=True, help="Scale of FT - OLD_BASE.")
-@click.option("--memory-budget", default="2GB", show_default=True, help="Merge memory cap.")
+@click.option("--memory-budget", default="1GB", show_default=True, help="Merge memory cap.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT (or its subfolders) if present.")
 @click.option(
     "--then-finetune",
@@ -82,16 +83,8 @@ def transfer_model(
 )
 @click.option("--data", type=_path, default=None, help="Training JSONL (with --then-finetune).")
 @click.option("--task", type=click.Choice(["classification", "causal-lm"]), default=None)
-@click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--epochs", type=float, default=3.0, show_default=True)
-@click.option("--lr", type=float, default=5e-5, show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@schedule_options
 @click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-length", type=int, default=128, show_default=True)
-@click.option("--truncate", is_flag=True, help="Cut examples longer than --max-length.")
 @click.option("--freeze", multiple=True, metavar="PATTERN", help="Freeze matching parameters.")
 @click.option("--train-only", multiple=True, metavar="PATTERN", help="Train only matching parameters.")
 @click.option("--num-labels", type=int, default=None, help="Size of a new classification head.")

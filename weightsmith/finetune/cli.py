@@ -28,6 +28,26 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _path = click.Path(path_type=str)
+
+
+def schedule_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The training-schedule options every command that fine-tunes shares (same names and
+    defaults as FinetuneOptions), so finetune, bang and transfer cannot drift apart."""
+    for option in reversed(
+        [
+            click.option("--epochs", type=float, default=3.0, show_default=True),
+            click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs)."),
+            click.option("--lr", type=float, default=5e-5, show_default=True),
+            click.option("--warmup-steps", type=int, default=0, show_default=True),
+            click.option("--batch-size", type=int, default=16, show_default=True),
+            click.option("--weight-decay", type=float, default=0.0, show_default=True),
+            click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--max-length", type=int, default=128, show_default=True),
+            click.option("--truncate", is_flag=True, help="Cut examples longer than --max-length."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
 _task = click.Choice(TASKS)
 
 
@@ -36,17 +56,9 @@ _task = click.Choice(TASKS)
 @click.argument("out", type=_path)
 @click.option("--data", required=True, type=_path, help="Training JSONL file.")
 @click.option("--task", required=True, type=_task)
-@click.option("--epochs", type=float, default=3.0, show_default=True)
-@click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--lr", type=float, default=5e-5, show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@schedule_options
 @click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-length", type=int, default=128, show_default=True)
-@click.option("--truncate", is_flag=True, help="Cut examples longer than --max-length.")
 @click.option("--label-smoothing", "label_smoothing", type=float, default=0.0, metavar="EPS")
 @click.option(
     "--mixup",
