@@ -294,8 +294,8 @@ def _flatten(key: str, value: Any) -> list[tuple[str, str]]:
 def _shard_text(s: dict[str, Any]) -> str:
     if "sha256" in s:
         digest = f"sha256 {s['sha256']}"
-    elif "header_sha256" in s:
-        digest = f"header sha256 {s['header_sha256']}"
+    elif "fingerprint_sha256" in s:
+        digest = f"fingerprint sha256 {s['fingerprint_sha256']} (size, header, 1 MiB sampled)"
     else:
         digest = "no hash"
     return f"{s['file']} ({s['bytes']} B, {digest})"
