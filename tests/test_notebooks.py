@@ -70,3 +70,16 @@ def test_task_vector_diagnostics(kernel_env):
     assert len(pictures) == 3  # norms, cosine heatmap, sign conflicts
     assert "math vs code" in text and "layer 2" in text
     assert not list(kernel_env.glob("weightsmith-diagnostics-*"))  # cleaned up after itself
+
+
+def test_paper_operators(kernel_env, monkeypatch):
+    monkeypatch.setenv("WS_NB_HIDDEN", "32")  # 16 is too narrow to learn the tasks in a few steps
+    nb = run_notebook("paper_operators.ipynb", kernel_env)
+    text, displays = outputs(nb)
+    pictures = [d for d in displays if "image/png" in d]
+    assert len(pictures) == 2  # accuracy vs lambda, LiNeS vs uniform scaling
+    assert "best lambda for the mean of the targets" in text  # the notebook asserts lambda 0 == base
+    assert "LiNeS: 3 blocks" in text  # WS_NB_LAYERS
+    chose = next(line for line in text.splitlines() if line.startswith("greedy soup chose:"))
+    assert "lr0.05" not in chose  # the deliberately too-hot ingredient is rejected
+    assert not list(kernel_env.glob("weightsmith-paper-operators-*"))  # cleaned up after itself
