@@ -204,7 +204,6 @@ def _run_plan(
             stats = execute(
                 plan,
                 writer,
-                threads=threads or 2,
                 device=device,
                 progress=bar.update if bar else None,
             )

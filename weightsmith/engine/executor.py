@@ -320,7 +320,6 @@ def execute(
     plan: MergePlan,
     writer: ShardWriter,
     *,
-    threads: int = 2,
     progress: Callable[[int], None] | None = None,
     device: str = "cpu",
 ) -> RunStats:

@@ -82,11 +82,10 @@ class TensorTask:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """A task, or a block of its rows, with the bytes it may hold while in flight."""
+    """A task, or a block of its rows ``[start, stop)``; memory is bounded by the slots."""
 
     task: TensorTask
     rows: tuple[int, int] | None
-    reserve: int
 
 
 @dataclass
@@ -604,19 +603,16 @@ def split_units(plan: MergePlan) -> None:
     capacity = max(plan.memory_budget * 4 // 5 // per_elem, 1)
     for task in plan.tasks:
         if task.kind == "copy":
-            plan.units.append(WorkUnit(task, None, task.out_bytes))
+            plan.units.append(WorkUnit(task, None))
             continue
         rows = task.shape[0] if task.shape else 1
-        per_unit = (slot_bytes + scratch) * task.numel
         if task.numel <= capacity or not task.shape or rows <= 1 or not plan.method.splittable(task.params):
             if task.numel > capacity:
                 plan.oversize.append(task.name)
-            plan.units.append(WorkUnit(task, None, per_unit))
+            plan.units.append(WorkUnit(task, None))
             continue
         row_numel = task.numel // rows
         block = max(1, capacity // max(row_numel, 1))
         for start in range(0, rows, block):
             stop = min(rows, start + block)
-            plan.units.append(
-                WorkUnit(task, (start, stop), (slot_bytes + scratch) * row_numel * (stop - start))
-            )
+            plan.units.append(WorkUnit(task, (start, stop)))
