@@ -9,7 +9,7 @@ from models import LLAMA_CONFIG, load_folder, make_family, perturb, random_state
 from sparse_helpers import merge_to_state, mergekit_ties_tensor, recipe, ties_paper_reference
 
 from weightsmith.engine.passes import statistic_units
-from weightsmith.errors import RecipeError
+from weightsmith.errors import MergeError, RecipeError
 from weightsmith.ops import MergeInputs, get_method
 from weightsmith.ops.ties import TiesModelContext
 from weightsmith.pipeline import merge, plan_merge
@@ -244,3 +244,16 @@ def test_needs_a_base(family, tmp_path):
     _, models = family
     with pytest.raises(RecipeError, match="base_model"):
         merge({"merge_method": "ties", "models": [{"model": str(m)} for m in models]}, tmp_path / "o")
+
+
+def test_nan_in_an_input_is_named_even_where_the_trim_would_drop_it(family, tmp_path):
+    """A NaN trimmed away or out-voted would leave a finite output; the merge must refuse it."""
+    base, models = family
+    state = load_folder(models[1])
+    state["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    bad = save_model(tmp_path / "bad", state, LLAMA_CONFIG, shards=2)
+    with pytest.raises(MergeError) as e:
+        merge(recipe("ties", base, [models[0], bad, models[2]], {"density": 0.2}), tmp_path / "out")
+    msg = str(e.value)
+    assert "model.layers.1.mlp.up_proj.weight" in msg and str(bad) in msg and "NaN" in msg
+    assert not (tmp_path / "out").exists()

@@ -27,6 +27,11 @@ class MergeError(WeightsmithError):
     exit_code = 4
 
 
+class NonFiniteInput(MergeError):
+    """A method found NaN/Inf in its inputs that its arithmetic might otherwise hide (a TIES
+    trim or sign election can drop a NaN); the engine names the checkpoint that holds it."""
+
+
 class OutputError(WeightsmithError):
     """The output cannot be written (exists without --overwrite, disk full, ...)."""
 

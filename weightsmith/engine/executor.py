@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from weightsmith.engine.plan import SLOTS, MergePlan, Source, WorkUnit
-from weightsmith.errors import MergeError
+from weightsmith.errors import MergeError, NonFiniteInput
 from weightsmith.io.safetensors_format import element_size
 from weightsmith.io.writer import ShardWriter
 from weightsmith.ops.registry import MergeInputs
@@ -445,7 +445,11 @@ def _compute(
         generator = torch.Generator(device=models.device)
         generator.manual_seed(task.seed)
     inputs = MergeInputs(task.name, models, base, generator, context, out=out_buffer, aux=aux)
-    out = plan.method(inputs, **task.params)
+    try:
+        out = plan.method(inputs, **task.params)
+    except NonFiniteInput:
+        culprit = _nonfinite_culprit(plan, unit)
+        raise MergeError(f"tensor {task.name!r}: NaN/Inf in the inputs; {culprit}") from None
     cast = typed(slot.cast, task.out_dtype, shape)
     cast.copy_(out)
     if task.out_dtype.is_floating_point and not all_finite(cast):

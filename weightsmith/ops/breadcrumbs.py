@@ -26,6 +26,7 @@ import torch
 from weightsmith.errors import RecipeError
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 from weightsmith.ops.sparsify import (
+    breadcrumbs_band,
     check_choice,
     check_density,
     common_params,
@@ -63,6 +64,8 @@ def _breadcrumbs(
         if l1 is not None:
             rescale_l1_(delta, l1)
 
+    n = inputs.models[0].numel()
+    fusable = scope == "tensor" and not rescale
     return generalized_task_arithmetic(
         inputs,
         sparsify,
@@ -70,6 +73,7 @@ def _breadcrumbs(
         lam=params.get("lambda", 1.0),
         normalize=normalize,
         consensus=consensus,
+        bands=[breadcrumbs_band(d, g, n) for d, g in zip(density, gamma)] if fusable else None,
     )
 
 

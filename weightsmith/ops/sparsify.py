@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from weightsmith.engine.selection import kth_largest_abs, kth_largest_abs_rows
-from weightsmith.errors import RecipeError
+from weightsmith.engine.selection import RadixSelect, kth_largest_abs, kth_largest_abs_rows
+from weightsmith.errors import NonFiniteInput, RecipeError
+from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, Param, TensorSpec
 
 L1_EPS = 1e-7  # below this an L1 norm counts as zero and rescaling is skipped (as mergekit)
@@ -82,19 +84,33 @@ def magnitude_count(density: float, n: int) -> int:
     return max(1, int(density * n))
 
 
-def trim_magnitude_(delta: torch.Tensor, density: float) -> None:
-    """Zero all but the largest-|x| entries, in place: keep |x| >= the k-th largest |x|."""
-    if density >= 1 or delta.numel() == 0:
-        return
-    mag = delta.abs()
-    thr = kth_largest_abs(mag, magnitude_count(density, delta.numel()), magnitudes=True)
-    # Multiplying by the boolean keep-mask is ~1.5x faster than masked_fill_ on the CPU, and
-    # exact: x * 1 = x, x * 0 = +-0 (a signed zero is still zero to every later step).
-    delta.mul_(mag >= thr)
+@dataclass(frozen=True)
+class MagnitudeBand:
+    """Which entries of one task vector survive a magnitude trim, as selection ranks.
+
+    Kept: |x| >= the ``lo``-th largest |x| (None: no lower bound) and |x| <= the ``hi``-th
+    largest (None: no upper bound); ``empty`` keeps nothing. Ranks, not values, so the torch
+    path and the fused kernels (ops/fused.py) select the same entries from one definition.
+    """
+
+    lo: int | None = None
+    hi: int | None = None
+    empty: bool = False
+
+    @property
+    def trims(self) -> bool:
+        return self.empty or self.lo is not None or self.hi is not None
 
 
-def trim_band_(delta: torch.Tensor, density: float, gamma: float) -> None:
-    """Breadcrumbs per tensor (mergekit's magnitude_outliers), in place.
+def magnitude_band(density: float, n: int) -> MagnitudeBand:
+    """TIES' trim: keep |x| >= the k-th largest |x|, k = max(1, floor(density n))."""
+    if density >= 1 or n == 0:
+        return MagnitudeBand()
+    return MagnitudeBand(lo=magnitude_count(density, n))
+
+
+def breadcrumbs_band(density: float, gamma: float, n: int) -> MagnitudeBand:
+    """Breadcrumbs per tensor (mergekit's magnitude_outliers).
 
     mergekit sorts |x| ascending and keeps positions [n_bot, n_bot + n_keep) with
     n_keep = floor(density n), n_top = floor(gamma n), n_bot = max(0, n - n_keep - n_top), i.e.
@@ -102,17 +118,40 @@ def trim_band_(delta: torch.Tensor, density: float, gamma: float) -> None:
     band is by value: lo <= |x| <= hi, lo and hi being the smallest and largest magnitudes that
     exact selection keeps, so tied magnitudes share one fate.
     """
-    n = delta.numel()
     if density >= 1 or n == 0:
-        return
+        return MagnitudeBand()
     n_keep = int(density * n)
     if n_keep == 0:
+        return MagnitudeBand(empty=True)
+    n_bot = max(0, n - n_keep - int(gamma * n))
+    # ascending positions n_bot (lo) and n_bot + n_keep - 1 (hi), as k-th largest ranks
+    return MagnitudeBand(lo=n - n_bot, hi=n - (n_bot + n_keep - 1))
+
+
+def trim_magnitude_(delta: torch.Tensor, density: float) -> None:
+    """Zero all but the largest-|x| entries, in place: keep |x| >= the k-th largest |x|."""
+    band = magnitude_band(density, delta.numel())
+    if band.lo is None:
+        return
+    mag = delta.abs()
+    thr = kth_largest_abs(mag, band.lo, magnitudes=True)
+    # Multiplying by the boolean keep-mask is ~1.5x faster than masked_fill_ on the CPU, and
+    # exact: x * 1 = x, x * 0 = +-0 (a signed zero is still zero to every later step).
+    delta.mul_(mag >= thr)
+
+
+def trim_band_(delta: torch.Tensor, density: float, gamma: float) -> None:
+    """Breadcrumbs per tensor, in place (see ``breadcrumbs_band``)."""
+    band = breadcrumbs_band(density, gamma, delta.numel())
+    if band.empty:
         delta.zero_()
         return
-    n_bot = max(0, n - n_keep - int(gamma * n))
+    if not band.trims:
+        return
+    assert band.lo is not None and band.hi is not None
     mag = delta.abs()
-    hi = kth_largest_abs(mag, n - (n_bot + n_keep - 1))  # ascending position n_bot + n_keep - 1
-    lo = kth_largest_abs(mag, n - n_bot)  # ascending position n_bot
+    hi = kth_largest_abs(mag, band.hi)
+    lo = kth_largest_abs(mag, band.lo)
     delta.masked_fill_((mag < lo) | (mag > hi), 0)
 
 
@@ -174,6 +213,14 @@ def model_generators(inputs: MergeInputs, n: int) -> list[torch.Generator | None
     return out
 
 
+def check_finite(stats: dict[str, float], name: str) -> None:
+    """Raise if an input held NaN/Inf (its sum of squares is then not finite): trimming and
+    sign election could drop it silently, and the output check would never see it."""
+    for key, value in stats.items():
+        if key.startswith(("sq_base", "sq_model", "sq_tv")) and not math.isfinite(value):
+            raise NonFiniteInput(f"tensor {name!r}: NaN/Inf in the inputs ({key})")
+
+
 # --------------------------------------------------------------------------- combine
 Sparsify = Callable[[int, torch.Tensor], None]
 
@@ -193,18 +240,66 @@ def generalized_task_arithmetic(
     lam: float,
     normalize: bool,
     consensus: bool,
+    bands: Sequence[MagnitudeBand] | None = None,
 ) -> torch.Tensor:
-    """Sparsify each task vector (``sparsify(i, delta_i)`` in place), weight, combine, add base."""
+    """Sparsify each task vector (``sparsify(i, delta_i)`` in place), weight, combine, add base.
+
+    ``bands``, when given, says that ``sparsify`` is exactly a magnitude trim to these bands (one
+    per model); the fused kernels then select and trim inside their combine pass instead.
+    """
     assert inputs.base is not None
+    if fused.usable(inputs.models):
+        return _fused_gta(inputs, sparsify, weight, lam, normalize, consensus, bands)
     record_inputs(inputs.stats, inputs, None)
     # In place: the engine hands the stacked models over, and a fresh [N, ...] copy would cost
     # a page fault per 4 KiB on every tensor.
     delta = inputs.models.sub_(inputs.base.unsqueeze(0))
     record_task_vectors(inputs.stats, delta)
+    check_finite(inputs.stats, inputs.name)
     if sparsify is not None:
         for i in range(delta.shape[0]):
             sparsify(i, delta[i])
     return combine(delta, inputs.base, weight, lam, normalize, consensus, inputs.stats)
+
+
+def _fused_gta(
+    inputs: MergeInputs,
+    sparsify: Sparsify | None,
+    weight: list[float],
+    lam: float,
+    normalize: bool,
+    consensus: bool,
+    bands: Sequence[MagnitudeBand] | None,
+) -> torch.Tensor:
+    """``generalized_task_arithmetic`` in three fused passes (ops/fused.py), same numbers."""
+    assert inputs.base is not None
+    delta = inputs.models
+    ranks = [[r for r in (b.lo, b.hi) if r is not None] for b in bands or [MagnitudeBand()] * len(delta)]
+    first = fused.task_vectors_(delta, inputs.base, [bool(r) for r in ranks], inputs.stats)
+    check_finite(inputs.stats, inputs.name)
+    keep = [(0.0, math.inf)] * delta.shape[0]
+    if bands is None:
+        if sparsify is not None:
+            for i in range(delta.shape[0]):
+                sparsify(i, delta[i])
+    else:
+        selectors = {(i, k): RadixSelect(torch.float32) for i, rs in enumerate(ranks) for k in rs}
+        for (i, k), sel in selectors.items():
+            sel.absorb(first[i], k)
+        pending = list(selectors.items())
+        second = fused.refine_histograms(delta, [(i, sel.prefix) for (i, _), sel in pending])
+        for (_, sel), counts in zip(pending, second):
+            sel.absorb(counts)
+        for i, band in enumerate(bands):
+            if band.empty:
+                keep[i] = (math.inf, math.inf)
+            elif band.trims:
+                lo = selectors[i, band.lo].value if band.lo is not None else 0.0
+                hi = selectors[i, band.hi].value if band.hi is not None else math.inf
+                keep[i] = (lo, hi)
+    return fused.combine_into(
+        inputs.output_buffer(), delta, inputs.base, keep, weight, lam, normalize, consensus, inputs.stats
+    )
 
 
 # Coordinates per step of the combine: [N, CHUNK] temporaries of a few MB stay in the

@@ -41,6 +41,7 @@ from weightsmith.ops.sparsify import (
     check_uniform,
     common_params,
     generalized_task_arithmetic,
+    magnitude_band,
     record_inputs,
     record_output,
     record_signs,
@@ -89,8 +90,15 @@ def ties(
         if l1 is not None:
             rescale_l1_(delta, l1)
 
+    n = inputs.models[0].numel()
     return generalized_task_arithmetic(
-        inputs, sparsify, weight=weight, lam=lam, normalize=normalize, consensus=True
+        inputs,
+        sparsify,
+        weight=weight,
+        lam=lam,
+        normalize=normalize,
+        consensus=True,
+        bands=None if rescale else [magnitude_band(d, n) for d in density],
     )
 
 
