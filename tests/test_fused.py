@@ -7,6 +7,7 @@ import torch
 
 from weightsmith.errors import NonFiniteInput
 from weightsmith.ops import MergeInputs, fused, get_method
+from weightsmith.ops.ties import TiesModelContext, TiesModelStatistics
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="numba not importable")
 
@@ -97,3 +98,44 @@ def test_small_tensors_and_float64_take_the_torch_path():
     assert not fused.usable(stacked)
     stacked, base = family()
     assert fused.usable(stacked) and not fused.usable(stacked.double())
+
+
+@pytest.mark.parametrize("aggregation", ["dis-mean", "dis-sum", "dis-max"])
+@pytest.mark.parametrize("lam", [1.0, 0.6])
+def test_model_scope_output_pass_equals_torch(monkeypatch, aggregation, lam):
+    stacked, base = family()
+    ctx = TiesModelContext(thresholds=(0.004, None, 0.01), majority_sign=-1, parameters=N)
+    params = {"weight": [1.0, 0.5, 2.0], "density": [0.2, 1.0, 0.1], "scope": "model",
+              "aggregation": aggregation, "lambda": lam}
+
+    def go(use_fused):
+        monkeypatch.setenv("WEIGHTSMITH_FUSED", "1" if use_fused else "0")
+        inputs = MergeInputs("t", stacked.clone(), base.clone(), context=ctx)
+        return get_method("ties")(inputs, **params).clone(), inputs.stats
+
+    ref, ref_stats = go(False)
+    out, stats = go(True)
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    assert set(stats) == set(ref_stats)
+    for key, value in ref_stats.items():
+        assert stats[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+
+
+def test_model_scope_statistics_equal_torch(monkeypatch):
+    stacked, base = family()
+    weight = [1.0, 0.5, 2.0]
+
+    def passes(use_fused):
+        monkeypatch.setenv("WEIGHTSMITH_FUSED", "1" if use_fused else "0")
+        st = TiesModelStatistics([0.2, 1.0, 0.05], torch.float32)
+        while st.wants_pass():
+            total = None
+            for block in (slice(0, 40000), slice(40000, N)):  # two row blocks, as the engine may
+                inputs = MergeInputs("t", stacked[:, block].clone(), base[block].clone())
+                part = st.collect(inputs, weight=weight)
+                total = part if total is None else st.combine(total, part)
+            st.absorb(total)
+        return st.result()
+
+    ref, got = passes(False), passes(True)
+    assert got == ref and ref.thresholds[1] is None and ref.majority_sign in (-1, 0, 1)

@@ -122,7 +122,7 @@ def merge_cmd(
             f"{format_size(s.bytes_written)}, {format_size(rate)}/s)"
         )
         if s.global_passes:
-            click.echo(f"  {s.global_passes} model-wide statistics passes before the output pass")
+            click.echo(f"  {s.global_passes} statistics passes before the output pass")
         for line in (s.summary or {}).get("lines", []):
             click.echo(line)
     if push_to:

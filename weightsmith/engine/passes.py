@@ -35,6 +35,15 @@ class GlobalStatistics(ABC):
 
     #: How many passes the method expects (shown by ``weightsmith plan``); informative only.
     planned_passes: int = 1
+    #: Model-wide statistics count a tied or aliased tensor once. Per-tensor statistics (keyed
+    #: by output name) need every output tensor they visit, aliases included.
+    count_aliases_once: bool = True
+    #: What the passes are for, in ``weightsmith plan``'s note.
+    purpose: str = "model-wide statistics"
+
+    def visits(self, name: str) -> bool:
+        """Whether the passes read this output tensor (default: all of them)."""
+        return True
 
     @abstractmethod
     def wants_pass(self) -> bool:
@@ -66,7 +75,16 @@ class GlobalStatistics(ABC):
 
 
 def tensor_specs(plan: MergePlan) -> list[TensorSpec]:
-    return [TensorSpec(t.name, t.shape, t.params) for t in plan.tasks if t.kind == "merge"]
+    split = {
+        u.task.name
+        for u in plan.units
+        if u.rows is not None and not plan.method.splittable(u.task.params)
+    }
+    return [
+        TensorSpec(t.name, t.shape, t.params, split=t.name in split)
+        for t in plan.tasks
+        if t.kind == "merge"
+    ]
 
 
 def prepare_statistics(plan: MergePlan) -> GlobalStatistics | None:
@@ -76,8 +94,11 @@ def prepare_statistics(plan: MergePlan) -> GlobalStatistics | None:
     return plan.method.prepare(tensor_specs(plan), plan.compute_dtype)
 
 
-def statistic_units(plan: MergePlan) -> list[WorkUnit]:
-    """The merge units each statistics pass visits: every parameter once."""
+def statistic_units(plan: MergePlan, stats: GlobalStatistics | None = None) -> list[WorkUnit]:
+    """The merge units each statistics pass visits: every parameter once (or, for statistics
+    that do not count aliases once, every unit of each tensor they visit)."""
+    if stats is not None and not stats.count_aliases_once:
+        return [u for u in plan.units if u.task.kind == "merge" and stats.visits(u.task.name)]
     seen: set[Any] = set()
     tied_to_seen: set[str] = set()
     ref_config = plan.checkpoints[plan.ref_index].config or {}
@@ -90,6 +111,8 @@ def statistic_units(plan: MergePlan) -> list[WorkUnit]:
         sources = (task.base, tuple(task.models))
         if (sources, unit.rows) in seen:
             continue  # an output key read from the very same inputs (an alias)
+        if stats is not None and not stats.visits(task.name):
+            continue
         if tied and task.name in tied_to_seen:
             continue  # a tied copy of a tensor already counted (config says the two are one)
         seen.add((sources, unit.rows))
@@ -112,7 +135,7 @@ def run_global_passes(plan: MergePlan, pool: SlotPool, *, device: str = "cpu") -
     stats = prepare_statistics(plan)
     if stats is None:
         return None, 0, 0
-    units = statistic_units(plan)
+    units = statistic_units(plan, stats)
     per_pass = sum(_unit_bytes(plan, u) for u in units)
     passes = 0
     while stats.wants_pass():
@@ -163,7 +186,7 @@ def describe(stats: GlobalStatistics | None) -> str | None:
     n = stats.planned_passes
     return (
         f"{n} streamed statistics pass{'es' if n != 1 else ''} over the inputs before the output "
-        "pass (model-wide statistics)"
+        f"pass ({stats.purpose})"
     )
 
 

@@ -593,20 +593,26 @@ def split_units(plan: MergePlan) -> None:
     """Cut tasks into work units so that SLOTS slots plus one unit's scratch fit the budget.
 
     Tensors of methods that need a whole tensor at once (``splittable`` false) stay whole; if
-    one is larger than the budget allows, it is listed in ``plan.oversize`` and gets a one-off
-    buffer when its turn comes.
+    one is larger than the budget allows, it is split anyway when the method can get its
+    per-tensor numbers from statistics passes (``splittable_with_statistics``), else it is
+    listed in ``plan.oversize`` and gets a one-off buffer when its turn comes.
     """
     slot_bytes, scratch = bytes_per_element(plan)
     per_elem = SLOTS * slot_bytes + scratch
     # A fifth of the budget is headroom for what is not a tensor buffer: the allocator's
     # slack, thread stacks, headers and bookkeeping, which the measured peak also contains.
-    capacity = max(plan.memory_budget * 4 // 5 // per_elem, 1)
+    fixed = plan.method.fixed_scratch(len(plan.model_indices)) if plan.method.fixed_scratch else 0
+    # (A budget too small for the fixed scratch still gets a fifth for the buffers.)
+    capacity = max(max(plan.memory_budget * 4 // 5 - fixed, plan.memory_budget // 5) // per_elem, 1)
     for task in plan.tasks:
         if task.kind == "copy":
             plan.units.append(WorkUnit(task, None))
             continue
         rows = task.shape[0] if task.shape else 1
-        if task.numel <= capacity or not task.shape or rows <= 1 or not plan.method.splittable(task.params):
+        can_split = plan.method.splittable(task.params) or plan.method.splittable_with_statistics(
+            task.params
+        )
+        if task.numel <= capacity or not task.shape or rows <= 1 or not can_split:
             if task.numel > capacity:
                 plan.oversize.append(task.name)
             plan.units.append(WorkUnit(task, None))

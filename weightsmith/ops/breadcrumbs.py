@@ -24,14 +24,17 @@ from functools import partial
 import torch
 
 from weightsmith.errors import RecipeError
+from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 from weightsmith.ops.sparsify import (
+    TensorBandStatistics,
     breadcrumbs_band,
     check_choice,
     check_density,
     common_params,
     generalized_task_arithmetic,
     rescale_l1_,
+    split_tensor_statistics,
     summarize,
     trim_band_,
     trim_band_rows_,
@@ -82,7 +85,7 @@ breadcrumbs_ties = partial(_breadcrumbs, consensus=True)
 
 
 def _prepare(name: str):  # noqa: ANN202 - a small closure factory
-    def prepare(specs: list[TensorSpec], dtype: torch.dtype) -> None:
+    def prepare(specs: list[TensorSpec], dtype: torch.dtype) -> TensorBandStatistics | None:
         check_density(specs, name)
         check_choice(specs, "scope", SCOPES, name)
         for spec in specs:
@@ -92,6 +95,14 @@ def _prepare(name: str):  # noqa: ANN202 - a small closure factory
                         f"{name}: gamma of model {i} for tensor {spec.name!r} is {g}; it is the "
                         "fraction of largest-magnitude entries removed and must be in [0, 1)"
                     )
+        return split_tensor_statistics(
+            specs,
+            dtype,
+            lambda spec: [
+                breadcrumbs_band(d, g, math.prod(spec.shape))
+                for d, g in zip(spec.params["density"], spec.params["gamma"])
+            ],
+        )
 
     return prepare
 
@@ -115,7 +126,9 @@ for _name, _fn, _summary in (
             summary=_summary,
             paper="arXiv:2312.06795",
             elementwise=False,  # the band is chosen over the whole tensor (or whole rows)
+            splits_with_statistics=lambda p: p.get("scope", "tensor") == "tensor" and not p.get("rescale"),
             prepare=_prepare(_name),
+            fixed_scratch=lambda n_models: fused.selection_bytes(2 * n_models),  # lo and hi
             summarize=summarize,
         )
     )

@@ -24,13 +24,14 @@ merge on a machine pays the compilation (a few seconds).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import numpy as np
 import torch
 
-BLOCK = 1 << 15  # coordinates per parallel work item: fixed, so results do not depend on threads
+BLOCK = 1 << 13  # coordinates per parallel work item: fixed, so results do not depend on threads
 BUCKETS = 1 << 16
 MIN_NUMEL = 1 << 14  # below this the torch path is as fast and skips the histogram set-up
 
@@ -193,8 +194,121 @@ if _IMPORTED:
             fstats[b, n_models + 1] = _sumsq(res)
 
 
+    @njit(parallel=True, cache=True, nogil=True)
+    def _elected_sign_sum(delta, thr, weight):  # pragma: no cover
+        n_models, n = delta.shape
+        nb = (n + BLOCK - 1) // BLOCK
+        partial = np.zeros(nb, dtype=np.int64)
+        zero = np.float32(0.0)
+        for b in prange(nb):
+            lo = b * BLOCK
+            hi = min(lo + BLOCK, n)
+            total = np.empty(hi - lo, dtype=np.float32)
+            for i in range(n_models):
+                t_i = thr[i]
+                w_i = weight[i]
+                for j in range(hi - lo):
+                    d = delta[i, lo + j]
+                    t = (zero if abs(d) < t_i else d) * w_i
+                    total[j] = t if i == 0 else total[j] + t
+            acc = 0
+            for j in range(hi - lo):
+                acc += (total[j] > 0) - (total[j] < 0)
+            partial[b] = acc
+        return partial.sum()
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _model_combine(
+        delta, base, thr, weight, majority, aggregation, lam, scale, out, fstats, istats
+    ):  # pragma: no cover
+        n_models, n = delta.shape
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        for b in prange((n + BLOCK - 1) // BLOCK):
+            lo = b * BLOCK
+            hi = min(lo + BLOCK, n)
+            size = hi - lo
+            trimmed = np.empty((n_models, size), dtype=np.float32)
+            total = np.empty(size, dtype=np.float32)
+            pos = np.zeros(size, dtype=np.bool_)
+            neg = np.zeros(size, dtype=np.bool_)
+            for i in range(n_models):
+                t_i = thr[i]
+                kept = 0
+                for j in range(size):
+                    d = delta[i, lo + j]
+                    d = zero if abs(d) < t_i else d
+                    kept += d != 0
+                    trimmed[i, j] = d
+                istats[b, i] = kept
+                fstats[b, i] = _sumsq(trimmed[i])
+                w_i = weight[i]
+                for j in range(size):
+                    t = trimmed[i, j] * w_i
+                    trimmed[i, j] = t
+                    total[j] = t if i == 0 else total[j] + t
+                    pos[j] |= t > 0
+                    neg[j] |= t < 0
+            conflict = 0
+            active = 0
+            elected = 0
+            positive = np.empty(size, dtype=np.bool_)
+            for j in range(size):
+                g = total[j]
+                p = g > 0 or (g == 0 and majority > 0)
+                positive[j] = p
+                conflict += pos[j] & neg[j]
+                act = pos[j] | neg[j]
+                active += act
+                elected += p & act
+            istats[b, n_models] = conflict
+            istats[b, n_models + 1] = active
+            istats[b, n_models + 2] = elected
+            merged = np.zeros(size, dtype=np.float32)
+            count = np.zeros(size, dtype=np.float32)
+            for i in range(n_models):
+                for j in range(size):
+                    t = trimmed[i, j]
+                    sel = (t > 0) if positive[j] else (t < 0)
+                    if aggregation == 2:
+                        v = abs(t) if sel else zero
+                        merged[j] = v if v > merged[j] else merged[j]
+                    else:
+                        merged[j] += t if sel else zero
+                        count[j] += one if sel else zero
+            res = out[lo:hi]
+            for j in range(size):
+                m = merged[j]
+                if aggregation == 0:
+                    m = m / (count[j] if count[j] > one else one)
+                elif aggregation == 2:
+                    g = total[j]
+                    gamma = one if g > 0 else (-one if g < 0 else np.float32(majority))
+                    m = m * gamma
+                if scale:
+                    m = m * lam
+                res[j] = m + base[lo + j]
+            fstats[b, n_models + 1] = _sumsq(res)
+            for j in range(size):
+                merged[j] = res[j] - base[lo + j]
+            fstats[b, n_models] = _sumsq(merged)
+
+
 def _blocks(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK
+
+
+def _count_dtype(n: int) -> Any:
+    # Per-thread histograms: uint32 counts halve their memory whenever they cannot overflow.
+    return np.uint32 if n < 2**32 else np.int64
+
+
+def selection_bytes(selections: int) -> int:
+    """Peak histogram memory of exact selection for this many (model, rank) selections, for the
+    engine's budget: per level, the per-thread uint32 histograms and their int64 sum, and at
+    most two levels' (or a pending total and a new level's) alive at once."""
+    threads = _threads() if _IMPORTED else 1
+    return 2 * selections * BUCKETS * (4 * threads + 8)
 
 
 def _threads() -> int:
@@ -213,7 +327,8 @@ def task_vectors_(
     n = base.numel()
     flat = models.reshape(n_models, n).numpy()
     nb = _blocks(n)
-    hist = np.zeros((_threads(), n_models, BUCKETS), dtype=np.int64)
+    shape = (_threads(), n_models, BUCKETS) if any(histograms) else (1, 1, 1)
+    hist = np.zeros(shape, dtype=_count_dtype(n))
     fstats = np.zeros((nb, 1 + 2 * n_models))
     istats = np.zeros((nb, n_models), dtype=np.int64)
     want = np.array(histograms, dtype=np.bool_)
@@ -227,7 +342,9 @@ def task_vectors_(
     for i in range(n_models):
         stats[f"sq_tv[{i}]"] = float(f[1 + n_models + i])
         stats[f"nonzero_tv[{i}]"] = float(counts[i])
-    summed = hist.sum(0)
+    if not any(histograms):
+        return [None] * n_models
+    summed = hist.sum(0, dtype=np.int64)
     return [torch.from_numpy(summed[i]) if histograms[i] else None for i in range(n_models)]
 
 
@@ -238,11 +355,11 @@ def refine_histograms(delta: torch.Tensor, selections: list[tuple[int, int]]) ->
         return []
     n_models = delta.shape[0]
     flat = delta.reshape(n_models, -1).numpy()
-    hist = np.zeros((_threads(), len(selections), BUCKETS), dtype=np.int64)
+    hist = np.zeros((_threads(), len(selections), BUCKETS), dtype=_count_dtype(flat.shape[1]))
     rows = np.array([i for i, _ in selections], dtype=np.int64)
     digits = np.array([d for _, d in selections], dtype=np.int32)
     _refine(flat.view(np.int32), rows, digits, hist)
-    return list(torch.from_numpy(hist.sum(0)))
+    return list(torch.from_numpy(hist.sum(0, dtype=np.int64)))
 
 
 def combine_into(
@@ -303,3 +420,84 @@ def set_threads(n: int) -> Any:
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
     return previous
 
+
+
+AGGREGATION_CODES = {"dis-mean": 0, "dis-sum": 1, "dis-max": 2}
+
+
+def subtract_(models: torch.Tensor, base: torch.Tensor, stats: dict[str, float]) -> None:
+    """delta_i = models[i] - base in place, with the input statistics (no histograms)."""
+    task_vectors_(models, base, [False] * models.shape[0], stats)
+
+
+def elected_sign_sum(delta: torch.Tensor, thresholds: list[float], weight: list[float]) -> int:
+    """Sum over coordinates of sign(sum_i w_i [|delta_i| >= thr_i] delta_i), exactly (TIES'
+    model-wide majority sign). ``thresholds``: 0 where a task is not trimmed."""
+    n_models = delta.shape[0]
+    return int(
+        _elected_sign_sum(
+            delta.reshape(n_models, -1).numpy(),
+            np.array(thresholds, dtype=np.float32),
+            np.array(weight, dtype=np.float32),
+        )
+    )
+
+
+def ties_model_combine_into(
+    out: torch.Tensor,
+    delta: torch.Tensor,
+    base: torch.Tensor,
+    thresholds: list[float],
+    weight: list[float],
+    majority: int,
+    aggregation: str,
+    lam: float,
+    stats: dict[str, float],
+) -> torch.Tensor:
+    """The output pass of TIES ``scope: model`` (ops/ties.py ``_apply_model_scope``), fused."""
+    n_models = delta.shape[0]
+    n = base.numel()
+    nb = _blocks(n)
+    fstats = np.zeros((nb, n_models + 2))
+    istats = np.zeros((nb, n_models + 3), dtype=np.int64)
+    _model_combine(
+        delta.reshape(n_models, n).numpy(),
+        base.reshape(n).numpy(),
+        np.array(thresholds, dtype=np.float32),
+        np.array(weight, dtype=np.float32),
+        majority,
+        AGGREGATION_CODES[aggregation],
+        np.float32(lam),
+        lam != 1,
+        out.reshape(n).numpy(),
+        fstats,
+        istats,
+    )
+    f = fstats.sum(0)
+    c = istats.sum(0)
+    for i in range(n_models):
+        stats[f"kept[{i}]"] = float(c[i])
+        stats[f"sq_kept[{i}]"] = float(f[i])
+    stats["conflict"], stats["active"] = float(c[n_models]), float(c[n_models + 1])
+    stats["elected_pos"] = float(c[n_models + 2])
+    stats["elected_neg"] = stats["active"] - stats["elected_pos"]
+    stats["sq_delta_out"] = float(f[n_models])
+    stats["sq_out"] = float(f[n_models + 1])
+    return out
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel now, on a tiny input, so that the
+    first real tensor does not pay for it (and memory measurements see only tensor memory)."""
+    if not available():
+        return
+    delta = torch.ones(1, 8)
+    base = torch.zeros(8)
+    out = torch.empty(8)
+    scratch: dict[str, float] = {}
+    task_vectors_(delta, base, [True], scratch)
+    refine_histograms(delta, [(0, 0)])
+    combine_into(out, delta, base, [(0.0, math.inf)], [1.0], 0.5, True, True, scratch)
+    combine_into(out, delta, base, [(0.0, math.inf)], [1.0], 1.0, True, False, scratch)
+    elected_sign_sum(delta, [0.0], [1.0])
+    ties_model_combine_into(out, delta, base, [0.0], [1.0], 1, "dis-mean", 1.0, scratch)

@@ -79,6 +79,10 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     params: dict[str, Any]
+    # The engine merges this tensor in row blocks although the method is not elementwise for
+    # it: ``prepare`` must return statistics that give the method this tensor's numbers (see
+    # ``MergeMethod.splits_with_statistics``).
+    split: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,15 @@ class MergeMethod:
     # It may also be a function of a tensor's resolved parameters (ties splits only with
     # scope: model, where the model-wide statistics are known before the output pass).
     elementwise: bool | Callable[[dict[str, Any]], bool] = True
+    # A method that is not elementwise only because of per-tensor statistics (TIES' per-tensor
+    # threshold) may still take a tensor too big for the budget in row blocks: the engine then
+    # marks it ``TensorSpec.split``, and ``prepare``'s statistics compute those numbers in
+    # streamed passes over just these tensors. Same shape as ``elementwise``.
+    splits_with_statistics: bool | Callable[[dict[str, Any]], bool] = False
+    # Working memory the method needs whatever the tensor size (TIES' selection histograms), as
+    # a function of the number of models; the engine takes it off the budget before sizing
+    # its buffers.
+    fixed_scratch: Callable[[int], int] | None = None
     uses_randomness: bool = False
     # A wider arithmetic dtype the method's reference uses (fine-tuning transfer: float64).
     compute_dtype: torch.dtype | None = None
@@ -111,8 +124,13 @@ class MergeMethod:
     summarize: Callable[[dict[str, float], list[str], Any], dict[str, Any]] | None = None
 
     def splittable(self, params: dict[str, Any]) -> bool:
-        """Whether a tensor with these resolved parameters may be merged in row blocks."""
+        """Whether a tensor with these resolved parameters may be merged in row blocks alone."""
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
+
+    def splittable_with_statistics(self, params: dict[str, Any]) -> bool:
+        """Whether it may be merged in row blocks given per-tensor statistics passes."""
+        flag = self.splits_with_statistics
+        return flag(params) if callable(flag) else flag
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.engine.passes import GlobalStatistics
 from weightsmith.engine.selection import RadixSelect, kth_largest_abs, kth_largest_abs_rows
 from weightsmith.errors import NonFiniteInput, RecipeError
 from weightsmith.ops import fused
@@ -213,6 +214,114 @@ def model_generators(inputs: MergeInputs, n: int) -> list[torch.Generator | None
     return out
 
 
+def _ranks(band: MagnitudeBand) -> list[int]:
+    return [r for r in (band.lo, band.hi) if r is not None]
+
+
+def band_values(band: MagnitudeBand, value: Callable[[int], float]) -> tuple[float, float]:
+    """(lo, hi) magnitudes of a band, given the k-th largest |x| for its ranks."""
+    if band.empty:
+        return (math.inf, math.inf)  # |x| < inf for every finite x: nothing kept
+    lo = value(band.lo) if band.lo is not None else 0.0
+    hi = value(band.hi) if band.hi is not None else math.inf
+    return (lo, hi)
+
+
+class TensorBands(dict):
+    """Per-tensor band values found by ``TensorBandStatistics``: name -> [(lo, hi)] per model."""
+
+
+class TensorBandStatistics(GlobalStatistics):
+    """Exact per-tensor magnitude thresholds for the tensors the engine merges in row blocks.
+
+    A per-tensor trim (TIES, breadcrumbs) needs the k-th largest |delta_i| of the whole tensor,
+    so a tensor too big for the memory budget used to need one-off buffers for all of it (the
+    vocab matrices of an LLM: gigabytes). Instead, streamed radix-selection passes over just
+    those tensors' row blocks find the thresholds (two passes in float32), and the output pass
+    then trims each row block with them: same numbers, memory within the budget.
+    """
+
+    count_aliases_once = False
+
+    def __init__(
+        self, bands: dict[str, list[MagnitudeBand]], rows: dict[str, int], dtype: torch.dtype
+    ) -> None:
+        self.bands = bands
+        self.rows = rows
+        self.dtype = dtype
+        self.selectors = {
+            name: {(i, k): RadixSelect(dtype) for i, b in enumerate(per_model) for k in _ranks(b)}
+            for name, per_model in bands.items()
+        }
+        # Histograms of the tensors whose row blocks are still coming in this pass. A tensor's
+        # histograms are resolved to 16 more bits as soon as its last block is counted, so at
+        # most a tensor or two of histograms (0.5 MB per model and rank) are held at once,
+        # however many tensors are split.
+        self.pending: dict[str, tuple[int, list[torch.Tensor]]] = {}
+        self.planned_passes = RadixSelect(dtype).levels
+        self.purpose = f"per-tensor thresholds of {len(bands)} tensor(s) merged in row blocks"
+
+    def visits(self, name: str) -> bool:
+        return name in self.bands
+
+    def wants_pass(self) -> bool:
+        return any(not s.done for sel in self.selectors.values() for s in sel.values())
+
+    def _counts(self, inputs: MergeInputs) -> list[torch.Tensor]:
+        selectors = self.selectors[inputs.name]
+        assert inputs.base is not None
+        models = len(inputs.models)
+        if fused.usable(inputs.models) and self.dtype == torch.float32:
+            delta, scratch = inputs.models, {}  # the engine hands the slot over
+            if next(iter(selectors.values())).level == 0:
+                wanted = [any(i == j for j, _ in selectors) for i in range(models)]
+                first = fused.task_vectors_(delta, inputs.base, wanted, scratch)
+                return [first[i] for i, _ in selectors]
+            fused.subtract_(delta, inputs.base, scratch)
+            return fused.refine_histograms(delta, [(i, sel.prefix) for (i, _), sel in selectors.items()])
+        delta = task_vectors(inputs)
+        return [sel.counts(delta[i]) for (i, _), sel in selectors.items()]
+
+    def collect(self, inputs: MergeInputs, **params: Any) -> None:
+        name = inputs.name
+        if not self.selectors[name]:
+            return None
+        counts = self._counts(inputs)
+        rows = inputs.models.shape[1] if inputs.models.dim() > 1 else 1
+        seen, total = self.pending.pop(name, (0, None))
+        total = counts if total is None else [a.add_(b) for a, b in zip(total, counts)]
+        if seen + rows < self.rows[name]:
+            self.pending[name] = (seen + rows, total)
+            return None
+        for ((_, k), sel), c in zip(self.selectors[name].items(), total):
+            sel.absorb(c, k if sel.level == 0 else None)
+        return None
+
+    def absorb(self, total: Any) -> None:
+        if self.pending:  # every visited tensor's blocks add up to its rows
+            raise RuntimeError(f"statistics pass ended with unfinished tensors: {sorted(self.pending)}")
+
+    def result(self) -> TensorBands:
+        return TensorBands(
+            {
+                name: [
+                    band_values(b, lambda k, i=i, name=name: self.selectors[name][i, k].value)
+                    for i, b in enumerate(per_model)
+                ]
+                for name, per_model in self.bands.items()
+            }
+        )
+
+
+def split_tensor_statistics(
+    specs: Sequence[TensorSpec], dtype: torch.dtype, bands: Callable[[TensorSpec], list[MagnitudeBand]]
+) -> TensorBandStatistics | None:
+    """Statistics for the tensors the engine splits (``TensorSpec.split``), or None."""
+    split = {spec.name: bands(spec) for spec in specs if spec.split}
+    rows = {spec.name: spec.shape[0] for spec in specs if spec.split}
+    return TensorBandStatistics(split, rows, dtype) if split else None
+
+
 def check_finite(stats: dict[str, float], name: str) -> None:
     """Raise if an input held NaN/Inf (its sum of squares is then not finite): trimming and
     sign election could drop it silently, and the output check would never see it."""
@@ -245,21 +354,34 @@ def generalized_task_arithmetic(
     """Sparsify each task vector (``sparsify(i, delta_i)`` in place), weight, combine, add base.
 
     ``bands``, when given, says that ``sparsify`` is exactly a magnitude trim to these bands (one
-    per model); the fused kernels then select and trim inside their combine pass instead.
+    per model); the fused kernels then select and trim inside their combine pass instead, and
+    a tensor merged in row blocks takes the band values its statistics passes found
+    (``TensorBandStatistics``).
     """
     assert inputs.base is not None
+    known = inputs.context.get(inputs.name) if isinstance(inputs.context, TensorBands) else None
     if fused.usable(inputs.models):
-        return _fused_gta(inputs, sparsify, weight, lam, normalize, consensus, bands)
+        return _fused_gta(inputs, sparsify, weight, lam, normalize, consensus, bands, known)
     record_inputs(inputs.stats, inputs, None)
     # In place: the engine hands the stacked models over, and a fresh [N, ...] copy would cost
     # a page fault per 4 KiB on every tensor.
     delta = inputs.models.sub_(inputs.base.unsqueeze(0))
     record_task_vectors(inputs.stats, delta)
     check_finite(inputs.stats, inputs.name)
-    if sparsify is not None:
+    if known is not None:
+        for i, (lo, hi) in enumerate(known):
+            keep_band_(delta[i], lo, hi)
+    elif sparsify is not None:
         for i in range(delta.shape[0]):
             sparsify(i, delta[i])
     return combine(delta, inputs.base, weight, lam, normalize, consensus, inputs.stats)
+
+
+def keep_band_(delta: torch.Tensor, lo: float, hi: float) -> None:
+    """Zero the entries with |x| outside [lo, hi], in place."""
+    if lo > 0 or hi < math.inf:
+        mag = delta.abs()
+        delta.masked_fill_((mag < lo) | (mag > hi), 0)
 
 
 def _fused_gta(
@@ -270,15 +392,19 @@ def _fused_gta(
     normalize: bool,
     consensus: bool,
     bands: Sequence[MagnitudeBand] | None,
+    known: list[tuple[float, float]] | None,
 ) -> torch.Tensor:
     """``generalized_task_arithmetic`` in three fused passes (ops/fused.py), same numbers."""
     assert inputs.base is not None
     delta = inputs.models
-    ranks = [[r for r in (b.lo, b.hi) if r is not None] for b in bands or [MagnitudeBand()] * len(delta)]
+    select = bands is not None and known is None
+    ranks = [_ranks(b) for b in bands] if select and bands else [[] for _ in range(len(delta))]
     first = fused.task_vectors_(delta, inputs.base, [bool(r) for r in ranks], inputs.stats)
     check_finite(inputs.stats, inputs.name)
     keep = [(0.0, math.inf)] * delta.shape[0]
-    if bands is None:
+    if known is not None:
+        keep = list(known)
+    elif bands is None:
         if sparsify is not None:
             for i in range(delta.shape[0]):
                 sparsify(i, delta[i])
@@ -286,17 +412,12 @@ def _fused_gta(
         selectors = {(i, k): RadixSelect(torch.float32) for i, rs in enumerate(ranks) for k in rs}
         for (i, k), sel in selectors.items():
             sel.absorb(first[i], k)
+        del first  # before the next level's histograms
         pending = list(selectors.items())
         second = fused.refine_histograms(delta, [(i, sel.prefix) for (i, _), sel in pending])
         for (_, sel), counts in zip(pending, second):
             sel.absorb(counts)
-        for i, band in enumerate(bands):
-            if band.empty:
-                keep[i] = (math.inf, math.inf)
-            elif band.trims:
-                lo = selectors[i, band.lo].value if band.lo is not None else 0.0
-                hi = selectors[i, band.hi].value if band.hi is not None else math.inf
-                keep[i] = (lo, hi)
+        keep = [band_values(b, lambda k, i=i: selectors[i, k].value) for i, b in enumerate(bands)]
     return fused.combine_into(
         inputs.output_buffer(), delta, inputs.base, keep, weight, lam, normalize, consensus, inputs.stats
     )

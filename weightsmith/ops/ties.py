@@ -26,6 +26,7 @@ output pass writes the merge; memory stays within the budget throughout.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +35,13 @@ import torch
 from weightsmith.engine.passes import GlobalStatistics
 from weightsmith.engine.selection import RadixSelect
 from weightsmith.errors import MergeError, RecipeError
+from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 from weightsmith.ops.sparsify import (
+    MagnitudeBand,
     check_choice,
     check_density,
+    check_finite,
     check_uniform,
     common_params,
     generalized_task_arithmetic,
@@ -46,6 +50,7 @@ from weightsmith.ops.sparsify import (
     record_output,
     record_signs,
     rescale_l1_,
+    split_tensor_statistics,
     summarize,
     task_vectors,
     trim_magnitude_,
@@ -113,6 +118,10 @@ def _trimmed_weighted(
     return delta
 
 
+def _zero_for_none(thresholds: tuple[float | None, ...]) -> list[float]:
+    return [0.0 if t is None else t for t in thresholds]
+
+
 def _elected_signs(weighted: torch.Tensor) -> torch.Tensor:
     # Sequential sum: the same per-element order in the statistics pass and the output pass.
     total = weighted[0].clone()
@@ -132,8 +141,16 @@ def _apply_model_scope(
 ) -> torch.Tensor:
     assert inputs.base is not None
     stats = inputs.stats
+    if fused.usable(inputs.models):
+        fused.subtract_(inputs.models, inputs.base, stats)
+        check_finite(stats, inputs.name)
+        return fused.ties_model_combine_into(
+            inputs.output_buffer(), inputs.models, inputs.base, _zero_for_none(ctx.thresholds),
+            weight, ctx.majority_sign, aggregation, lam, stats,
+        )
     delta = _trimmed_weighted(inputs, ctx.thresholds, weight)
     record_inputs(stats, inputs, task_vectors(inputs))
+    check_finite(stats, inputs.name)
     for i in range(delta.shape[0]):
         stats[f"kept[{i}]"] = float(torch.count_nonzero(delta[i]))
         stats[f"sq_kept[{i}]"] = float(torch.linalg.vector_norm(delta[i])) ** 2
@@ -182,6 +199,8 @@ class TiesModelStatistics(GlobalStatistics):
         return self._selecting() or self.majority is None
 
     def collect(self, inputs: MergeInputs, **params: Any) -> Any:
+        if fused.usable(inputs.models):
+            return self._collect_fused(inputs, params["weight"])
         delta = task_vectors(inputs)
         if self._selecting():
             # Counts of magnitudes per task (and D, for the first level's rank).
@@ -194,6 +213,23 @@ class TiesModelStatistics(GlobalStatistics):
         _weigh_(delta, params["weight"])
         # An exact integer: sum of elected signs (+1, -1, 0) over this block's coordinates.
         return int(_elected_signs(delta).sum(dtype=torch.int64))
+
+    def _collect_fused(self, inputs: MergeInputs, weight: list[float]) -> Any:
+        assert inputs.base is not None
+        delta, scratch = inputs.models, {}  # the engine hands the slot over: work in place
+        if not self._selecting():
+            fused.subtract_(delta, inputs.base, scratch)
+            return fused.elected_sign_sum(delta, _zero_for_none(tuple(self.thresholds)), weight)
+        active = [s is not None and not s.done for s in self.selectors]
+        level = next(s.level for s in self.selectors if s is not None and not s.done)
+        if level == 0:
+            counts = fused.task_vectors_(delta, inputs.base, active, scratch)
+        else:
+            fused.subtract_(delta, inputs.base, scratch)
+            picks = [(i, s.prefix) for i, s in enumerate(self.selectors) if active[i] and s is not None]
+            refined = iter(fused.refine_histograms(delta, picks))
+            counts = [next(refined) if a else None for a in active]
+        return counts + [delta[0].numel()]
 
     def absorb(self, total: Any) -> None:
         if total is None:  # no floating tensors at all
@@ -221,7 +257,11 @@ class TiesModelStatistics(GlobalStatistics):
         return TiesModelContext(tuple(self.thresholds), self.majority, self.parameters)
 
 
-def prepare(specs: list[TensorSpec], dtype: torch.dtype) -> TiesModelStatistics | None:
+def _tensor_bands(spec: TensorSpec) -> list[MagnitudeBand]:
+    return [magnitude_band(d, math.prod(spec.shape)) for d in spec.params["density"]]
+
+
+def prepare(specs: list[TensorSpec], dtype: torch.dtype) -> GlobalStatistics | None:
     check_density(specs, "ties")
     check_choice(specs, "scope", SCOPES, "ties")
     check_choice(specs, "aggregation", AGGREGATIONS, "ties")
@@ -233,7 +273,7 @@ def prepare(specs: list[TensorSpec], dtype: torch.dtype) -> TiesModelStatistics 
                     "parameters.aggregation: applies to scope: model (the paper's variants); "
                     "scope: tensor is mergekit's weighted mean, use normalize: false for a sum"
                 )
-        return None
+        return split_tensor_statistics(specs, dtype, _tensor_bands)
     for spec in specs:
         if spec.params["rescale"]:
             raise RecipeError("parameters.rescale: not supported with ties scope: model")
@@ -281,7 +321,11 @@ register(
         # Per-tensor thresholds need the whole tensor; with scope: model the thresholds are known
         # before the output pass, so row blocks are fine.
         elementwise=lambda p: p.get("scope") == "model",
+        # Per tensor, a tensor too big for the budget is split when its thresholds come from
+        # statistics passes (not with rescale, which needs the whole tensor's L1 norms).
+        splits_with_statistics=lambda p: p.get("scope", "tensor") == "tensor" and not p.get("rescale"),
         prepare=prepare,
         summarize=summarize_ties,
+        fixed_scratch=fused.selection_bytes,  # one magnitude selection per model
     )
 )
