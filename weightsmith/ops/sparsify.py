@@ -289,7 +289,8 @@ class TensorBandStatistics(GlobalStatistics):
         counts = self._counts(inputs)
         rows = inputs.models.shape[1] if inputs.models.dim() > 1 else 1
         seen, total = self.pending.pop(name, (0, None))
-        total = counts if total is None else [a.add_(b) for a, b in zip(total, counts)]
+        # (not in place: a model's histogram may serve two ranks, as the same tensor)
+        total = counts if total is None else [a + b for a, b in zip(total, counts)]
         if seen + rows < self.rows[name]:
             self.pending[name] = (seen + rows, total)
             return None
