@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from reporting import environment, fmt, holds, log, parser, table, testbed, write
-from tinylm_runs import Scorers, finetuned, merged, state
+from reporting import environment, fmt, holds, log, table, write
+from tinylm_runs import Scorers, finetuned, merged, start, state
 
 from weightsmith.finetune.grafting import optimize_graft
 from weightsmith.ops.graft import random_mask, top_fraction_mask
@@ -90,11 +90,7 @@ def run(bed: Path, work: Path, seed: int, scorers: Scorers) -> dict[str, Any]:
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    bed = testbed("tinylm", args.testbeds)
-    scorers = Scorers(bed)
+    args, bed, scorers, started = start(__doc__)
     results = [run(bed, args.work, s, scorers) for s in args.seeds]
     write("graft", report(results, args.seeds, time.perf_counter() - started, args.threads), args.out)
 

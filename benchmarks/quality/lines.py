@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from reporting import environment, fmt, holds, log, parser, table, testbed, write
-from tinylm_runs import PRETRAIN_TASKS, SKILLS, Scorers, finetuned, merged, state
+from reporting import environment, fmt, holds, log, table, write
+from tinylm_runs import PRETRAIN_TASKS, SKILLS, Scorers, finetuned, merged, start, state
 
 TARGET = "revsep"
 UNIFORM = (0.3, 0.5, 0.7, 0.8, 0.9, 1.0)
@@ -124,11 +124,7 @@ def multi_task(bed: Path, work: Path, seed: int, scorers: Scorers) -> dict[str, 
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    bed = testbed("tinylm", args.testbeds)
-    scorers = Scorers(bed)
+    args, bed, scorers, started = start(__doc__)
     single = [single_task(bed, args.work, s, scorers) for s in args.seeds]
     multi = [multi_task(bed, args.work, s, scorers) for s in args.seeds]
     seconds = time.perf_counter() - started

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from reporting import log
+from reporting import log, parser, testbed
 
 from weightsmith.finetune import Evaluator, finetune
 from weightsmith.finetune.modeling import iter_safetensors
@@ -65,3 +67,13 @@ class Scorers:
 
     def score(self, weights: dict[str, torch.Tensor] | None, split: str) -> float:
         return self.get(split).score(weights)
+
+
+def start(doc: str | None) -> tuple[argparse.Namespace, Path, Scorers, float]:
+    """What every TinyLM reproduction does first: parse its options, set torch's threads,
+    find (or build) the testbed and its scorers. Returns them with the start time."""
+    args = parser((doc or "").splitlines()[0]).parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    bed = testbed("tinylm", args.testbeds)
+    return args, bed, Scorers(bed), started

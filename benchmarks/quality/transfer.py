@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from reporting import environment, fmt, holds, log, parser, table, testbed, write
-from tinylm_runs import Scorers, finetuned, merged, state
+from reporting import environment, fmt, holds, log, table, write
+from tinylm_runs import Scorers, finetuned, merged, start, state
 
 from weightsmith.finetune import finetune
 from weightsmith.testbeds.tinylm import FINETUNE, MAX_LENGTH
@@ -59,11 +58,7 @@ def run(bed: Path, work: Path, task: str, seed: int, scorers: Scorers) -> dict[s
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    bed = testbed("tinylm", args.testbeds)
-    scorers = Scorers(bed)
+    args, bed, scorers, started = start(__doc__)
     results = {t: [run(bed, args.work, t, s, scorers) for s in args.seeds] for t in TASKS}
     write("transfer", report(results, args.seeds, time.perf_counter() - started, args.threads), args.out)
 
