@@ -139,3 +139,4 @@ def test_model_scope_statistics_equal_torch(monkeypatch):
 
     ref, got = passes(False), passes(True)
     assert got == ref and ref.thresholds[1] is None and ref.majority_sign in (-1, 0, 1)
+

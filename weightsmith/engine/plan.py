@@ -585,8 +585,9 @@ def bytes_per_element(plan: MergePlan) -> tuple[int, int]:
     out_es = max((element_size(t.out_dtype) for t in plan.tasks), default=1)
     raw_es = max((c.entry(k).dtype.itemsize for c in plan.checkpoints for k in c.keys()), default=1)
     slot = (n_models + 2) * cs + out_es + raw_es
-    scratch = (n_models + 1) * cs
-    return slot, scratch
+    declared = plan.method.scratch_per_element
+    scratch = declared(n_models, plan.compute_dtype) if declared else None
+    return slot, (n_models + 1) * cs if scratch is None else scratch
 
 
 def split_units(plan: MergePlan) -> None:

@@ -129,6 +129,7 @@ for _name, _fn, _summary in (
             splits_with_statistics=lambda p: p.get("scope", "tensor") == "tensor" and not p.get("rescale"),
             prepare=_prepare(_name),
             fixed_scratch=lambda n_models: fused.selection_bytes(2 * n_models),  # lo and hi
+            scratch_per_element=fused.in_place_scratch,
             summarize=summarize,
         )
     )

@@ -298,6 +298,14 @@ def _blocks(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK
 
 
+def in_place_scratch(n_models: int, dtype: torch.dtype) -> int | None:
+    """Per-element scratch of a method whose fused path works in place, where the kernels run
+    (float32): one float32 per element, for the allocator's slack around the histograms and
+    the blocks' temporaries (measured, tests/test_memory_budget.py). Elsewhere the engine's
+    default (``MergeMethod.scratch_per_element``)."""
+    return 4 if available() and dtype == torch.float32 else None
+
+
 def _count_dtype(n: int) -> Any:
     # Per-thread histograms: uint32 counts halve their memory whenever they cannot overflow.
     return np.uint32 if n < 2**32 else np.int64
@@ -315,20 +323,41 @@ def _threads() -> int:
     return numba.get_num_threads()
 
 
+def new_histograms(rows: int, numel: int) -> np.ndarray:
+    """Per-thread histogram accumulators for ``rows`` selections over ``numel`` keys, to pass as
+    ``into`` to the functions below across the row blocks of one tensor (no per-block
+    allocation: the blocks of a split tensor reuse one buffer), then ``sum_histograms``."""
+    return np.zeros((_threads(), rows, BUCKETS), dtype=_count_dtype(numel))
+
+
+def sum_histograms(hist: np.ndarray) -> list[torch.Tensor]:
+    return list(torch.from_numpy(hist.sum(0, dtype=np.int64)))
+
+
 def task_vectors_(
-    models: torch.Tensor, base: torch.Tensor, histograms: list[bool], stats: dict[str, float]
+    models: torch.Tensor,
+    base: torch.Tensor,
+    histograms: list[bool],
+    stats: dict[str, float],
+    into: np.ndarray | None = None,
 ) -> list[torch.Tensor | None]:
     """delta_i = models[i] - base in place, with the report's input statistics.
 
     Returns, for each model with ``histograms[i]``, the 65536-bucket int64 histogram of the top
-    16 bits of |delta_i| as float32 keys (radix selection's first level), else None.
+    16 bits of |delta_i| as float32 keys (radix selection's first level), else None. With
+    ``into`` (from ``new_histograms(n_models, ...)``) the counts are added there instead and
+    nothing is returned.
     """
     n_models = models.shape[0]
     n = base.numel()
     flat = models.reshape(n_models, n).numpy()
     nb = _blocks(n)
-    shape = (_threads(), n_models, BUCKETS) if any(histograms) else (1, 1, 1)
-    hist = np.zeros(shape, dtype=_count_dtype(n))
+    if into is not None:
+        hist = into
+    elif any(histograms):
+        hist = new_histograms(n_models, n)
+    else:
+        hist = np.zeros((1, 1, 1), dtype=np.uint32)
     fstats = np.zeros((nb, 1 + 2 * n_models))
     istats = np.zeros((nb, n_models), dtype=np.int64)
     want = np.array(histograms, dtype=np.bool_)
@@ -342,24 +371,27 @@ def task_vectors_(
     for i in range(n_models):
         stats[f"sq_tv[{i}]"] = float(f[1 + n_models + i])
         stats[f"nonzero_tv[{i}]"] = float(counts[i])
-    if not any(histograms):
+    if into is not None or not any(histograms):
         return [None] * n_models
-    summed = hist.sum(0, dtype=np.int64)
-    return [torch.from_numpy(summed[i]) if histograms[i] else None for i in range(n_models)]
+    summed = sum_histograms(hist)
+    return [summed[i] if histograms[i] else None for i in range(n_models)]
 
 
-def refine_histograms(delta: torch.Tensor, selections: list[tuple[int, int]]) -> list[torch.Tensor]:
+def refine_histograms(
+    delta: torch.Tensor, selections: list[tuple[int, int]], into: np.ndarray | None = None
+) -> list[torch.Tensor]:
     """For each selection (model i, top digit): the histogram of the low 16 bits of the
-    |delta_i| keys whose top 16 bits equal that digit (radix selection's second level)."""
+    |delta_i| keys whose top 16 bits equal that digit (radix selection's second level).
+    With ``into`` (``new_histograms(len(selections), ...)``) the counts are added there."""
     if not selections:
         return []
     n_models = delta.shape[0]
     flat = delta.reshape(n_models, -1).numpy()
-    hist = np.zeros((_threads(), len(selections), BUCKETS), dtype=_count_dtype(flat.shape[1]))
+    hist = into if into is not None else new_histograms(len(selections), flat.shape[1])
     rows = np.array([i for i, _ in selections], dtype=np.int64)
     digits = np.array([d for _, d in selections], dtype=np.int32)
     _refine(flat.view(np.int32), rows, digits, hist)
-    return list(torch.from_numpy(hist.sum(0, dtype=np.int64)))
+    return [] if into is not None else sum_histograms(hist)
 
 
 def combine_into(

@@ -109,6 +109,10 @@ class MergeMethod:
     # a function of the number of models; the engine takes it off the budget before sizing
     # its buffers.
     fixed_scratch: Callable[[int], int] | None = None
+    # Temporary bytes per element of a unit the method needs besides the engine's slot, from
+    # (number of models, compute dtype); None (or a None result) means about one more stacked
+    # copy, the engine's default. Methods that work in place say 0 and get bigger units.
+    scratch_per_element: Callable[[int, torch.dtype], int | None] | None = None
     uses_randomness: bool = False
     # A wider arithmetic dtype the method's reference uses (fine-tuning transfer: float64).
     compute_dtype: torch.dtype | None = None

@@ -267,34 +267,45 @@ class TensorBandStatistics(GlobalStatistics):
     def wants_pass(self) -> bool:
         return any(not s.done for sel in self.selectors.values() for s in sel.values())
 
-    def _counts(self, inputs: MergeInputs) -> list[torch.Tensor]:
-        selectors = self.selectors[inputs.name]
-        assert inputs.base is not None
-        models = len(inputs.models)
-        if fused.usable(inputs.models) and self.dtype == torch.float32:
-            delta, scratch = inputs.models, {}  # the engine hands the slot over
-            if next(iter(selectors.values())).level == 0:
-                wanted = [any(i == j for j, _ in selectors) for i in range(models)]
-                first = fused.task_vectors_(delta, inputs.base, wanted, scratch)
-                return [first[i] for i, _ in selectors]
-            fused.subtract_(delta, inputs.base, scratch)
-            return fused.refine_histograms(delta, [(i, sel.prefix) for (i, _), sel in selectors.items()])
-        delta = task_vectors(inputs)
-        return [sel.counts(delta[i]) for (i, _), sel in selectors.items()]
-
     def collect(self, inputs: MergeInputs, **params: Any) -> None:
         name = inputs.name
-        if not self.selectors[name]:
+        selectors = self.selectors[name]
+        if not selectors:
             return None
-        counts = self._counts(inputs)
+        assert inputs.base is not None
         rows = inputs.models.shape[1] if inputs.models.dim() > 1 else 1
         seen, total = self.pending.pop(name, (0, None))
-        # (not in place: a model's histogram may serve two ranks, as the same tensor)
-        total = counts if total is None else [a + b for a, b in zip(total, counts)]
+        level = next(iter(selectors.values())).level
+        on_kernels = fused.available() and inputs.models.dtype == torch.float32
+        if on_kernels and inputs.models.device.type == "cpu":
+            # One per-thread accumulator per tensor, added into block after block (every block
+            # of a tensor takes this path, whatever its size, so the counts stay in one place).
+            delta, scratch = inputs.models, {}  # the engine hands the slot over
+            numel = self.rows[name] * (inputs.models[0].numel() // max(rows, 1))
+            if level == 0:
+                models = len(inputs.models)
+                total = fused.new_histograms(models, numel) if total is None else total
+                wanted = [any(i == j for j, _ in selectors) for i in range(models)]
+                fused.task_vectors_(delta, inputs.base, wanted, scratch, into=total)
+            else:
+                total = fused.new_histograms(len(selectors), numel) if total is None else total
+                fused.subtract_(delta, inputs.base, scratch)
+                picks = [(i, sel.prefix) for (i, _), sel in selectors.items()]
+                fused.refine_histograms(delta, picks, into=total)
+        else:
+            delta = task_vectors(inputs)
+            counts = [sel.counts(delta[i]) for (i, _), sel in selectors.items()]
+            total = counts if total is None else [a + b for a, b in zip(total, counts)]
         if seen + rows < self.rows[name]:
             self.pending[name] = (seen + rows, total)
             return None
-        for ((_, k), sel), c in zip(self.selectors[name].items(), total):
+        if isinstance(total, list):
+            per_selector = total
+        else:
+            summed = fused.sum_histograms(total)
+            # level 0 counts per model (a model's histogram may serve two ranks), then per selector
+            per_selector = [summed[i] for i, _ in selectors] if level == 0 else summed
+        for ((_, k), sel), c in zip(selectors.items(), per_selector):
             sel.absorb(c, k if sel.level == 0 else None)
         return None
 

@@ -327,5 +327,6 @@ register(
         prepare=prepare,
         summarize=summarize_ties,
         fixed_scratch=fused.selection_bytes,  # one magnitude selection per model
+        scratch_per_element=fused.in_place_scratch,
     )
 )
