@@ -49,7 +49,7 @@ def main() -> None:
 def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
         "--memory-budget",
-        default="1GB",
+        default=weightsmith.pipeline.DEFAULT_MEMORY_BUDGET,
         show_default=True,
         help="cap on tensor memory in flight (e.g. 512MB, 4GB)",
     )(fn)

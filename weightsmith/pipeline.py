@@ -47,7 +47,7 @@ TAG_ALONG_FILES = (
     "config_sentence_transformers.json",
 )
 
-DEFAULT_MEMORY_BUDGET = "1GB"
+DEFAULT_MEMORY_BUDGET = "1.25GB"
 DEFAULT_SHARD_SIZE = "5GB"
 
 
