@@ -140,3 +140,41 @@ def test_model_scope_statistics_equal_torch(monkeypatch):
     ref, got = passes(False), passes(True)
     assert got == ref and ref.thresholds[1] is None and ref.majority_sign in (-1, 0, 1)
 
+
+
+def test_threads_option_sets_the_kernel_pool_for_the_merge_only(family_dirs):
+    import numba
+
+    from weightsmith.pipeline import merge
+
+    base, models = family_dirs
+    seen = []
+    original = fused.combine_into
+
+    def spy(*args, **kwargs):
+        seen.append(numba.get_num_threads())
+        return original(*args, **kwargs)
+
+    before = numba.get_num_threads()
+    fused.combine_into = spy
+    try:
+        params = {"weight": 1.0, "density": 0.3}
+        recipe = {"merge_method": "ties", "base_model": str(base),
+                  "models": [{"model": str(m), "parameters": params} for m in models]}
+        merge(recipe, models[0].parent / "out", threads=1)
+    finally:
+        fused.combine_into = original
+    assert seen and set(seen) == {1}
+    assert numba.get_num_threads() == before
+
+
+@pytest.fixture
+def family_dirs(tmp_path):
+    from models import save_model
+
+    stacked, base = family(n=200 * 256)
+    shape = (200, 256)
+    base_dir = save_model(tmp_path / "base", {"w": base.reshape(shape).bfloat16()}, {}, shards=1)
+    dirs = [save_model(tmp_path / f"m{i}", {"w": stacked[i].reshape(shape).bfloat16()}, {}, shards=1)
+            for i in range(3)]
+    return base_dir, dirs

@@ -73,7 +73,9 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]")
 @click.option("--out-shard-size", default="5GB", show_default=True, help="max bytes per shard")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
-@click.option("--threads", type=int, default=None, help="reader threads and torch threads")
+@click.option(
+    "--threads", type=int, default=None, help="compute threads (torch and fused kernels); default: per core"
+)
 @click.option("--no-fsync", is_flag=True, help="skip fsync before the final rename (faster, less safe)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
 @click.option("--push-to", metavar="REPO_ID", default=None, help="after the merge, push OUT to this Hub repo")

@@ -22,6 +22,7 @@ from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
 from weightsmith.io.writer import OutputDir, ShardWriter
 from weightsmith.lazy import Expr, check_same_keys
+from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, MergeMethod
 from weightsmith.recipe import ModelSpec, Recipe, load_recipe, parse_dtype
 from weightsmith.units import parse_size
@@ -171,12 +172,16 @@ def run_plan(
     # `--threads 1` avoids spinning at every parallel region. The caller's setting is restored
     # afterwards (merge() is also called from notebooks).
     previous = torch.get_num_threads()
+    previous_kernel_threads = None
     if threads:
         torch.set_num_threads(threads)
+        previous_kernel_threads = fused.set_threads(threads)  # the fused kernels' pool too
     try:
         return _run_plan(plan, out, out_shard_size, overwrite, device, threads, progress, fsync, started)
     finally:
         torch.set_num_threads(previous)
+        if previous_kernel_threads is not None:
+            fused.set_threads(previous_kernel_threads)
 
 
 def _run_plan(
