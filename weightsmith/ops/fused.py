@@ -17,10 +17,9 @@ bit-identical to it (tests/test_fused.py); the report's sums of squares are accu
 float64 per block of coordinates, so they agree with the torch path's to rounding. Work is split
 in fixed blocks of coordinates, so results never depend on the thread count.
 
-numba is a dependency, imported on first use (`_kernels.py`); where it cannot be imported (or
-``WEIGHTSMITH_FUSED=0``) the torch path
-runs instead. Compiled kernels are cached on disk (numba's ``cache=True``), so only the first
-merge on a machine pays the compilation (a few seconds).
+numba is a dependency, imported on first use (``_kernels.py``); where it cannot be imported
+(or ``WEIGHTSMITH_FUSED=0``) the torch path runs instead. Compiled kernels are cached on disk
+(numba's ``cache=True``), so only the first merge on a machine pays the compilation (seconds).
 """
 
 from __future__ import annotations
