@@ -23,7 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -70,18 +70,34 @@ def warm(folders: list[Path]) -> None:
                     pass
 
 
+# Linux keeps a process's peak RSS across execve, so a tool started straight from this
+# (torch-importing, checkpoint-building) process would report at least this process's own
+# peak. A tiny launcher forks the tool from a fresh small interpreter and reports its rusage.
+LAUNCHER = """
+import json, os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - start
+with open(sys.argv[1], "w") as f:
+    json.dump({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss}, f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        launch = [sys.executable, "-c", LAUNCHER, report.name, *cmd]
+        proc = subprocess.run(launch, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.decode()[-2000:]}")
+        figures = json.loads(Path(report.name).read_text())
     return {
-        "wall_s": round(wall, 2),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "wall_s": round(figures["wall"], 2),
+        "cpu_s": round(figures["cpu"], 2),
+        "peak_rss_bytes": figures["maxrss_kb"] * 1024,
     }
 
 
