@@ -143,6 +143,10 @@ def main() -> None:
                 else:
                     cmd = [args.mergekit, str(path), str(out)]
                 warm(folders)
+                # Flush the dirty pages earlier runs left (mergekit does not fsync its output):
+                # otherwise this run's writes are throttled by their writeback, and the floor
+                # alone was seen to vary from 1.7 s to 5.3 s for the same bytes.
+                os.sync()
                 figures = timed(cmd, env)
                 figures.update(method=method, tool=tool, repeat=rep)
                 figures["bytes_per_s"] = round((input_bytes + out_bytes) / figures["wall_s"])
