@@ -19,7 +19,8 @@ in fixed blocks of coordinates, so results never depend on the thread count.
 
 numba is a dependency, imported on first use (``_kernels.py``); where it cannot be imported
 (or ``WEIGHTSMITH_FUSED=0``) the torch path runs instead. Compiled kernels are cached on disk
-(numba's ``cache=True``), so only the first merge on a machine pays the compilation (seconds).
+(numba's ``cache=True``): the first merge on a machine compiles them (~11 s on the 2-core test
+machine), later processes load them (~1-2 s, included in the benchmark figures).
 """
 
 from __future__ import annotations
