@@ -32,26 +32,30 @@ def _sumsq_f32(x):  # pragma: no cover
     return acc
 
 @njit(parallel=True, cache=True, nogil=True)
-def _task_vectors(models, base, bits, want_hist, hist, fstats, istats):  # pragma: no cover
+def _task_vectors(models, base, bits, want_hist, want_stats, hist, fstats, istats):  # pragma: no cover
     n_models, n = models.shape
     for b in prange((n + BLOCK - 1) // BLOCK):
         t = numba.get_thread_id()
         lo = b * BLOCK
         hi = min(lo + BLOCK, n)
-        fstats[b, 0] = _sumsq(base[lo:hi])
+        if want_stats:
+            fstats[b, 0] = _sumsq(base[lo:hi])
         for i in range(n_models):
             row = models[i, lo:hi]
-            fstats[b, 1 + i] = _sumsq(row)
+            if want_stats:
+                fstats[b, 1 + i] = _sumsq(row)
             nonzero = 0
             for j in range(lo, hi):
                 d = models[i, j] - base[j]
                 models[i, j] = d
                 nonzero += d != 0
-            fstats[b, 1 + n_models + i] = _sumsq(row)
-            istats[b, i] = nonzero
+            if want_stats:
+                fstats[b, 1 + n_models + i] = _sumsq(row)
+                istats[b, i] = nonzero
             if want_hist[i]:
                 for j in range(lo, hi):
                     hist[t, i, (bits[i, j] & 0x7FFFFFFF) >> 16] += 1
+
 
 @njit(parallel=True, cache=True, nogil=True)
 def _refine(bits, rows, digits, hist):  # pragma: no cover
@@ -68,9 +72,41 @@ def _refine(bits, rows, digits, hist):  # pragma: no cover
                 if (key >> 16) == top:
                     hist[t, s, key & 0xFFFF] += 1
 
+@njit(cache=True, nogil=True)
+def _trim_and_weigh(
+    delta, lo, keep_lo, keep_hi, weight, weighted, total, pos, neg, kept, sq_kept
+):  # pragma: no cover
+    # The first sweep of both combines, model by model over one block starting at ``lo``:
+    # entries outside the band [keep_lo, keep_hi] -> 0 (NaN is kept, and reported later);
+    # kept[i] and sq_kept[i] of the trimmed values; then weighted = trimmed * w_i, their
+    # running total (from 0, in model order) and whether any is positive / negative.
+    n_models = delta.shape[0]
+    size = weighted.shape[1]
+    zero = np.float32(0.0)
+    for i in range(n_models):
+        k_lo = keep_lo[i]
+        k_hi = keep_hi[i]
+        count = 0
+        for j in range(size):
+            d = delta[i, lo + j]
+            a = abs(d)
+            d = zero if (a < k_lo or a > k_hi) else d
+            count += d != 0
+            weighted[i, j] = d
+        kept[i] = count
+        sq_kept[i] = _sumsq_f32(weighted[i])
+        w_i = weight[i]  # x * 1 == x exactly, so unit weights need no special case
+        for j in range(size):
+            w = weighted[i, j] * w_i
+            weighted[i, j] = w
+            total[j] += w
+            pos[j] |= w > 0
+            neg[j] |= w < 0
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _combine(
-    delta, base, keep_lo, keep_hi, weight, unit, lam, scale, normalize, consensus, plain_div,
+    delta, base, keep_lo, keep_hi, weight, lam, scale, normalize, consensus, plain_div,
     out, fstats, istats,
 ):  # pragma: no cover
     n_models, n = delta.shape
@@ -86,26 +122,7 @@ def _combine(
         total = np.zeros(size, dtype=np.float32)
         pos = np.zeros(size, dtype=np.bool_)
         neg = np.zeros(size, dtype=np.bool_)
-        for i in range(n_models):
-            k_lo = keep_lo[i]
-            k_hi = keep_hi[i]
-            w_i = weight[i]
-            kept = 0
-            for j in range(size):
-                d = delta[i, lo + j]
-                a = abs(d)
-                # Outside the band -> 0; written so that NaN is kept (and reported later).
-                d = zero if (a < k_lo or a > k_hi) else d
-                kept += d != 0
-                weighted[i, j] = d
-            istats[b, i] = kept
-            fstats[b, i] = _sumsq_f32(weighted[i])
-            for j in range(size):
-                w = weighted[i, j] if unit else weighted[i, j] * w_i
-                weighted[i, j] = w
-                total[j] += w
-                pos[j] |= w > 0
-                neg[j] |= w < 0
+        _trim_and_weigh(delta, lo, keep_lo, keep_hi, weight, weighted, total, pos, neg, istats[b], fstats[b])
         conflict = 0
         active = 0
         for j in range(size):
@@ -168,7 +185,7 @@ def _elected_sign_sum(delta, thr, weight):  # pragma: no cover
 
 @njit(parallel=True, cache=True, nogil=True)
 def _model_combine(
-    delta, base, thr, weight, majority, aggregation, lam, scale, out, fstats, istats
+    delta, base, thr, no_limit, weight, majority, aggregation, lam, scale, out, fstats, istats
 ):  # pragma: no cover
     n_models, n = delta.shape
     zero = np.float32(0.0)
@@ -178,26 +195,12 @@ def _model_combine(
         hi = min(lo + BLOCK, n)
         size = hi - lo
         trimmed = np.empty((n_models, size), dtype=np.float32)
-        total = np.empty(size, dtype=np.float32)
+        total = np.zeros(size, dtype=np.float32)
         pos = np.zeros(size, dtype=np.bool_)
         neg = np.zeros(size, dtype=np.bool_)
-        for i in range(n_models):
-            t_i = thr[i]
-            kept = 0
-            for j in range(size):
-                d = delta[i, lo + j]
-                d = zero if abs(d) < t_i else d
-                kept += d != 0
-                trimmed[i, j] = d
-            istats[b, i] = kept
-            fstats[b, i] = _sumsq(trimmed[i])
-            w_i = weight[i]
-            for j in range(size):
-                t = trimmed[i, j] * w_i
-                trimmed[i, j] = t
-                total[j] = t if i == 0 else total[j] + t
-                pos[j] |= t > 0
-                neg[j] |= t < 0
+        # (the total's zero sign differs from the torch path's T_0 + T_1 + ..., but only its
+        # comparisons with 0 are used)
+        _trim_and_weigh(delta, lo, thr, no_limit, weight, trimmed, total, pos, neg, istats[b], fstats[b])
         conflict = 0
         active = 0
         elected = 0

@@ -106,10 +106,11 @@ def task_vectors_(
     models: torch.Tensor,
     base: torch.Tensor,
     histograms: list[bool],
-    stats: dict[str, float],
+    stats: dict[str, float] | None,
     into: np.ndarray | None = None,
 ) -> list[torch.Tensor | None]:
-    """delta_i = models[i] - base in place, with the report's input statistics.
+    """delta_i = models[i] - base in place, with the report's input statistics into ``stats``
+    (None: a statistics pass, which needs none of them, skips their work).
 
     Returns, for each model with ``histograms[i]``, the 65536-bucket int64 histogram of the top
     16 bits of |delta_i| as float32 keys (radix selection's first level), else None. With
@@ -119,7 +120,7 @@ def task_vectors_(
     n_models = models.shape[0]
     n = base.numel()
     flat = models.reshape(n_models, n).numpy()
-    nb = _blocks(n)
+    nb = _blocks(n) if stats is not None else 1
     if into is not None:
         hist = into
     elif any(histograms):
@@ -129,20 +130,28 @@ def task_vectors_(
     fstats = np.zeros((nb, 1 + 2 * n_models))
     istats = np.zeros((nb, n_models), dtype=np.int64)
     want = np.array(histograms, dtype=np.bool_)
-    _k()._task_vectors(flat, base.reshape(n).numpy(), flat.view(np.int32), want, hist, fstats, istats)
-    f = fstats.sum(0)
-    counts = istats.sum(0)
-    stats["numel"] = float(n)
-    stats["sq_base"] = float(f[0])
-    for i in range(n_models):
-        stats[f"sq_model[{i}]"] = float(f[1 + i])
-    for i in range(n_models):
-        stats[f"sq_tv[{i}]"] = float(f[1 + n_models + i])
-        stats[f"nonzero_tv[{i}]"] = float(counts[i])
+    _k()._task_vectors(
+        flat, base.reshape(n).numpy(), flat.view(np.int32), want, stats is not None, hist, fstats, istats
+    )
+    if stats is not None:
+        f = fstats.sum(0)
+        counts = istats.sum(0)
+        stats["numel"] = float(n)
+        stats["sq_base"] = float(f[0])
+        for i in range(n_models):
+            stats[f"sq_model[{i}]"] = float(f[1 + i])
+        for i in range(n_models):
+            stats[f"sq_tv[{i}]"] = float(f[1 + n_models + i])
+            stats[f"nonzero_tv[{i}]"] = float(counts[i])
     if into is not None or not any(histograms):
         return [None] * n_models
     summed = sum_histograms(hist)
     return [summed[i] if histograms[i] else None for i in range(n_models)]
+
+
+def subtract_(models: torch.Tensor, base: torch.Tensor) -> None:
+    """delta_i = models[i] - base in place, nothing else (for statistics passes)."""
+    task_vectors_(models, base, [False] * models.shape[0], None)
 
 
 def refine_histograms(
@@ -160,6 +169,25 @@ def refine_histograms(
     digits = np.array([d for _, d in selections], dtype=np.int32)
     _k()._refine(flat.view(np.int32), rows, digits, hist)
     return [] if into is not None else sum_histograms(hist)
+
+
+def _record_output_stats(
+    stats: dict[str, float], fstats: np.ndarray, istats: np.ndarray, n_models: int, elected: bool
+) -> None:
+    """The combine kernels' per-block numbers, summed into the report's keys (those of
+    ``sparsify.combine``): kept entries and their squares per model, sign conflicts, active
+    coordinates, the elected sign balance, and the squared norms of the output and its delta."""
+    f = fstats.sum(0)
+    c = istats.sum(0)
+    for i in range(n_models):
+        stats[f"kept[{i}]"] = float(c[i])
+        stats[f"sq_kept[{i}]"] = float(f[i])
+    stats["conflict"], stats["active"] = float(c[n_models]), float(c[n_models + 1])
+    if elected:
+        stats["elected_pos"] = float(c[n_models + 2])
+        stats["elected_neg"] = stats["active"] - stats["elected_pos"]
+    stats["sq_delta_out"] = float(f[n_models])
+    stats["sq_out"] = float(f[n_models + 1])
 
 
 def combine_into(
@@ -188,7 +216,6 @@ def combine_into(
         np.array([k[0] for k in keep], dtype=f32),
         np.array([k[1] for k in keep], dtype=f32),
         np.array(weight, dtype=f32),
-        all(w == 1 for w in weight),
         f32(lam),
         lam != 1,
         normalize,
@@ -198,36 +225,11 @@ def combine_into(
         fstats,
         istats,
     )
-    f = fstats.sum(0)
-    c = istats.sum(0)
-    for i in range(n_models):
-        stats[f"kept[{i}]"] = float(c[i])
-        stats[f"sq_kept[{i}]"] = float(f[i])
-    stats["conflict"], stats["active"] = float(c[n_models]), float(c[n_models + 1])
-    if consensus:
-        stats["elected_pos"] = float(c[n_models + 2])
-        stats["elected_neg"] = stats["active"] - stats["elected_pos"]
-    stats["sq_delta_out"] = float(f[n_models])
-    stats["sq_out"] = float(f[n_models + 1])
+    _record_output_stats(stats, fstats, istats, n_models, elected=consensus)
     return out
 
 
-def set_threads(n: int) -> Any:
-    """Use ``n`` kernel threads (clamped to numba's pool); returns the previous count."""
-    if not _IMPORTED:
-        return None
-    previous = _k().num_threads()
-    _k().set_num_threads(n)
-    return previous
-
-
-
 AGGREGATION_CODES = {"dis-mean": 0, "dis-sum": 1, "dis-max": 2}
-
-
-def subtract_(models: torch.Tensor, base: torch.Tensor, stats: dict[str, float]) -> None:
-    """delta_i = models[i] - base in place, with the input statistics (no histograms)."""
-    task_vectors_(models, base, [False] * models.shape[0], stats)
 
 
 def elected_sign_sum(delta: torch.Tensor, thresholds: list[float], weight: list[float]) -> int:
@@ -264,6 +266,7 @@ def ties_model_combine_into(
         delta.reshape(n_models, n).numpy(),
         base.reshape(n).numpy(),
         np.array(thresholds, dtype=np.float32),
+        np.full(n_models, np.inf, dtype=np.float32),  # no upper bound
         np.array(weight, dtype=np.float32),
         majority,
         AGGREGATION_CODES[aggregation],
@@ -273,16 +276,7 @@ def ties_model_combine_into(
         fstats,
         istats,
     )
-    f = fstats.sum(0)
-    c = istats.sum(0)
-    for i in range(n_models):
-        stats[f"kept[{i}]"] = float(c[i])
-        stats[f"sq_kept[{i}]"] = float(f[i])
-    stats["conflict"], stats["active"] = float(c[n_models]), float(c[n_models + 1])
-    stats["elected_pos"] = float(c[n_models + 2])
-    stats["elected_neg"] = stats["active"] - stats["elected_pos"]
-    stats["sq_delta_out"] = float(f[n_models])
-    stats["sq_out"] = float(f[n_models + 1])
+    _record_output_stats(stats, fstats, istats, n_models, elected=True)
     return out
 
 
@@ -301,3 +295,12 @@ def warm_up() -> None:
     combine_into(out, delta, base, [(0.0, math.inf)], [1.0], 1.0, True, False, scratch)
     elected_sign_sum(delta, [0.0], [1.0])
     ties_model_combine_into(out, delta, base, [0.0], [1.0], 1, "dis-mean", 1.0, scratch)
+
+
+def set_threads(n: int) -> Any:
+    """Use ``n`` kernel threads (clamped to numba's pool); returns the previous count."""
+    if not _IMPORTED:
+        return None
+    previous = _k().num_threads()
+    _k().set_num_threads(n)
+    return previous

@@ -280,16 +280,16 @@ class TensorBandStatistics(GlobalStatistics):
         if on_kernels and inputs.models.device.type == "cpu":
             # One per-thread accumulator per tensor, added into block after block (every block
             # of a tensor takes this path, whatever its size, so the counts stay in one place).
-            delta, scratch = inputs.models, {}  # the engine hands the slot over
+            delta = inputs.models  # the engine hands the slot over
             numel = self.rows[name] * (inputs.models[0].numel() // max(rows, 1))
             if level == 0:
                 models = len(inputs.models)
                 total = fused.new_histograms(models, numel) if total is None else total
-                wanted = [any(i == j for j, _ in selectors) for i in range(models)]
-                fused.task_vectors_(delta, inputs.base, wanted, scratch, into=total)
+                selected = {i for i, _ in selectors}
+                fused.task_vectors_(delta, inputs.base, [i in selected for i in range(models)], None, total)
             else:
                 total = fused.new_histograms(len(selectors), numel) if total is None else total
-                fused.subtract_(delta, inputs.base, scratch)
+                fused.subtract_(delta, inputs.base)
                 picks = [(i, sel.prefix) for (i, _), sel in selectors.items()]
                 fused.refine_histograms(delta, picks, into=total)
         else:

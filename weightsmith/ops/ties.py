@@ -142,7 +142,7 @@ def _apply_model_scope(
     assert inputs.base is not None
     stats = inputs.stats
     if fused.usable(inputs.models):
-        fused.subtract_(inputs.models, inputs.base, stats)
+        fused.task_vectors_(inputs.models, inputs.base, [False] * len(inputs.models), stats)
         check_finite(stats, inputs.name)
         return fused.ties_model_combine_into(
             inputs.output_buffer(), inputs.models, inputs.base, _zero_for_none(ctx.thresholds),
@@ -216,16 +216,16 @@ class TiesModelStatistics(GlobalStatistics):
 
     def _collect_fused(self, inputs: MergeInputs, weight: list[float]) -> Any:
         assert inputs.base is not None
-        delta, scratch = inputs.models, {}  # the engine hands the slot over: work in place
+        delta = inputs.models  # the engine hands the slot over: work in place
         if not self._selecting():
-            fused.subtract_(delta, inputs.base, scratch)
+            fused.subtract_(delta, inputs.base)
             return fused.elected_sign_sum(delta, _zero_for_none(tuple(self.thresholds)), weight)
         active = [s is not None and not s.done for s in self.selectors]
         level = next(s.level for s in self.selectors if s is not None and not s.done)
         if level == 0:
-            counts = fused.task_vectors_(delta, inputs.base, active, scratch)
+            counts = fused.task_vectors_(delta, inputs.base, active, None)
         else:
-            fused.subtract_(delta, inputs.base, scratch)
+            fused.subtract_(delta, inputs.base)
             picks = [(i, s.prefix) for i, s in enumerate(self.selectors) if active[i] and s is not None]
             refined = iter(fused.refine_histograms(delta, picks))
             counts = [next(refined) if a else None for a in active]
