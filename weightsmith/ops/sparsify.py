@@ -409,14 +409,15 @@ def _fused_gta(
     """``generalized_task_arithmetic`` in three fused passes (ops/fused.py), same numbers."""
     assert inputs.base is not None
     delta = inputs.models
-    select = bands is not None and known is None
-    ranks = [_ranks(b) for b in bands] if select and bands else [[] for _ in range(len(delta))]
+    # Select here only when the statistics passes have not already found the band values.
+    selecting = bands if known is None else None
+    ranks = [_ranks(b) for b in selecting] if selecting is not None else [[] for _ in range(len(delta))]
     first = fused.task_vectors_(delta, inputs.base, [bool(r) for r in ranks], inputs.stats)
     check_finite(inputs.stats, inputs.name)
     keep = [(0.0, math.inf)] * delta.shape[0]
     if known is not None:
         keep = list(known)
-    elif bands is None:
+    elif selecting is None:
         if sparsify is not None:
             for i in range(delta.shape[0]):
                 sparsify(i, delta[i])
@@ -425,11 +426,10 @@ def _fused_gta(
         for (i, k), sel in selectors.items():
             sel.absorb(first[i], k)
         del first  # before the next level's histograms
-        pending = list(selectors.items())
-        second = fused.refine_histograms(delta, [(i, sel.prefix) for (i, _), sel in pending])
-        for (_, sel), counts in zip(pending, second):
+        second = fused.refine_histograms(delta, [(i, sel.prefix) for (i, _), sel in selectors.items()])
+        for sel, counts in zip(selectors.values(), second):
             sel.absorb(counts)
-        keep = [band_values(b, lambda k, i=i: selectors[i, k].value) for i, b in enumerate(bands)]
+        keep = [band_values(b, lambda k, i=i: selectors[i, k].value) for i, b in enumerate(selecting)]
     return fused.combine_into(
         inputs.output_buffer(), delta, inputs.base, keep, weight, lam, normalize, consensus, inputs.stats
     )
