@@ -73,15 +73,18 @@ def _refine(bits, rows, digits, hist):  # pragma: no cover
                     hist[t, s, key & 0xFFFF] += 1
 
 @njit(cache=True, nogil=True)
-def _trim_and_weigh(
-    delta, lo, keep_lo, keep_hi, weight, weighted, total, pos, neg, kept, sq_kept
-):  # pragma: no cover
-    # The first sweep of both combines, model by model over one block starting at ``lo``:
+def _trim_and_weigh(delta, lo, size, keep_lo, keep_hi, weight, kept, sq_kept):  # pragma: no cover
+    # The first sweep of both combines, model by model over the block [lo, lo + size):
     # entries outside the band [keep_lo, keep_hi] -> 0 (NaN is kept, and reported later);
     # kept[i] and sq_kept[i] of the trimmed values; then weighted = trimmed * w_i, their
     # running total (from 0, in model order) and whether any is positive / negative.
+    # Model-major sweeps: each inner loop is branch-free and vectorizes; the block's scratch
+    # stays in cache. Returns (weighted, total, pos, neg).
     n_models = delta.shape[0]
-    size = weighted.shape[1]
+    weighted = np.empty((n_models, size), dtype=np.float32)
+    total = np.zeros(size, dtype=np.float32)
+    pos = np.zeros(size, dtype=np.bool_)
+    neg = np.zeros(size, dtype=np.bool_)
     zero = np.float32(0.0)
     for i in range(n_models):
         k_lo = keep_lo[i]
@@ -102,6 +105,7 @@ def _trim_and_weigh(
             total[j] += w
             pos[j] |= w > 0
             neg[j] |= w < 0
+    return weighted, total, pos, neg
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -116,13 +120,9 @@ def _combine(
         lo = b * BLOCK
         hi = min(lo + BLOCK, n)
         size = hi - lo
-        # Model-major sweeps over one block of coordinates: each inner loop is branch-free
-        # and vectorizes; the block's scratch stays in cache.
-        weighted = np.empty((n_models, size), dtype=np.float32)
-        total = np.zeros(size, dtype=np.float32)
-        pos = np.zeros(size, dtype=np.bool_)
-        neg = np.zeros(size, dtype=np.bool_)
-        _trim_and_weigh(delta, lo, keep_lo, keep_hi, weight, weighted, total, pos, neg, istats[b], fstats[b])
+        weighted, total, pos, neg = _trim_and_weigh(
+            delta, lo, size, keep_lo, keep_hi, weight, istats[b], fstats[b]
+        )
         conflict = 0
         active = 0
         for j in range(size):
@@ -194,13 +194,11 @@ def _model_combine(
         lo = b * BLOCK
         hi = min(lo + BLOCK, n)
         size = hi - lo
-        trimmed = np.empty((n_models, size), dtype=np.float32)
-        total = np.zeros(size, dtype=np.float32)
-        pos = np.zeros(size, dtype=np.bool_)
-        neg = np.zeros(size, dtype=np.bool_)
         # (the total's zero sign differs from the torch path's T_0 + T_1 + ..., but only its
         # comparisons with 0 are used)
-        _trim_and_weigh(delta, lo, thr, no_limit, weight, trimmed, total, pos, neg, istats[b], fstats[b])
+        trimmed, total, pos, neg = _trim_and_weigh(
+            delta, lo, size, thr, no_limit, weight, istats[b], fstats[b]
+        )
         conflict = 0
         active = 0
         elected = 0
