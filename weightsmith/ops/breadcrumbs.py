@@ -28,6 +28,7 @@ from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 from weightsmith.ops.sparsify import (
     TensorBandStatistics,
+    band_from_statistics,
     breadcrumbs_band,
     check_choice,
     check_density,
@@ -126,7 +127,7 @@ for _name, _fn, _summary in (
             summary=_summary,
             paper="arXiv:2312.06795",
             elementwise=False,  # the band is chosen over the whole tensor (or whole rows)
-            splits_with_statistics=lambda p: p.get("scope", "tensor") == "tensor" and not p.get("rescale"),
+            splits_with_statistics=band_from_statistics,
             prepare=_prepare(_name),
             fixed_scratch=lambda n_models: fused.selection_bytes(2 * n_models),  # lo and hi
             scratch_per_element=fused.in_place_scratch,

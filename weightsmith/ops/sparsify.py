@@ -325,6 +325,13 @@ class TensorBandStatistics(GlobalStatistics):
         )
 
 
+def band_from_statistics(params: dict[str, Any]) -> bool:
+    """A per-tensor magnitude trim without rescale: its band values can come from statistics
+    passes, so a tensor over the budget may be merged in row blocks (``splits_with_statistics``
+    of ties and breadcrumbs; rescale needs the whole tensor's L1 norms)."""
+    return params.get("scope", "tensor") == "tensor" and not params.get("rescale")
+
+
 def split_tensor_statistics(
     specs: Sequence[TensorSpec], dtype: torch.dtype, bands: Callable[[TensorSpec], list[MagnitudeBand]]
 ) -> TensorBandStatistics | None:

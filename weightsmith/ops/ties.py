@@ -39,6 +39,7 @@ from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 from weightsmith.ops.sparsify import (
     MagnitudeBand,
+    band_from_statistics,
     check_choice,
     check_density,
     check_finite,
@@ -323,7 +324,7 @@ register(
         elementwise=lambda p: p.get("scope") == "model",
         # Per tensor, a tensor too big for the budget is split when its thresholds come from
         # statistics passes (not with rescale, which needs the whole tensor's L1 norms).
-        splits_with_statistics=lambda p: p.get("scope", "tensor") == "tensor" and not p.get("rescale"),
+        splits_with_statistics=band_from_statistics,
         prepare=prepare,
         summarize=summarize_ties,
         fixed_scratch=fused.selection_bytes,  # one magnitude selection per model
