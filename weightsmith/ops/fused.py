@@ -8,7 +8,7 @@ three models on two cores. Here the same arithmetic is three passes:
 1. ``task_vectors_``: delta_i = theta_i - theta_0 in place, the report's input statistics, and
    the histogram of the top 16 bits of every |delta_i| (the first radix-selection level);
 2. ``refine_histograms``: the next 16 bits inside each model's boundary bucket (exact
-   thresholds, as ``engine.selection``);
+   thresholds, as ``ops.selection``);
 3. ``combine_into``: keep-band, weighting, sign election, agreement, the (normalized) sum,
    lambda, the base, and the report's output statistics, written into the output buffer.
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
-from weightsmith.engine.selection import RadixSelect
+from weightsmith.ops.selection import RadixSelect
 from weightsmith.errors import MergeError
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, register
 

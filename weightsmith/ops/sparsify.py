@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from weightsmith.engine.passes import GlobalStatistics
-from weightsmith.engine.selection import RadixSelect, kth_largest_abs, kth_largest_abs_rows
+from weightsmith.ops.selection import RadixSelect, kth_largest_abs, kth_largest_abs_rows
 from weightsmith.errors import NonFiniteInput, RecipeError
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, Param, TensorSpec

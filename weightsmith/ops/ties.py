@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from weightsmith.engine.passes import GlobalStatistics
-from weightsmith.engine.selection import RadixSelect
+from weightsmith.ops.selection import RadixSelect
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
