@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from weightsmith.engine.passes import GlobalStatistics
 from weightsmith.engine.plan import MergePlan
 from weightsmith.errors import RecipeError
 from weightsmith.ops.registry import MergeInputs
+from weightsmith.ops.statistics import GlobalStatistics
 
 Log = Callable[[str], None]
 

@@ -118,7 +118,7 @@ class MergeMethod:
     compute_dtype: torch.dtype | None = None
     # Called at plan time with every merged tensor and the compute dtype. It raises RecipeError
     # for bad parameters (so errors come before any work), and returns None or a
-    # ``weightsmith.engine.passes.GlobalStatistics``: model-wide statistics that the engine fills
+    # ``weightsmith.ops.statistics.GlobalStatistics``: model-wide statistics that the engine fills
     # by streamed passes over the inputs before the output pass, then hands to ``fn`` as
     # ``inputs.context``. The engine calls it again for a fresh state at each execution.
     prepare: Callable[[list[TensorSpec], torch.dtype], Any] | None = None

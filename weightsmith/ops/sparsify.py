@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from weightsmith.engine.passes import GlobalStatistics
-from weightsmith.ops.selection import RadixSelect, kth_largest_abs, kth_largest_abs_rows
 from weightsmith.errors import NonFiniteInput, RecipeError
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, Param, TensorSpec
+from weightsmith.ops.selection import RadixSelect, kth_largest_abs, kth_largest_abs_rows
+from weightsmith.ops.statistics import GlobalStatistics
 
 L1_EPS = 1e-7  # below this an L1 norm counts as zero and rescaling is skipped (as mergekit)
 

@@ -32,11 +32,10 @@ from typing import Any
 
 import torch
 
-from weightsmith.engine.passes import GlobalStatistics
-from weightsmith.ops.selection import RadixSelect
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
+from weightsmith.ops.selection import RadixSelect
 from weightsmith.ops.sparsify import (
     MagnitudeBand,
     band_from_statistics,
@@ -56,6 +55,7 @@ from weightsmith.ops.sparsify import (
     task_vectors,
     trim_magnitude_,
 )
+from weightsmith.ops.statistics import GlobalStatistics
 
 SCOPES = ("tensor", "model")
 AGGREGATIONS = ("dis-mean", "dis-sum", "dis-max")
