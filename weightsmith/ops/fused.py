@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-BLOCK = 1 << 13  # coordinates per parallel work item: fixed, so results do not depend on threads
+from weightsmith.ops.fused_blocks import BLOCK
+
 BUCKETS = 1 << 16
 MIN_NUMEL = 1 << 14  # below this the torch path is as fast and skips the histogram set-up
 
