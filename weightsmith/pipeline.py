@@ -14,17 +14,15 @@ import torch
 
 import weightsmith
 from weightsmith.engine.executor import RunStats, execute
-from weightsmith.engine.plan import MergePlan, Source, TensorTask, build_plan, split_units
+from weightsmith.engine.plan import MergePlan, build_plan
 from weightsmith.engine.summary import build_summary
 from weightsmith.errors import RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
 from weightsmith.io.writer import OutputDir, ShardWriter
-from weightsmith.lazy import Expr, check_same_keys
 from weightsmith.ops import fused
-from weightsmith.ops.registry import MergeInputs, MergeMethod
-from weightsmith.recipe import ModelSpec, Recipe, load_recipe, parse_dtype
+from weightsmith.recipe import Recipe, load_recipe
 from weightsmith.units import parse_size
 
 TOKENIZER_FILES = (
@@ -226,57 +224,6 @@ def _run_plan(
         write_side_files(plan, folder, stats, time.perf_counter() - started)
         path = folder.commit()
     return MergeResult(path, plan, stats, time.perf_counter() - started)
-
-
-def save_expression(
-    expr: Expr,
-    out: str | Path,
-    *,
-    out_dtype: torch.dtype | str | None = None,
-    memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
-    **options: Any,
-) -> MergeResult:
-    """Stream a lazy checkpoint expression (``base + 0.4 * tv``) into a model folder."""
-    leaves = list({id(c): c for c in expr.leaves()}.values())
-    check_same_keys(leaves)
-    if isinstance(out_dtype, str):
-        out_dtype = parse_dtype(out_dtype, "out_dtype")
-    slot = {id(c): i for i, c in enumerate(leaves)}
-
-    def evaluate(inputs: MergeInputs) -> torch.Tensor:
-        return expr.evaluate({key: inputs.models[i] for key, i in slot.items()})
-
-    method = MergeMethod(
-        name="expression",
-        fn=evaluate,
-        params=(),
-        base="unused",
-        summary=f"checkpoint arithmetic: {expr!r}",
-    )
-    raw = {"expression": repr(expr), "models": [c.ref for c in leaves]}
-    recipe = Recipe("expression", [ModelSpec(c.ref) for c in leaves], out_dtype=out_dtype, raw=raw)
-    first = leaves[0]
-    tasks = []
-    for name in first.keys():
-        entry = first.entry(name)
-        if entry.dtype.is_floating_point:
-            sources = [Source(i, name) for i in range(len(leaves))]
-            tasks.append(TensorTask(name, entry.shape, out_dtype or entry.dtype, "merge", sources, None))
-        else:
-            tasks.append(TensorTask(name, entry.shape, entry.dtype, "copy", [], Source(0, name)))
-    plan = MergePlan(
-        recipe,
-        method,
-        leaves,
-        None,
-        list(range(len(leaves))),
-        0,
-        tasks,
-        _size(memory_budget, "memory budget"),
-        None,
-    )
-    split_units(plan)
-    return run_plan(plan, out, **options)
 
 
 def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, seconds: float) -> None:

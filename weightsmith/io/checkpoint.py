@@ -325,26 +325,3 @@ def _load_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorEntry]
         for k, v in tensors.items()
     }
     return entries, tensors
-
-
-def _arith(name: str):  # noqa: ANN202 - builds Checkpoint's operator methods
-    def op(self: Checkpoint, *args: Any) -> Any:
-        from weightsmith.lazy import Leaf
-
-        return getattr(Leaf(self), name)(*args)
-
-    op.__name__ = name
-    return op
-
-
-for _op in (
-    "__add__",
-    "__radd__",
-    "__sub__",
-    "__rsub__",
-    "__mul__",
-    "__rmul__",
-    "__neg__",
-    "__truediv__",
-):
-    setattr(Checkpoint, _op, _arith(_op))
