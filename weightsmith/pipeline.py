@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-import weightsmith
 from weightsmith.engine.executor import RunStats, execute
 from weightsmith.engine.plan import MergePlan, build_plan
 from weightsmith.engine.summary import build_summary
@@ -24,6 +23,7 @@ from weightsmith.io.writer import OutputDir, ShardWriter
 from weightsmith.ops import fused
 from weightsmith.recipe import Recipe, load_recipe
 from weightsmith.units import parse_size
+from weightsmith.version import __version__
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -199,7 +199,7 @@ def _run_plan(
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
         reserve_started = time.perf_counter()
         writer = ShardWriter(
-            folder.tmp, layout, shard_bytes, {"weightsmith_version": weightsmith.__version__}
+            folder.tmp, layout, shard_bytes, {"weightsmith_version": __version__}
         )
         reserve_seconds = time.perf_counter() - reserve_started
         try:
@@ -218,7 +218,7 @@ def _run_plan(
             stats.add_time("finish", time.perf_counter() - finish_started)
         finally:
             writer.close()
-        index["metadata"]["weightsmith_version"] = weightsmith.__version__
+        index["metadata"]["weightsmith_version"] = __version__
         folder.write_json("model.safetensors.index.json", index)
         stats.summary = build_summary(plan, stats)
         write_side_files(plan, folder, stats, time.perf_counter() - started)
@@ -261,7 +261,7 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         revision=lic_src.revision,
     )
     report = {
-        "weightsmith_version": weightsmith.__version__,
+        "weightsmith_version": __version__,
         "name": name,
         "merge_method": plan.method.name,
         "method_summary": plan.method.summary,
