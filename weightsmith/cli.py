@@ -242,7 +242,7 @@ def plan_cmd(
 @_friendly
 def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
     """Keys, dtypes, parameter count, shards and layer count of MODEL (headers only)."""
-    from weightsmith.engine.plan import _num_layers
+    from weightsmith.engine.keys import _num_layers
     from weightsmith.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(model, allow_pickle=allow_pickle)

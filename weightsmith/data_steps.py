@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from weightsmith.engine.plan import MergePlan
+from weightsmith.engine.tasks import MergePlan
 from weightsmith.errors import RecipeError
 from weightsmith.ops.registry import MergeInputs
 from weightsmith.ops.statistics import GlobalStatistics

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from weightsmith.engine.plan import MergePlan, Source, TensorTask, split_units
+from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
 from weightsmith.errors import MergeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.ops.registry import MergeInputs, MergeMethod

@@ -16,19 +16,19 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from weightsmith.engine.plan import SLOTS, MergePlan, Source, WorkUnit
+from weightsmith.engine.passes import run_global_passes
+from weightsmith.engine.reading import Loaded, _read_input, stream_loaded
+from weightsmith.engine.run_stats import RunStats
+from weightsmith.engine.slots import Slot, SlotPool, typed, unit_shape
+from weightsmith.engine.tasks import MergePlan, WorkUnit
 from weightsmith.errors import MergeError, NonFiniteInput
-from weightsmith.io.safetensors_format import element_size
 from weightsmith.io.writer import ShardWriter
 from weightsmith.ops.registry import MergeInputs
-
-_POLL = 0.1  # seconds between checks for cancellation while waiting
 
 
 def _libc() -> Any:
@@ -63,238 +63,6 @@ def release_heap() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-
-
-def unit_shape(unit: WorkUnit) -> tuple[int, ...]:
-    shape = unit.task.shape
-    if unit.rows is None:
-        return shape
-    return (unit.rows[1] - unit.rows[0], *shape[1:])
-
-
-def unit_numel(unit: WorkUnit) -> int:
-    return math.prod(unit_shape(unit))
-
-
-@dataclass
-class Slot:
-    """Byte buffers for one unit in flight; typed views are cut from them per unit."""
-
-    capacity: int  # elements per tensor
-    stacked: torch.Tensor  # n_models * capacity compute-dtype elements
-    base: torch.Tensor  # capacity compute-dtype elements
-    out: torch.Tensor  # capacity compute-dtype elements
-    cast: torch.Tensor  # capacity output-dtype elements (widest output dtype)
-    raw: torch.Tensor  # staging for inputs that need a dtype conversion
-    pooled: bool = True
-
-    @classmethod
-    def allocate(cls, capacity: int, n_models: int, cs: int, out_es: int, raw_es: int) -> Slot:
-        def buf(nbytes: int) -> torch.Tensor:
-            return torch.empty(max(nbytes, 1), dtype=torch.uint8)
-
-        return cls(
-            capacity,
-            buf(n_models * capacity * cs),
-            buf(capacity * cs),
-            buf(capacity * cs),
-            buf(capacity * out_es),
-            buf(capacity * raw_es),
-        )
-
-
-def typed(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """A typed view of the front of a uint8 buffer."""
-    nbytes = math.prod(shape) * element_size(dtype)
-    return buffer[:nbytes].view(dtype).view(shape)
-
-
-class SlotPool:
-    """A fixed set of reusable slots; a unit bigger than a slot gets a one-off slot."""
-
-    def __init__(self, plan: MergePlan, count: int = SLOTS) -> None:
-        merge_units = [u for u in plan.units if u.task.kind == "merge"]
-        oversize = set(plan.oversize)
-        fitting = [unit_numel(u) for u in merge_units if u.task.name not in oversize]
-        self.capacity = max(fitting, default=1)
-        self.n_models = max((len(u.task.models) for u in merge_units), default=1)
-        self.cs = element_size(plan.compute_dtype)
-        self.out_es = max((element_size(u.task.out_dtype) for u in plan.units), default=1)
-        self.raw_es = max(
-            (plan.checkpoints[s.ckpt].entry(s.key).dtype.itemsize for u in plan.units
-             for s in [*u.task.models, *([u.task.base] if u.task.base else [])]),
-            default=1,
-        )
-        self.free: queue.Queue[Slot | None] = queue.Queue()
-        self.created = 0
-        self.count = count
-
-    def _new(self, capacity: int) -> Slot:
-        return Slot.allocate(capacity, self.n_models, self.cs, self.out_es, self.raw_es)
-
-    def acquire(self, unit: WorkUnit, cancelled: threading.Event) -> Slot | None:
-        need = unit_numel(unit)
-        if unit.task.kind == "copy":
-            need = math.ceil(unit.task.out_bytes / max(self.raw_es, 1))
-        if need > self.capacity:
-            slot = self._new(need)  # an oversize tensor the method cannot split
-            slot.pooled = False
-            return slot
-        while not cancelled.is_set():
-            if self.created < self.count and self.free.empty():
-                self.created += 1
-                return self._new(self.capacity)
-            try:
-                slot = self.free.get(timeout=_POLL)
-            except queue.Empty:
-                continue
-            if slot is not None:
-                return slot
-        return None
-
-    def release(self, slot: Slot) -> None:
-        if slot.pooled:
-            self.free.put(slot)
-
-
-@dataclass
-class Loaded:
-    unit: WorkUnit
-    slot: Slot
-    models: torch.Tensor | None = None
-    base: torch.Tensor | None = None
-    copy: torch.Tensor | None = None
-    aux: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class RunStats:
-    bytes_read: int = 0
-    bytes_written: int = 0
-    tensors: int = 0
-    report: dict[str, dict[str, float]] = field(default_factory=dict)
-    # Model-wide statistics passes run before the output pass (engine/passes.py), what they
-    # read, and their result (handed to the method as ``inputs.context``).
-    global_passes: int = 0
-    global_bytes_read: int = 0
-    context: Any = None
-    # merge_report.json's summary (engine/summary.py), filled by the pipeline after the run.
-    summary: dict[str, Any] | None = None
-    # Busy seconds per stage (they overlap, so their sum can exceed the wall time).
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def add_time(self, stage: str, seconds: float) -> None:
-        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
-
-
-def _read_input(
-    plan: MergePlan, src: Source, unit: WorkUnit, dest: torch.Tensor, raw: torch.Tensor
-) -> None:
-    """Read one input of a unit into ``dest`` (compute dtype), padding or truncating vocab rows."""
-    ckpt = plan.checkpoints[src.ckpt]
-    entry = ckpt.entry(src.key)
-    rows = unit.rows
-    if src.rows is not None:  # vocab_policy: this input has src.rows rows of the output's
-        start, stop = rows if rows else (0, unit.task.shape[0])
-        have = max(0, min(src.rows, stop) - start)
-        if have < stop - start:
-            dest[have:].zero_()
-        if have == 0:
-            return
-        rows, dest = (start, start + have), dest[:have]
-    if entry.dtype == dest.dtype:
-        ckpt.read_into(src.key, dest.reshape(-1).view(torch.uint8), rows)
-    else:
-        dest.copy_(ckpt.read_into(src.key, raw, rows))
-
-
-def load_unit(plan: MergePlan, unit: WorkUnit, slot: Slot) -> Loaded:
-    """Fill a slot with a unit's inputs; returns views of the slot."""
-    task = unit.task
-    loaded = Loaded(unit, slot)
-    if task.kind == "copy":
-        assert task.base is not None
-        loaded.copy = plan.checkpoints[task.base.ckpt].read_into(task.base.key, slot.raw, unit.rows)
-        return loaded
-    cd = plan.compute_dtype
-    shape = unit_shape(unit)
-    stacked = typed(slot.stacked, cd, (len(task.models), *shape))
-    for i, src in enumerate(task.models):
-        _read_input(plan, src, unit, stacked[i], slot.raw)
-    loaded.models = stacked
-    if task.base is not None:
-        loaded.base = typed(slot.base, cd, shape)
-        _read_input(plan, task.base, unit, loaded.base, slot.raw)
-    for name, value in task.aux.items():
-        loaded.aux[name] = (
-            [_read_aux(plan, src, unit, shape, slot) for src in value]
-            if isinstance(value, list)
-            else _read_aux(plan, value, unit, shape, slot)
-        )
-    return loaded
-
-
-def _read_aux(
-    plan: MergePlan, src: Source | None, unit: WorkUnit, shape: tuple[int, ...], slot: Slot
-) -> torch.Tensor | None:
-    # Checkpoint-valued parameters are rare (transfer, graft): fresh buffers keep slots simple.
-    if src is None:
-        return None
-    dest = torch.empty(shape, dtype=plan.compute_dtype)
-    raw_bytes = math.prod(shape) * plan.checkpoints[src.ckpt].entry(src.key).dtype.itemsize
-    raw = slot.raw if slot.raw.numel() >= raw_bytes else torch.empty(raw_bytes, dtype=torch.uint8)
-    _read_input(plan, src, unit, dest, raw)
-    return dest
-
-
-def stream_loaded(
-    plan: MergePlan, units: list[WorkUnit], pool: SlotPool, stats: RunStats | None = None
-) -> Iterator[Loaded]:
-    """Yield loaded units in order while a reader thread fills the next slots.
-
-    The consumer owns each yielded slot and must ``pool.release`` it when done with it (the
-    writer does, for the output pass).
-    """
-    cancelled = threading.Event()
-    ready: queue.Queue[Loaded | BaseException | None] = queue.Queue()
-
-    def produce() -> None:
-        try:
-            for unit in units:
-                slot = pool.acquire(unit, cancelled)
-                if slot is None:
-                    return
-                try:
-                    started = time.perf_counter()
-                    loaded = load_unit(plan, unit, slot)
-                    if stats is not None:
-                        stats.add_time("read", time.perf_counter() - started)
-                    ready.put(loaded)
-                except BaseException:
-                    pool.release(slot)
-                    raise
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            ready.put(e)
-        finally:
-            ready.put(None)
-
-    reader = threading.Thread(target=produce, name="ws-read", daemon=True)
-    reader.start()
-    try:
-        while True:
-            item = ready.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        cancelled.set()
-        reader.join()
-        while not ready.empty():
-            item = ready.get_nowait()
-            if isinstance(item, Loaded):
-                pool.release(item.slot)
 
 
 def _nonfinite_culprit(plan: MergePlan, unit: WorkUnit) -> str:
@@ -341,8 +109,6 @@ def _execute(
     stats = RunStats()
     pool = SlotPool(plan)
     # Methods with model-wide statistics stream the inputs first; the result is small.
-    from weightsmith.engine.passes import run_global_passes
-
     stats.context, stats.global_passes, stats.global_bytes_read = run_global_passes(
         plan, pool, device=device
     )

@@ -16,15 +16,15 @@ Tensors that are the same storage (tied embeddings) are visited once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from weightsmith.engine.keys import TIED_ALIASES
+from weightsmith.engine.reading import stream_loaded
+from weightsmith.engine.slots import SlotPool
+from weightsmith.engine.tasks import MergePlan, WorkUnit
 from weightsmith.errors import MergeError
 from weightsmith.ops.registry import MergeInputs, TensorSpec
 from weightsmith.ops.statistics import GlobalStatistics
-
-if TYPE_CHECKING:
-    from weightsmith.engine.executor import SlotPool
-    from weightsmith.engine.plan import MergePlan, WorkUnit
 
 # A method asking for more passes than this has a bug (each pass reads the whole model).
 MAX_PASSES = 16
@@ -73,8 +73,6 @@ def statistic_units(plan: MergePlan, stats: GlobalStatistics | None = None) -> l
             continue  # a tied copy of a tensor already counted (config says the two are one)
         seen.add((sources, unit.rows))
         if tied:
-            from weightsmith.engine.plan import TIED_ALIASES
-
             tied_to_seen.update(TIED_ALIASES.get(task.name, ()))
         units.append(unit)
     return units
@@ -86,8 +84,6 @@ def run_global_passes(plan: MergePlan, pool: SlotPool, *, device: str = "cpu") -
     Returns what the output pass gets as ``inputs.context``, the number of passes run and the
     bytes they read.
     """
-    from weightsmith.engine.executor import stream_loaded
-
     stats = prepare_statistics(plan)
     if stats is None:
         return None, 0, 0
