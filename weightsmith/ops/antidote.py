@@ -30,7 +30,7 @@ import torch
 
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.sparsify import check_choice, check_uniform
+from weightsmith.ops.sparse.combine import check_choice, check_uniform
 
 TARGETS = ("delta", "weights")
 SCORES = ("wanda", "magnitude", "random")

@@ -26,7 +26,7 @@ import torch
 from weightsmith.errors import RecipeError
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.sparsify import (
+from weightsmith.ops.sparse.combine import (
     TensorBandStatistics,
     band_from_statistics,
     breadcrumbs_band,

@@ -4,7 +4,7 @@ consensus (``dare_ties``).
 Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a
 Free Lunch", ICML 2024 (arXiv 2311.03099). Per tensor and model, each entry of the task vector
 delta_i is dropped independently with probability 1 - density_i; survivors are rescaled, then
-combined as mergekit's generalized task arithmetic (see ops/sparsify.py): dare_linear sums
+combined as mergekit's generalized task arithmetic (see ops/sparse/combine.py): dare_linear sums
 weight_i * delta_i (``normalize`` divides by the weight sum), dare_ties adds TIES's sign
 election and disjoint mean over agreeing models (``normalize`` divides by their weights).
 
@@ -27,7 +27,7 @@ from functools import partial
 import torch
 
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.sparsify import (
+from weightsmith.ops.sparse.combine import (
     check_choice,
     check_density,
     common_params,

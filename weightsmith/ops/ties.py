@@ -36,7 +36,7 @@ from weightsmith.errors import MergeError, RecipeError
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 from weightsmith.ops.selection import RadixSelect
-from weightsmith.ops.sparsify import (
+from weightsmith.ops.sparse.combine import (
     MagnitudeBand,
     band_from_statistics,
     check_choice,
