@@ -26,17 +26,12 @@ from functools import partial
 
 import torch
 
+from weightsmith.ops.param_checks import check_choice, check_density
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.sparse.combine import (
-    check_choice,
-    check_density,
-    common_params,
-    drop_random_,
-    generalized_task_arithmetic,
-    model_generators,
-    rescale_l1_,
-    summarize,
-)
+from weightsmith.ops.sparse.combine import common_params, generalized_task_arithmetic
+from weightsmith.ops.sparse.report import summarize
+from weightsmith.ops.sparse.rescale import rescale_l1_
+from weightsmith.ops.sparse.selection import drop_random_, model_generators
 
 RESCALE_MODES = ("inverse_density", "l1")
 

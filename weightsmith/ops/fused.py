@@ -176,7 +176,7 @@ def _record_output_stats(
     stats: dict[str, float], fstats: np.ndarray, istats: np.ndarray, n_models: int, elected: bool
 ) -> None:
     """The combine kernels' per-block numbers, summed into the report's keys (those of
-    ``sparsify.combine``): kept entries and their squares per model, sign conflicts, active
+    ``sparse.combine.combine``): kept entries and their squares per model, sign conflicts, active
     coordinates, the elected sign balance, and the squared norms of the output and its delta."""
     f = fstats.sum(0)
     c = istats.sum(0)
@@ -202,7 +202,7 @@ def combine_into(
     consensus: bool,
     stats: dict[str, float],
 ) -> torch.Tensor:
-    """``sparsify.combine`` fused, with entries outside the magnitude band ``keep[i]`` = (lo, hi)
+    """``sparse.combine.combine`` fused, with entries outside the magnitude band ``keep[i]`` = (lo, hi)
     of model i treated as trimmed (lo <= |delta_i| <= hi is kept; NaN is kept)."""
     n_models = delta.shape[0]
     n = base.numel()
