@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 
-from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
 from weightsmith.errors import MergeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.ops.registry import MergeInputs, MergeMethod
-from weightsmith.pipeline import DEFAULT_MEMORY_BUDGET, MergeResult, _size, run_plan
+from weightsmith.pipeline import DEFAULT_MEMORY_BUDGET, MergeResult, plan_checkpoints, run_plan
 from weightsmith.recipe import ModelSpec, Recipe, parse_dtype
 
 
@@ -219,27 +218,8 @@ def save_expression(
     )
     raw = {"expression": repr(expr), "models": [c.ref for c in leaves]}
     recipe = Recipe("expression", [ModelSpec(c.ref) for c in leaves], out_dtype=out_dtype, raw=raw)
-    first = leaves[0]
-    tasks = []
-    for name in first.keys():
-        entry = first.entry(name)
-        if entry.dtype.is_floating_point:
-            sources = [Source(i, name) for i in range(len(leaves))]
-            tasks.append(TensorTask(name, entry.shape, out_dtype or entry.dtype, "merge", sources, None))
-        else:
-            tasks.append(TensorTask(name, entry.shape, entry.dtype, "copy", [], Source(0, name)))
-    plan = MergePlan(
-        recipe,
-        method,
-        leaves,
-        None,
-        list(range(len(leaves))),
-        0,
-        tasks,
-        _size(memory_budget, "memory budget"),
-        None,
-    )
-    split_units(plan)
+    # Planned like any recipe: every leaf is a model, the first one the output's reference.
+    plan = plan_checkpoints(recipe, list(leaves), memory_budget=memory_budget, method=method)
     return run_plan(plan, out, **options)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.data_steps import check_data_blocks, run_data_steps
 from weightsmith.engine.executor import RunStats, execute
 from weightsmith.engine.plan import MergePlan, build_plan
 from weightsmith.engine.summary import build_summary
@@ -21,6 +22,7 @@ from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
 from weightsmith.io.writer import OutputDir, ShardWriter
 from weightsmith.ops import fused
+from weightsmith.ops.registry import MergeMethod, get_method
 from weightsmith.recipe import Recipe, load_recipe
 from weightsmith.units import parse_size
 from weightsmith.version import __version__
@@ -69,8 +71,6 @@ def open_inputs(recipe: Recipe, allow_pickle: bool = False) -> list[Checkpoint]:
 
 def normalize_models(recipe: Recipe) -> Recipe:
     """A base listed again among the models adds a zero task vector: drop it (as mergekit)."""
-    from weightsmith.ops.registry import get_method
-
     try:
         method = get_method(recipe.merge_method)
     except KeyError as e:
@@ -94,15 +94,27 @@ def plan_merge(
         recipe = load_recipe(recipe)
     recipe = normalize_models(recipe)
     checkpoints = open_inputs(recipe, allow_pickle)
+    return plan_checkpoints(recipe, checkpoints, memory_budget=memory_budget, random_seed=random_seed)
+
+
+def plan_checkpoints(
+    recipe: Recipe,
+    checkpoints: list[Checkpoint],
+    *,
+    memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
+    random_seed: int | None = None,
+    method: MergeMethod | None = None,
+) -> MergePlan:
+    """The one way a merge is planned: ``weightsmith merge``/``plan``, ``merge()`` and the lazy
+    API's ``save`` all come through here (``method`` stands in for the recipe's, see build_plan)."""
     plan = build_plan(
         recipe,
         checkpoints,
         memory_budget=_size(memory_budget, "memory budget"),
         random_seed=random_seed,
+        method=method,
     )
     # evaluation:/calibration: blocks are checked here, before any model runs.
-    from weightsmith.data_steps import check_data_blocks  # imports the ops: not at module load
-
     check_data_blocks(plan)
     return plan
 
@@ -134,8 +146,6 @@ def merge(
         )
 
     # Greedy soups choose their ingredients and Antidote measures feature norms on data first.
-    from weightsmith.data_steps import run_data_steps
-
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
     plan = run_data_steps(plan, replan, log)
     return run_plan(

@@ -42,12 +42,18 @@ def build_plan(
     *,
     memory_budget: int,
     random_seed: int | None = None,
+    method: MergeMethod | None = None,
 ) -> MergePlan:
-    """Build the plan. ``checkpoints`` are base first (if the recipe has one), then models."""
-    try:
-        method = get_method(recipe.merge_method)
-    except KeyError as e:
-        raise RecipeError(str(e.args[0])) from None
+    """Build the plan. ``checkpoints`` are base first (if the recipe has one), then models.
+
+    ``method`` stands in for the registry's ``recipe.merge_method`` when given (the lazy API's
+    checkpoint expressions are methods of their own, planned the same way).
+    """
+    if method is None:
+        try:
+            method = get_method(recipe.merge_method)
+        except KeyError as e:
+            raise RecipeError(str(e.args[0])) from None
     check_parameters(recipe, method)
     has_base = recipe.base_model is not None and method.base != "unused"
     if method.base == "required" and not has_base:
