@@ -2,6 +2,8 @@
 to the importer's own layer or one below it, and no chain of imports comes back to its start."""
 
 import ast
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -70,9 +72,7 @@ def test_no_import_cycle():
 def test_the_rules_catch_a_wrong_import(tmp_path, monkeypatch):
     # The two tests above must be able to fail: an io module importing the pipeline breaks both.
     fake = tmp_path / "weightsmith"
-    for path in PACKAGE.rglob("*.py"):
-        (fake / path.relative_to(PACKAGE)).parent.mkdir(parents=True, exist_ok=True)
-        (fake / path.relative_to(PACKAGE)).write_text(path.read_text())
+    shutil.copytree(PACKAGE, fake, ignore=shutil.ignore_patterns("__pycache__"))
     reader = fake / "io" / "checkpoint.py"
     reader.write_text(reader.read_text() + "\n\ndef _up():\n    from weightsmith.pipeline import merge\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
@@ -83,3 +83,25 @@ def test_the_rules_catch_a_wrong_import(tmp_path, monkeypatch):
             assert "io.checkpoint" in str(e)
         else:
             raise AssertionError(f"{rule.__name__} missed io/checkpoint.py importing the pipeline")
+
+
+def test_a_new_method_is_one_file(tmp_path):
+    # Dropped into ops/, a method module registers itself: no list or import elsewhere to edit.
+    import subprocess
+
+    shutil.copytree(PACKAGE, tmp_path / "weightsmith", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "weightsmith" / "ops" / "halfway.py").write_text(
+        "from weightsmith.ops.registry import MergeInputs, MergeMethod, register\n\n"
+        "def halfway(inputs: MergeInputs):\n    return (inputs.base + inputs.models[0]) / 2\n\n"
+        "register(MergeMethod('halfway', halfway, (), 'required', 'the midpoint'))\n"
+    )
+    check = (
+        "import torch\nfrom weightsmith.ops import MergeInputs, get_method\n"
+        "x = get_method('halfway')(MergeInputs('w', torch.ones(1, 2), torch.zeros(2)))\n"
+        "assert x.tolist() == [0.5, 0.5], x\nprint('found')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert run.stdout.strip() == "found", run.stderr
