@@ -31,6 +31,7 @@ from weightsmith.errors import CheckpointError, OutputError
 from weightsmith.io.hub import redact_token
 from weightsmith.io.model_card import REPORT_FILE, refresh_model_card
 from weightsmith.io.safetensors_format import read_header
+from weightsmith.io.shard_index import read_index
 
 # Status codes worth a retry: the Hub or a proxy in front of it is busy or briefly down.
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -122,12 +123,9 @@ def collect_output_files(folder: str | Path) -> list[tuple[str, Path]]:
 
 def _weight_map(path: Path) -> dict[str, str]:
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not an object of file names")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PushError(f"{path}: not a valid shard index ({e})") from e
-    return weight_map
+        return read_index(path)
+    except CheckpointError as e:
+        raise PushError(f"refusing to push: {e}") from e
 
 
 def _header_names(path: Path) -> set[str]:
