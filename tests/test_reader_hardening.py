@@ -145,9 +145,9 @@ def test_headers_the_reference_accepts_are_accepted(tmp_path, header, data):
 @pytest.mark.parametrize(
     "header, message",
     [
-        (f'{{"a":{{"dtype":["U8"],"shape":[4],"data_offsets":[0,4]}}}}', "dtype"),
-        (f'{{"a":{{"dtype":{{"x":1}},"shape":[4],"data_offsets":[0,4]}}}}', "dtype"),
-        (f'{{"a":{{"dtype":null,"shape":[4],"data_offsets":[0,4]}}}}', "dtype"),
+        ('{"a":{"dtype":["U8"],"shape":[4],"data_offsets":[0,4]}}', "dtype"),
+        ('{"a":{"dtype":{"x":1},"shape":[4],"data_offsets":[0,4]}}', "dtype"),
+        ('{"a":{"dtype":null,"shape":[4],"data_offsets":[0,4]}}', "dtype"),
         (f'{{"__metadata__":[1],"a":{{{U8},"shape":[4],"data_offsets":[0,4]}}}}', "__metadata__"),
         (f'{{"__metadata__":"x","a":{{{U8},"shape":[4],"data_offsets":[0,4]}}}}', "__metadata__"),
         (f'{{"__metadata__":{{"k":1}},"a":{{{U8},"shape":[4],"data_offsets":[0,4]}}}}', "__metadata__"),
