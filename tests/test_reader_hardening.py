@@ -236,6 +236,32 @@ def test_push_validation_of_a_hostile_shard_header(pushable):
     assert str(shard) in str(e.value)
 
 
+@pytest.mark.parametrize("report", ["[]", "[" * 100_000 + "]" * 100_000, '"x"'])
+def test_push_with_a_damaged_merge_report(tmp_path, report):
+    import weightsmith
+    from weightsmith.io.hub_push import push_to_hub
+    from weightsmith.io.model_card import REPORT_FILE
+
+    base = save_model(tmp_path / "base", random_state(LLAMA_CONFIG, 1), LLAMA_CONFIG, shards=1)
+    out = tmp_path / "out"
+    recipe = {"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 1.0}}]}
+    weightsmith.merge(recipe, out)
+    (out / REPORT_FILE).write_text(report)
+    with pytest.raises(PushError) as e:  # refused before any network access
+        push_to_hub(out, "acme/merged")
+    assert str(out / REPORT_FILE) in str(e.value)
+
+
+@pytest.mark.parametrize("state", [[torch.ones(2)], {1: torch.ones(2)}, torch.ones(2)])
+def test_pickle_that_is_not_a_state_dict(tmp_path, state):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        Checkpoint.open(folder, allow_pickle=True)
+    assert "pytorch_model.bin" in str(e.value) and "state dict" in str(e.value)
+
+
 # ---------------------------------------------------------------------------- item 4: index escapes
 def _index(folder):
     return folder / "model.safetensors.index.json"

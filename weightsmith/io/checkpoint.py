@@ -327,6 +327,11 @@ def _load_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorEntry]
         raise CheckpointError(f"{path}: cannot load with weights_only=True ({e})") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(
+            f"{path}: holds a {type(state).__name__}, not a state dict of tensor name -> tensor; "
+            "save model.state_dict() instead"
+        )
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     entries = {
         k: TensorEntry(k, v.dtype, tuple(v.shape), str(path), 0, v.numel() * element_size(v.dtype))
