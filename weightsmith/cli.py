@@ -260,7 +260,8 @@ def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
     )
     click.echo(f"layers:      {_num_layers(ckpt)}")
     if ckpt.config:
-        click.echo(f"architecture: {', '.join(ckpt.config.get('architectures') or ['?'])}")
+        archs = ckpt.config.get("architectures") or ["?"]  # any JSON value: print, never crash
+        click.echo(f"architecture: {', '.join(map(str, archs if isinstance(archs, list) else [archs]))}")
     if show_keys:
         for name, e in ckpt.entries.items():
             click.echo(f"  {name} {list(e.shape)} {str(e.dtype).removeprefix('torch.')}")

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from weightsmith.errors import CheckpointError
+from weightsmith.io.regular_file import open_regular, read_regular_bytes, require_regular_file
 from weightsmith.io.safetensors_format import TensorEntry, element_size, read_header
+from weightsmith.io.shard_index import check_shards_inside, read_index
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -89,7 +91,8 @@ class Checkpoint:
 
     @classmethod
     def _open_local(cls, ref: str, path: Path, allow_pickle: bool) -> Checkpoint:
-        if path.is_file():
+        if not path.is_dir():
+            require_regular_file(path)  # a FIFO or device named as the model: refuse, never open
             root = path.parent
             if path.name.endswith(".index.json"):
                 shards, weight_map = _read_index(path)
@@ -138,6 +141,7 @@ class Checkpoint:
                     f"{shard_path}: shard listed in the index of model {ref!r} is missing; "
                     "re-download the model or fix its index"
                 )
+            require_regular_file(shard_path)
             if shard.endswith(".safetensors"):
                 found, _ = read_header(str(shard_path))
             else:
@@ -154,13 +158,7 @@ class Checkpoint:
                         f"{root / shard}: index of model {ref!r} says tensor {name!r} is in this "
                         "shard but its header does not list it; the index or shard is corrupt"
                     )
-        config = None
-        config_path = root / "config.json"
-        if config_path.exists():
-            try:
-                config = json.loads(config_path.read_text())
-            except ValueError as e:
-                raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+        config = _read_config(root / "config.json")
         return cls(ref, root, entries, config, None, list(shards), pickled)
 
     # ------------------------------------------------------------------ queries
@@ -226,11 +224,7 @@ class Checkpoint:
             with self._lock:
                 fd = self._fds.get(path)
                 if fd is None:
-                    try:
-                        fd = os.open(path, os.O_RDONLY)
-                    except OSError as e:
-                        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from e
-                    self._fds[path] = fd
+                    fd = self._fds[path] = open_regular(path)
         return fd
 
     def close(self) -> None:
@@ -298,13 +292,27 @@ def _fingerprint(path: Path, size: int, blocks: int = 16, block: int = 1 << 16) 
 
 
 def _read_index(path: Path) -> tuple[list[str], dict[str, str]]:
+    weight_map = read_index(path)
+    check_shards_inside(path, weight_map)
+    return sorted(set(weight_map.values())), weight_map
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """``config.json`` as an object, or None without one; anything else is a clear error."""
+    if not path.exists() and not path.is_symlink():
+        return None
     try:
-        index = json.loads(path.read_text())
-        weight_map = dict(index["weight_map"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a valid shard index (needs a 'weight_map' object): {e}") from e
-    shards = sorted(set(weight_map.values()))
-    return shards, weight_map
+        config = json.loads(read_regular_bytes(path).decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a model config (its JSON is nested too deeply)") from None
+    except (UnicodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a model config must be a JSON object, not {type(config).__name__}")
+    # Multimodal configs nest the language model's config here; readers rely on it being an object.
+    if not isinstance(config.get("text_config", {}) or {}, dict):
+        raise CheckpointError(f"{path}: 'text_config' must be a JSON object")
+    return config
 
 
 def _load_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorEntry], dict[str, torch.Tensor]]:
@@ -319,6 +327,11 @@ def _load_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorEntry]
         raise CheckpointError(f"{path}: cannot load with weights_only=True ({e})") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(
+            f"{path}: holds a {type(state).__name__}, not a state dict of tensor name -> tensor; "
+            "save model.state_dict() instead"
+        )
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     entries = {
         k: TensorEntry(k, v.dtype, tuple(v.shape), str(path), 0, v.numel() * element_size(v.dtype))
