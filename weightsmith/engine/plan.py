@@ -330,11 +330,13 @@ def build_plan(
         if not is_float(ref_entry.dtype):
             # Integer and bool buffers (position ids, masks, counters) are never merged: they
             # come from the reference, and inputs need not have them (transformers often
-            # leaves such buffers out of newer saves).
+            # leaves such buffers out of newer saves). One that is float elsewhere is not a
+            # buffer: copying it would drop the fine-tunes silently.
             for idx in model_indices:
                 key = _find_key(checkpoints[idx], name, prefixes[idx])
                 if key is not None:
                     used[idx].add(key)
+                    _check_same_kind(checkpoints, ref_index, name, idx, key)
             src = Source(ref_index, name)
             tasks.append(TensorTask(name, ref_entry.shape, ref_entry.dtype, "copy", [], src))
             continue
@@ -348,6 +350,7 @@ def build_plan(
                     "has; all inputs must share one architecture"
                 )
             used[idx].add(key)
+            _check_same_kind(checkpoints, ref_index, name, idx, key)
             sources.append(Source(idx, key))
         base_src = Source(0, name) if base_index is not None else None
         shape, sources, base_src = _align_shapes(
@@ -398,6 +401,28 @@ def build_plan(
     if note:
         plan.notes.append(note)
     return plan
+
+
+def _check_same_kind(checkpoints: list[Checkpoint], ref: int, name: str, idx: int, key: str) -> None:
+    """An integer (or bool) tensor where the reference has a float one, or the reverse, is
+    refused: merging integers as numbers, or copying the reference and ignoring the others,
+    would both give a silently wrong model."""
+    ref_dtype, dtype = checkpoints[ref].entry(name).dtype, checkpoints[idx].entry(key).dtype
+    if is_float(ref_dtype) == is_float(dtype):
+        return
+    odd, other = (idx, ref) if is_float(ref_dtype) else (ref, idx)
+    odd_dtype = checkpoints[odd].entry(key if odd == idx else name).dtype
+    other_dtype = checkpoints[other].entry(key if other == idx else name).dtype
+    raise MergeError(
+        f"model {checkpoints[odd].ref!r} ({checkpoints[odd].root}): tensor {name!r} is "
+        f"{_dtype_name(odd_dtype)} but {checkpoints[other].ref!r} has it as "
+        f"{_dtype_name(other_dtype)}; integer and float tensors cannot be merged. Re-save that "
+        "model with the tensor in floating point (or check it is the right checkpoint)"
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _open_aux_checkpoints(
@@ -590,6 +615,21 @@ def bytes_per_element(plan: MergePlan) -> tuple[int, int]:
     declared = plan.method.scratch_per_element
     scratch = declared(n_models, plan.compute_dtype) if declared else None
     return slot, (n_models + 1) * cs if scratch is None else scratch
+
+
+def budget_for_oversize(plan: MergePlan) -> int:
+    """The smallest memory budget under which no tensor of ``plan.oversize`` is over budget:
+    ``split_units``' capacity rule solved for the largest of them (0 when none is)."""
+    numel = max((t.numel for t in plan.tasks if t.name in plan.oversize), default=0)
+    if not numel:
+        return 0
+    slot_bytes, scratch = bytes_per_element(plan)
+    fixed = plan.method.fixed_scratch(len(plan.model_indices)) if plan.method.fixed_scratch else 0
+    need = numel * (SLOTS * slot_bytes + scratch) + fixed
+    budget = need * 5 // 4
+    while max(budget * 4 // 5 - fixed, budget // 5) < need - fixed:  # floor rounding
+        budget += 1
+    return budget
 
 
 def split_units(plan: MergePlan) -> None:
