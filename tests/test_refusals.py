@@ -101,7 +101,7 @@ def test_single_file_model_and_checkpoint_parameter_are_protected(tmp_path):
     assert single.exists()
     # beside a single file (not a model folder) is fine
     weightsmith.merge(linear([single, other]), single.parent / "out")
-    assert (single.parent / "out" / "config.json").exists()
+    assert (single.parent / "out" / "model.safetensors.index.json").exists()
     mask = tmp_path / "masks"
     mask.mkdir()
     save_file({k: torch.ones(v.shape) for k, v in state.items()}, str(mask / "mask.safetensors"))
