@@ -18,8 +18,9 @@ from weightsmith.engine.plan import (
     MergePlan,
     Source,
     TensorTask,
-    budget_for_oversize,
+    budget_that_fits,
     build_plan,
+    over_budget,
     split_units,
 )
 from weightsmith.engine.summary import build_summary
@@ -295,21 +296,22 @@ def _checkpoint_paths(label: str, ckpt: Checkpoint, search_dirs: tuple[Path, ...
 
 
 def check_fits_budget(plan: MergePlan) -> None:
-    """A tensor the method cannot merge in row blocks and the budget cannot hold would be
-    allocated whole anyway and die mid-merge: refuse before any work, saying what it needs."""
-    if not plan.oversize:
+    """A tensor the method cannot merge in row blocks gets a one-off buffer; when that takes
+    the merge past the memory budget it would die mid-merge (or swap): refuse before any
+    work, saying what it needs and the budget that runs it."""
+    if not over_budget(plan):
         return
-    need = budget_for_oversize(plan)
+    fits = budget_that_fits(plan)
     task = max((t for t in plan.tasks if t.name in plan.oversize), key=lambda t: t.numel)
     others = f" (and {len(plan.oversize) - 1} more)" if len(plan.oversize) > 1 else ""
     raise MergeError(
         f"tensor {task.name!r} {list(task.shape)}{others}: `{plan.method.name}` with these "
-        f"parameters cannot merge it in row blocks, and at once it needs {need:,} bytes "
-        f"({format_size(need)}) of memory, over the memory budget of {plan.memory_budget:,} "
-        f"bytes ({format_size(plan.memory_budget)}). Pass --memory-budget {_budget_option(need)} "
-        "(memory_budget= in Python) or more, or use a method or parameters that merge row "
-        "blocks (`weightsmith plan` shows them; e.g. linear, task_arithmetic, or ties with "
-        "scope: model)"
+        "parameters cannot merge it in row blocks, so the merge needs about "
+        f"{plan.peak_estimate:,} bytes ({format_size(plan.peak_estimate)}) of tensor memory, over "
+        f"the memory budget of {plan.memory_budget:,} bytes ({format_size(plan.memory_budget)}). "
+        f"Pass --memory-budget {_budget_option(fits)} (memory_budget= in Python) or more, or use "
+        "a method or parameters that merge in row blocks (`weightsmith plan` shows them; e.g. "
+        "linear, task_arithmetic, or ties with scope: model)"
     )
 
 

@@ -8,7 +8,7 @@ front), and how huge tensors are split into row blocks to stay under the memory 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -617,19 +617,33 @@ def bytes_per_element(plan: MergePlan) -> tuple[int, int]:
     return slot, (n_models + 1) * cs if scratch is None else scratch
 
 
-def budget_for_oversize(plan: MergePlan) -> int:
-    """The smallest memory budget under which no tensor of ``plan.oversize`` is over budget:
-    ``split_units``' capacity rule solved for the largest of them (0 when none is)."""
-    numel = max((t.numel for t in plan.tasks if t.name in plan.oversize), default=0)
-    if not numel:
-        return 0
+def over_budget(plan: MergePlan) -> bool:
+    """A tensor the method cannot split is bigger than the budget's units, and its one-off
+    buffer takes the estimated peak past the budget itself."""
+    return bool(plan.oversize) and plan.peak_estimate > plan.memory_budget
+
+
+def budget_that_fits(plan: MergePlan) -> int:
+    """The smallest memory budget (to 1%) under which ``plan`` is not ``over_budget``."""
     slot_bytes, scratch = bytes_per_element(plan)
     fixed = plan.method.fixed_scratch(len(plan.model_indices)) if plan.method.fixed_scratch else 0
-    need = numel * (SLOTS * slot_bytes + scratch) + fixed
-    budget = need * 5 // 4
-    while max(budget * 4 // 5 - fixed, budget // 5) < need - fixed:  # floor rounding
-        budget += 1
-    return budget
+    numel = max((t.numel for t in plan.tasks if t.name in plan.oversize), default=0)
+    # With this budget no tensor is oversize: split_units' capacity rule solved for numel.
+    high = (numel * (SLOTS * slot_bytes + scratch) + fixed) * 5 // 4 + 5
+    low = plan.memory_budget
+    while high - low > max(low // 100, 1):
+        mid = (low + high) // 2
+        if over_budget(_with_budget(plan, mid)):
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def _with_budget(plan: MergePlan, memory_budget: int) -> MergePlan:
+    trial = replace(plan, memory_budget=memory_budget, units=[], oversize=[], notes=[])
+    split_units(trial)
+    return trial
 
 
 def split_units(plan: MergePlan) -> None:
