@@ -286,6 +286,9 @@ def test_tensor_over_budget_that_cannot_be_split_is_refused_up_front(family, tmp
     suggested = message.split("--memory-budget ")[1].split(" ")[0]
     weightsmith.merge(recipe, tmp_path / "out", memory_budget=suggested)
     assert (tmp_path / "out" / "config.json").exists()
+    res = CliRunner().invoke(main, ["plan", _recipe_file(tmp_path, recipe), "--memory-budget", "4KB"])
+    assert res.exit_code == 0 and "merge will refuse" in res.output
+    assert f"--memory-budget {suggested}" in res.output
 
 
 # ------------------------------------------------------------------ item 9: recipe values

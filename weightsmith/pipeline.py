@@ -309,13 +309,13 @@ def check_fits_budget(plan: MergePlan) -> None:
         "parameters cannot merge it in row blocks, so the merge needs about "
         f"{plan.peak_estimate:,} bytes ({format_size(plan.peak_estimate)}) of tensor memory, over "
         f"the memory budget of {plan.memory_budget:,} bytes ({format_size(plan.memory_budget)}). "
-        f"Pass --memory-budget {_budget_option(fits)} (memory_budget= in Python) or more, or use "
+        f"Pass --memory-budget {budget_option(fits)} (memory_budget= in Python) or more, or use "
         "a method or parameters that merge in row blocks (`weightsmith plan` shows them; e.g. "
         "linear, task_arithmetic, or ties with scope: model)"
     )
 
 
-def _budget_option(n: int) -> str:
+def budget_option(n: int) -> str:
     """A --memory-budget value at least ``n`` bytes, rounded up to whole KB or MB."""
     if n < 10**6:
         return f"{-(-n // 10**3)}KB"
