@@ -116,6 +116,29 @@ def test_single_file_model_and_checkpoint_parameter_are_protected(tmp_path):
     assert (mask / "mask.safetensors").exists()
 
 
+def test_hub_snapshot_inputs_are_protected(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    state = random_state(LLAMA_CONFIG, 3)
+    snapshots = []
+    for repo_id, s in (("acme/base", state), ("acme/ft", perturb(state, 9))):
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        snapshots.append(save_model(repo / "snapshots" / sha, s, LLAMA_CONFIG, shards=1))
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(sha)
+    recipe = ta("acme/base", ["acme/ft"])
+    with pytest.raises(OutputError, match="acme/ft"):
+        weightsmith.merge(recipe, cache, overwrite=True)
+    with pytest.raises(OutputError, match="inside the input model 'acme/base'"):
+        weightsmith.merge(recipe, snapshots[0] / "out")
+    assert all((s / "model.safetensors").exists() for s in snapshots)
+
+
 def test_lazy_save_onto_an_input_is_refused(family):
     base_dir, models = family
     base = weightsmith.Checkpoint.open(base_dir)
