@@ -323,7 +323,6 @@ def test_tensor_over_budget_that_cannot_be_split_is_refused_up_front(family, tmp
         ({"weight": [0.1, float("-inf")]}, {}, "models[0].parameters.weight"),
         ({"weight": [{"filter": "mlp", "value": float("nan")}, {"value": 1}]}, {},
          "models[0].parameters.weight[0].value"),
-        ({"weight": "nan"}, {}, "models[0].parameters.weight"),
         ({"weight": "1e999"}, {}, "models[0].parameters.weight"),
     ],
 )
@@ -339,6 +338,18 @@ def test_non_finite_parameters_are_refused_at_load(models_params, global_params,
     assert field in str(e.value) and "finite" in str(e.value)
     if field.startswith("models"):
         assert "(model m)" in str(e.value)
+
+
+def test_non_finite_word_for_a_numeric_parameter_is_refused_at_plan(family):
+    base, models = family
+    with pytest.raises(RecipeError) as e:
+        weightsmith.plan_merge(ta(base, models[:1], parameters={"lambda": "Infinity"}))
+    assert "`lambda` must be a finite number" in str(e.value)
+    recipe = ta(base, models[:1])
+    recipe["models"][0]["parameters"]["weight"] = "nan"
+    with pytest.raises(RecipeError) as e:
+        weightsmith.plan_merge(recipe)
+    assert "`weight` must be a finite number" in str(e.value) and str(models[0]) in str(e.value)
 
 
 def test_yaml_nan_is_refused_from_text():

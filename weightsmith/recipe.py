@@ -80,10 +80,13 @@ class Conditional:
 
 
 def _check_finite(value: Any, where: str) -> None:
-    """NaN and infinity are never meaningful weights, densities or scales; a string that reads
-    as one (``"nan"``, ``"1e999"``) would become one when the parameter is converted."""
+    """NaN and infinity are never meaningful weights, densities or scales; a number YAML read
+    as a string (``1e999``) would become one when the parameter is converted. (Words such as
+    ``nan`` may also name a checkpoint folder: numeric parameters catch those at plan time.)"""
     number = value
     if isinstance(value, str):
+        if not any(ch.isdigit() for ch in value):
+            return
         try:
             number = float(value)
         except ValueError:
