@@ -63,7 +63,8 @@ def permission_error(out: str | os.PathLike[str], error: OSError) -> OutputError
     """The message for a permission or read-only-filesystem error while creating OUT."""
     if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
         return None
-    folder = Path(error.filename) if error.filename else Path(out).absolute().parent
+    # The permission missing is that of the folder the failed path was to be created in.
+    folder = Path(error.filename).parent if error.filename else Path(out).absolute().parent
     return OutputError(_permission_message(Path(out).absolute(), folder, error.strerror))
 
 
