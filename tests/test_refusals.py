@@ -131,9 +131,18 @@ def test_hub_snapshot_inputs_are_protected(tmp_path, monkeypatch):
         snapshots.append(save_model(repo / "snapshots" / sha, s, LLAMA_CONFIG, shards=1))
         (repo / "refs").mkdir(parents=True)
         (repo / "refs" / "main").write_text(sha)
+    # as huggingface_hub lays it out: the snapshot's file is a link into blobs/
+    blobs = cache / "models--acme--ft" / "blobs"
+    blobs.mkdir()
+    blob = blobs / ("a" * 64)
+    (snapshots[1] / "model.safetensors").rename(blob)
+    (snapshots[1] / "model.safetensors").symlink_to(blob)
     recipe = ta("acme/base", ["acme/ft"])
     with pytest.raises(OutputError, match="acme/ft"):
         weightsmith.merge(recipe, cache, overwrite=True)
+    with pytest.raises(OutputError, match="a" * 64):
+        weightsmith.merge(recipe, blobs, overwrite=True)
+    assert blob.exists()
     with pytest.raises(OutputError, match="inside the input model 'acme/base'"):
         weightsmith.merge(recipe, snapshots[0] / "out")
     assert all((s / "model.safetensors").exists() for s in snapshots)
