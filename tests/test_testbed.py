@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -104,23 +103,23 @@ def check_family(out: Path, info: dict, margin: float) -> None:
 def test_build_tinylm(tmp_path: Path) -> None:
     out = tmp_path / "tinylm"
     info = build("tinylm", out, quiet=True)
-    assert info["cached"] is False and info["build_seconds"] < 600
+    assert info["cached"] is False  # speed is measured in benchmarks/, not asserted here
     check_family(out, info, margin=0.3)
     for task, scores in info["pretraining"].items():
         assert scores["base"] > scores["init"] + 0.3, task
     assert (out / "base-v2" / "model.safetensors").is_file()
-    # Same recipe: a cache hit that does no work, reported through the CLI.
-    start = time.perf_counter()
+    # Same recipe: a cache hit that does no work (no file rewritten), reported through the CLI.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     result = CliRunner().invoke(cli_testbed, ["tinylm", str(out)])
     assert result.exit_code == 0, result.output
     assert "cached" in result.stdout and "mod7" in result.stdout
-    assert time.perf_counter() - start < 10
+    assert stamps and {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
 
 
 @pytest.mark.slow
 def test_build_minilm(tmp_path: Path) -> None:
     out = tmp_path / "minilm"
     info = build("minilm", out, quiet=True)
-    assert info["cached"] is False and info["build_seconds"] < 600
+    assert info["cached"] is False
     check_family(out, info, margin=0.1)
     assert build("minilm", out)["cached"] is True

@@ -233,6 +233,14 @@ def plan_cmd(
             f"over budget:     {len(plan.oversize)} tensor(s) cannot be split by "
             f"{plan.method.name} and exceed the budget: {', '.join(plan.oversize[:5])}"
         )
+        from weightsmith.engine.plan import budget_that_fits, over_budget
+        from weightsmith.pipeline import budget_option
+
+        if over_budget(plan):
+            click.echo(
+                "                 merge will refuse: the peak passes the budget; it runs with "
+                f"--memory-budget {budget_option(budget_that_fits(plan))} or more"
+            )
 
 
 @main.command("inspect")

@@ -14,9 +14,17 @@ import torch
 
 import weightsmith
 from weightsmith.engine.executor import RunStats, execute
-from weightsmith.engine.plan import MergePlan, Source, TensorTask, build_plan, split_units
+from weightsmith.engine.plan import (
+    MergePlan,
+    Source,
+    TensorTask,
+    budget_that_fits,
+    build_plan,
+    over_budget,
+    split_units,
+)
 from weightsmith.engine.summary import build_summary
-from weightsmith.errors import RecipeError
+from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
@@ -24,8 +32,15 @@ from weightsmith.io.writer import OutputDir, ShardWriter
 from weightsmith.lazy import Expr, check_same_keys
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, MergeMethod
+from weightsmith.output_checks import (
+    Protected,
+    check_clear_of_inputs,
+    check_parent_writable,
+    permission_error,
+    protect,
+)
 from weightsmith.recipe import ModelSpec, Recipe, load_recipe, parse_dtype
-from weightsmith.units import parse_size
+from weightsmith.units import format_size, parse_size
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -129,6 +144,7 @@ def merge(
     """
     started = time.perf_counter()
     plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
+    check_before_work(plan, out, overwrite)  # before data steps, which may run models for minutes
 
     def replan(changed: Recipe) -> MergePlan:
         return plan_merge(
@@ -167,6 +183,7 @@ def run_plan(
 ) -> MergeResult:
     """Execute a plan into a new output folder, atomically."""
     started = started if started is not None else time.perf_counter()
+    check_before_work(plan, out, overwrite)
     # torch's own default (one thread per core) measured best on a quiet 2-core machine (ties
     # 36 s vs 44 s with one thread, linear 6.1 s vs 8.3 s); on a machine busy with other work,
     # `--threads 1` avoids spinning at every parallel region. The caller's setting is restored
@@ -197,7 +214,14 @@ def _run_plan(
 ) -> MergeResult:
     shard_bytes = _size(out_shard_size, "out shard size")
     _check_device(device)
-    with OutputDir(out, overwrite=overwrite) as folder:
+    try:
+        output = OutputDir(out, overwrite=overwrite)
+    except OSError as e:
+        message = permission_error(out, e)
+        if message is None:
+            raise
+        raise message from None
+    with output as folder:
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
         reserve_started = time.perf_counter()
         writer = ShardWriter(
@@ -226,6 +250,76 @@ def _run_plan(
         write_side_files(plan, folder, stats, time.perf_counter() - started)
         path = folder.commit()
     return MergeResult(path, plan, stats, time.perf_counter() - started)
+
+
+def check_before_work(plan: MergePlan, out: str | Path, overwrite: bool) -> None:
+    """What can be known wrong before any tensor is read: OUT overlapping an input, an OUT
+    folder we cannot write, a tensor the memory budget cannot hold. Every path that writes a
+    merge (``merge``, ``run_plan``, the lazy API's ``save``) goes through here."""
+    check_clear_of_inputs(out, protected_inputs(plan), overwrite)
+    check_parent_writable(out)
+    check_fits_budget(plan)
+
+
+def protected_inputs(plan: MergePlan) -> list[Protected]:
+    """Every path a merge reads: model folders (Hub snapshots included) or single files, each
+    shard (symlinks resolved: Hub blobs), checkpoints that parameters name, the tokenizer
+    source, the recipe file and data files."""
+    recipe = plan.recipe
+    out: list[Protected] = []
+    n_inputs = (recipe.base_model is not None) + len(recipe.models)
+    for i, ckpt in enumerate(plan.checkpoints):
+        label = f"input model {ckpt.ref!r}" if i < n_inputs else f"checkpoint {ckpt.ref!r} a parameter names"
+        out += _checkpoint_paths(label, ckpt, recipe.search_dirs)
+    source = recipe.tokenizer_source
+    if source not in (None, "base") and not any(c.ref == source for c in plan.checkpoints):
+        out.append(protect(f"tokenizer source {source!r}", _tokenizer_root(plan), folder=True))
+    if recipe.source is not None:
+        out.append(protect("recipe file", recipe.source, folder=False))
+    for block in ("evaluation", "calibration"):
+        data = (getattr(recipe, block) or {}).get("data")
+        if isinstance(data, str):
+            out.append(protect(f"{block} data", recipe.data_path(data), folder=False))
+    return out
+
+
+def _checkpoint_paths(label: str, ckpt: Checkpoint, search_dirs: tuple[Path, ...]) -> list[Protected]:
+    ref = Path(ckpt.ref).expanduser()
+    candidates = [ref, *(d / ref for d in search_dirs if not ref.is_absolute())]
+    given = next((p for p in candidates if p.exists()), None)
+    single = given is not None and given.is_file() and not given.name.endswith(".index.json")
+    # A single .safetensors file is protected as a file: writing beside it is fine. Anything
+    # else (a folder, an index, a Hub snapshot) is a model folder.
+    paths = [protect(label, given, folder=False)] if single else [protect(label, ckpt.root, folder=True)]
+    paths += [protect(label, ckpt.root / shard, folder=False) for shard in ckpt.shard_files]
+    return paths
+
+
+def check_fits_budget(plan: MergePlan) -> None:
+    """A tensor the method cannot merge in row blocks gets a one-off buffer; when that takes
+    the merge past the memory budget it would die mid-merge (or swap): refuse before any
+    work, saying what it needs and the budget that runs it."""
+    if not over_budget(plan):
+        return
+    fits = budget_that_fits(plan)
+    task = max((t for t in plan.tasks if t.name in plan.oversize), key=lambda t: t.numel)
+    others = f" (and {len(plan.oversize) - 1} more)" if len(plan.oversize) > 1 else ""
+    raise MergeError(
+        f"tensor {task.name!r} {list(task.shape)}{others}: `{plan.method.name}` with these "
+        "parameters cannot merge it in row blocks, so the merge needs about "
+        f"{plan.peak_estimate:,} bytes ({format_size(plan.peak_estimate)}) of tensor memory, over "
+        f"the memory budget of {plan.memory_budget:,} bytes ({format_size(plan.memory_budget)}). "
+        f"Pass --memory-budget {budget_option(fits)} (memory_budget= in Python) or more, or use "
+        "a method or parameters that merge in row blocks (`weightsmith plan` shows them; e.g. "
+        "linear, task_arithmetic, or ties with scope: model)"
+    )
+
+
+def budget_option(n: int) -> str:
+    """A --memory-budget value at least ``n`` bytes, rounded up to whole KB or MB."""
+    if n < 10**6:
+        return f"{-(-n // 10**3)}KB"
+    return f"{-(-n // 10**6)}MB"
 
 
 def save_expression(

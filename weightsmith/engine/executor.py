@@ -415,8 +415,23 @@ def all_finite(t: torch.Tensor) -> bool:
     ``isfinite().all()`` is an order of magnitude slower on the CPU."""
     if t.numel() == 0:
         return True
+    if t.dtype.is_floating_point and t.element_size() == 1:
+        t = t.float()  # no float8 kernels for aminmax; float8 values are exact in float32
     lo, hi = torch.aminmax(t.reshape(-1))
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _check_float8_range(plan: MergePlan, unit: WorkUnit, out: torch.Tensor) -> None:
+    task = unit.task
+    if not all_finite(out):
+        raise MergeError(
+            f"tensor {task.name!r}: the merge produced NaN/Inf; {_nonfinite_culprit(plan, unit)}"
+        )
+    if out.numel() and float(out.abs().max()) > torch.finfo(task.out_dtype).max:
+        raise MergeError(
+            f"tensor {task.name!r}: values overflow {str(task.out_dtype).removeprefix('torch.')} "
+            f"(largest {torch.finfo(task.out_dtype).max:g}); write a wider out_dtype or lower the weights"
+        )
 
 
 def _compute(
@@ -451,6 +466,10 @@ def _compute(
         culprit = _nonfinite_culprit(plan, unit)
         raise MergeError(f"tensor {task.name!r}: NaN/Inf in the inputs; {culprit}") from None
     cast = typed(slot.cast, task.out_dtype, shape)
+    if task.out_dtype.is_floating_point and task.out_dtype.itemsize == 1:
+        # torch saturates casts to float8 (Inf and 1e6 both become 448 in e4m3fn), so the
+        # check below could not see them: check the range in the compute dtype first.
+        _check_float8_range(plan, unit, out)
     cast.copy_(out)
     if task.out_dtype.is_floating_point and not all_finite(cast):
         if not all_finite(out):

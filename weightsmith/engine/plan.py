@@ -7,8 +7,9 @@ front), and how huge tensors are split into row blocks to stay under the memory 
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -187,9 +188,12 @@ def _convert(param: Param, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise RecipeError(f"{where}: `{param.name}` must be a number, got {value!r}")
         try:
-            return param.kind(float(value)) if param.kind is int else float(value)
+            number = float(value)
         except ValueError:
             raise RecipeError(f"{where}: `{param.name}` must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise RecipeError(f"{where}: `{param.name}` must be a finite number, got {value!r}")
+        return param.kind(number) if param.kind is int else number
     return value
 
 
@@ -330,11 +334,13 @@ def build_plan(
         if not is_float(ref_entry.dtype):
             # Integer and bool buffers (position ids, masks, counters) are never merged: they
             # come from the reference, and inputs need not have them (transformers often
-            # leaves such buffers out of newer saves).
+            # leaves such buffers out of newer saves). One that is float elsewhere is not a
+            # buffer: copying it would drop the fine-tunes silently.
             for idx in model_indices:
                 key = _find_key(checkpoints[idx], name, prefixes[idx])
                 if key is not None:
                     used[idx].add(key)
+                    _check_same_kind(checkpoints, ref_index, name, idx, key)
             src = Source(ref_index, name)
             tasks.append(TensorTask(name, ref_entry.shape, ref_entry.dtype, "copy", [], src))
             continue
@@ -348,6 +354,7 @@ def build_plan(
                     "has; all inputs must share one architecture"
                 )
             used[idx].add(key)
+            _check_same_kind(checkpoints, ref_index, name, idx, key)
             sources.append(Source(idx, key))
         base_src = Source(0, name) if base_index is not None else None
         shape, sources, base_src = _align_shapes(
@@ -398,6 +405,28 @@ def build_plan(
     if note:
         plan.notes.append(note)
     return plan
+
+
+def _check_same_kind(checkpoints: list[Checkpoint], ref: int, name: str, idx: int, key: str) -> None:
+    """An integer (or bool) tensor where the reference has a float one, or the reverse, is
+    refused: merging integers as numbers, or copying the reference and ignoring the others,
+    would both give a silently wrong model."""
+    ref_dtype, dtype = checkpoints[ref].entry(name).dtype, checkpoints[idx].entry(key).dtype
+    if is_float(ref_dtype) == is_float(dtype):
+        return
+    odd, other = (idx, ref) if is_float(ref_dtype) else (ref, idx)
+    odd_dtype = checkpoints[odd].entry(key if odd == idx else name).dtype
+    other_dtype = checkpoints[other].entry(key if other == idx else name).dtype
+    raise MergeError(
+        f"model {checkpoints[odd].ref!r} ({checkpoints[odd].root}): tensor {name!r} is "
+        f"{_dtype_name(odd_dtype)} but {checkpoints[other].ref!r} has it as "
+        f"{_dtype_name(other_dtype)}; integer and float tensors cannot be merged. Re-save that "
+        "model with the tensor in floating point (or check it is the right checkpoint)"
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _open_aux_checkpoints(
@@ -590,6 +619,35 @@ def bytes_per_element(plan: MergePlan) -> tuple[int, int]:
     declared = plan.method.scratch_per_element
     scratch = declared(n_models, plan.compute_dtype) if declared else None
     return slot, (n_models + 1) * cs if scratch is None else scratch
+
+
+def over_budget(plan: MergePlan) -> bool:
+    """A tensor the method cannot split is bigger than the budget's units, and its one-off
+    buffer takes the estimated peak past the budget itself."""
+    return bool(plan.oversize) and plan.peak_estimate > plan.memory_budget
+
+
+def budget_that_fits(plan: MergePlan) -> int:
+    """The smallest memory budget (to 1%) under which ``plan`` is not ``over_budget``."""
+    slot_bytes, scratch = bytes_per_element(plan)
+    fixed = plan.method.fixed_scratch(len(plan.model_indices)) if plan.method.fixed_scratch else 0
+    numel = max((t.numel for t in plan.tasks if t.name in plan.oversize), default=0)
+    # With this budget no tensor is oversize: split_units' capacity rule solved for numel.
+    high = (numel * (SLOTS * slot_bytes + scratch) + fixed) * 5 // 4 + 5
+    low = plan.memory_budget
+    while high - low > max(low // 100, 1):
+        mid = (low + high) // 2
+        if over_budget(_with_budget(plan, mid)):
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def _with_budget(plan: MergePlan, memory_budget: int) -> MergePlan:
+    trial = replace(plan, memory_budget=memory_budget, units=[], oversize=[], notes=[])
+    split_units(trial)
+    return trial
 
 
 def split_units(plan: MergePlan) -> None:

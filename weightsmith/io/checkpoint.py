@@ -282,6 +282,10 @@ def _fingerprint(path: Path, size: int, blocks: int = 16, block: int = 1 << 16) 
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if 8 + n > size:
+            # Not a safetensors header (a torch zip starts "PK\x03\x04..."): sample the
+            # whole file instead of seeking to an offset past its end.
+            n = 0
         digest.update(head + f.read(min(n, 10**8)))
         start = 8 + n
         span = max(size - start - block, 0)
