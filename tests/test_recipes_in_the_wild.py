@@ -15,6 +15,7 @@ that uses it (and nothing else missing) a test that must pass.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,16 @@ def slice_depth(node: Any) -> int:
     return 0
 
 
+def rewrite_text(text: str, paths: dict[str, str]) -> str:
+    """The recipe text, comments and layout kept, with each model reference replaced (longest
+    first, whole references only; ``test_corpus_is_complete_and_consistent`` checks that this
+    parses to exactly what ``rewrite`` gives)."""
+    for ref in sorted(paths, key=len, reverse=True):
+        pattern = r"(?<![\w./\\+-])" + re.escape(ref) + r"(?![\w./\\+-])"
+        text = re.sub(pattern, lambda _, new=paths[ref]: new, text)
+    return text
+
+
 def output_depth(docs: list[dict[str, Any]], entry: dict[str, Any]) -> int:
     """Layers the merged model must have: the sum of the final stage's slice lengths, or the
     depth of the inputs when it has no slices."""
@@ -187,8 +198,7 @@ def test_recipe_plans_and_merges(entry: dict[str, Any], zoo: CheckpointZoo, tmp_
     arch, layers = entry["architecture"], entry["layers"]
     paths = {ref: zoo.resolve(arch, layers, local) for ref, local in entry["models"].items()}
     recipe = tmp_path / entry["file"]
-    rewritten = [rewrite(d, paths) for d in docs]
-    recipe.write_text(yaml.safe_dump_all(rewritten, sort_keys=False, allow_unicode=True))
+    recipe.write_text(rewrite_text((CORPUS / entry["file"]).read_text(), paths))
     runner = CliRunner()
 
     planned = runner.invoke(main, ["plan", str(recipe)])
@@ -217,6 +227,9 @@ def test_corpus_is_complete_and_consistent() -> None:
         assert entry["architecture"] in ARCHITECTURE_CLASS, entry["file"]
         assert entry["slice_depth"] == slice_depth(docs), entry["file"]
         assert entry["layers"] >= entry["slice_depth"], entry["file"]
+        fake = {ref: f"/zoo/{entry['architecture']}/{local}" for ref, local in entry["models"].items()}
+        substituted = [d for d in yaml.safe_load_all(rewrite_text(text, fake)) if d is not None]
+        assert substituted == [rewrite(d, fake) for d in docs], f"{entry['file']}: text rewrite differs"
         unknown = set(entry["features"]) - SUPPORTED - set(NOT_YET_SUPPORTED)
         assert not unknown, f"{entry['file']}: unknown features {sorted(unknown)}"
     runnable = [e for e in MANIFEST if not missing_features(e)]
