@@ -161,6 +161,29 @@ def test_a_journaled_block_whose_bytes_changed_is_redone(setup, tmp_path, capfd)
     assert_same_output(out, reference)
 
 
+def test_resume_under_another_memory_budget_redoes_the_blocks_that_moved(family, tmp_path):
+    """The budget is not part of the fingerprint (an OOM-killed merge resumes with a smaller
+    one); whole tensors journaled before are redone as row blocks, the rest is reused."""
+    base, models = family
+    recipe = tmp_path / "ta.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in models],
+        "parameters": {"lambda": 0.8},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }))
+    reference = tmp_path / "ref" / "out"
+    weightsmith.merge(str(recipe), reference)
+    out = tmp_path / "out"
+    killed_merge(recipe, out, 20)
+    result = weightsmith.merge(str(recipe), out, memory_budget="6KB", resume=True)
+    assert len(result.plan.units) > len(result.plan.tasks)  # really split
+    assert 0 < result.stats.reused_blocks < 20
+    assert_same_output(out, reference)
+
+
 def test_resume_with_nothing_to_resume_starts_afresh(setup, tmp_path, capfd):
     _, _, recipe, reference = setup
     weightsmith.merge(str(recipe), tmp_path / "out", out_shard_size="30KB", resume=True)

@@ -210,7 +210,7 @@ def plan_fingerprint(plan: MergePlan, shard_bytes: int, device: str) -> dict[str
         "inputs": digest([c.provenance() for c in plan.checkpoints]),
         "options": {
             "out_shard_size": shard_bytes,
-            "device": device,
+            "device": device.split(":")[0],  # which GPU does not change the bytes
             "weightsmith_version": weightsmith.__version__,
         },
     }
@@ -286,7 +286,10 @@ def _run_plan(
         )
         reserve_seconds = time.perf_counter() - reserve_started
         try:
-            reused = writer.reuse(folder.journal.entries) if folder.resumed and folder.journal else {}
+            reused = {}
+            if folder.resumed and folder.journal:
+                blocks = {(u.task.name, u.rows) for u in plan.units}
+                reused = writer.reuse(folder.journal.entries, blocks)
             if folder.resumed:
                 print(
                     f"resume: {len(reused)} written blocks check out and are kept; computing the rest",

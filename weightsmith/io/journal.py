@@ -3,9 +3,12 @@
 It lives in OUT's hidden temporary folder beside the shards. The first line is a header naming
 the plan's fingerprint (recipe, inputs, byte-changing options); each further line records one
 written unit: tensor, rows, shard, offset, length, the crc32 of its bytes and the operator's
-statistics for it. Lines are appended and fdatasync'd one by one, so after a power loss at most
-the last line is torn, and it is ignored. A resumed merge re-reads and re-checks every range it
-reuses, so a line whose bytes never reached the disk only costs a redo.
+statistics for it. Lines are appended and fdatasync'd in batches (every ``SYNC_EVERY`` lines or
+``SYNC_BYTES`` of recorded output), so a power loss costs at most one batch of
+redone work; a torn or garbled tail is ignored. Durability of a line is not trusted anyway: a
+resumed merge re-reads and re-checks every range it reuses, so a line whose bytes never
+reached the disk only costs a redo. (Syncing each line would force a filesystem commit per
+tensor, thousands for a big model split in row blocks.)
 
 While a merge runs it holds an ``flock`` on the journal; the kernel drops it when the process
 dies (SIGKILL, OOM killer, power loss), which is how a later run tells a stale temporary folder
@@ -25,6 +28,8 @@ from typing import Any
 
 JOURNAL_NAME = ".weightsmith-journal.jsonl"
 FORMAT = 1
+SYNC_EVERY = 32  # lines
+SYNC_BYTES = 256 << 20  # bytes of output the unsynced lines describe
 
 
 def checksum(data: memoryview | bytes) -> int:
@@ -81,6 +86,7 @@ class Journal:
         self.entries = entries
         self.durable = durable
         self._lock = threading.Lock()
+        self._unsynced = (0, 0)  # lines, bytes described
 
     @classmethod
     def create(cls, folder: Path, header: dict[str, Any], durable: bool = True) -> Journal:
@@ -89,6 +95,7 @@ class Journal:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         journal = cls(path, fd, {"weightsmith_journal": FORMAT, **header}, [], durable)
         journal._append(json.dumps(journal.header, separators=(",", ":")))
+        journal.sync()
         return journal
 
     @classmethod
@@ -111,14 +118,21 @@ class Journal:
         with self._lock:
             self._append(entry.to_json())
             self.entries.append(entry)
+            lines, nbytes = self._unsynced
+            self._unsynced = (lines + 1, nbytes + entry.nbytes)
+            if self._unsynced[0] >= SYNC_EVERY or self._unsynced[1] >= SYNC_BYTES:
+                self.sync()
 
     def _append(self, line: str) -> None:
         data = (line + "\n").encode()
         done = 0
         while done < len(data):
             done += os.write(self.fd, data[done:])
-        if self.durable:
+
+    def sync(self) -> None:
+        if self.durable and self.fd >= 0:
             os.fdatasync(self.fd)
+        self._unsynced = (0, 0)
 
     def close(self) -> None:
         if self.fd >= 0:

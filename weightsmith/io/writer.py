@@ -381,18 +381,22 @@ class ShardWriter:
         self.written[name] = self.written.get(name, 0) + expected
         return journal.checksum(view)
 
-    def reuse(self, entries: list[journal.Entry]) -> dict[tuple[str, tuple[int, int] | None], journal.Entry]:
+    def reuse(
+        self, entries: list[journal.Entry], blocks: set[tuple[str, tuple[int, int] | None]]
+    ) -> dict[tuple[str, tuple[int, int] | None], journal.Entry]:
         """The journaled blocks whose bytes are still on disk as recorded, keyed by (tensor, rows).
 
-        Each is re-read and its crc32 compared; a block of a re-laid-out shard, one whose place
-        in the plan moved, or one whose bytes changed is left out, so it is computed again.
+        Only blocks this run would write (``blocks``: another memory budget splits rows
+        differently) are considered. Each is re-read and its crc32 compared; a block of a
+        re-laid-out shard, one whose place moved, or one whose bytes changed is left out, so it
+        is computed again.
         """
         latest: dict[tuple[str, tuple[int, int] | None], journal.Entry] = {}
         for entry in entries:
             latest[(entry.tensor, entry.rows)] = entry  # a redo supersedes the earlier entry
         good = {}
         for key, entry in latest.items():
-            if entry.tensor not in self.slots:
+            if key not in blocks or entry.tensor not in self.slots:
                 continue
             shard, offset, nbytes = self.span(*key)
             if (
