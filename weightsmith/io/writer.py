@@ -124,8 +124,8 @@ def _differs(header: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
     old_opts, new_opts = old.get("options") or {}, new.get("options") or {}
     for key in sorted(set(old_opts) | set(new_opts)):
         if old_opts.get(key) != new_opts.get(key):
-            changed.append(f"{key} ({old_opts.get(key)!r}, now {new_opts.get(key)!r})")
-    return "changed since: " + ", ".join(changed or ["the plan fingerprint"])
+            changed.append(f"{key} (was {old_opts.get(key)!r}, now {new_opts.get(key)!r})")
+    return ", ".join(changed or ["the plan fingerprint"]) + " changed since"
 
 
 class OutputDir:
@@ -168,7 +168,7 @@ class OutputDir:
         except OSError as e:
             raise OutputError(f"{self.out}: cannot create its folder ({e.strerror or e})") from e
         leftovers = find_leftovers(self.dest) if journal_header is not None else []
-        chosen = self._choose(leftovers, journal_header, resume) if resume else None
+        chosen = self._choose(leftovers, journal_header) if resume else None
         if resume and chosen is None:
             notify(f"note: nothing to resume for {self.out}: no interrupted merge of it was found; "
                    "starting afresh")
@@ -195,9 +195,7 @@ class OutputDir:
                 raise OutputError(f"{self.out}: cannot prepare the output ({e.strerror or e})") from e
             raise
 
-    def _choose(
-        self, leftovers: list[Leftover], header: dict[str, Any] | None, resume: bool
-    ) -> Leftover | None:
+    def _choose(self, leftovers: list[Leftover], header: dict[str, Any] | None) -> Leftover | None:
         """The newest leftover of this very plan; a refusal if only other plans' are there."""
         header = header or {}
         for leftover in leftovers:
@@ -207,8 +205,8 @@ class OutputDir:
         if others:
             lo = others[0]
             raise OutputError(
-                f"cannot resume {self.out}: the interrupted merge in {lo.path} was planned "
-                f"differently ({_differs(lo.header, header)}); resuming would mix two merges. "
+                f"cannot resume {self.out}: the interrupted merge in {lo.path} does not match this "
+                f"one ({_differs(lo.header, header)}); resuming would mix two merges. "
                 f"To start over, remove it (rm -rf {shlex.quote(str(lo.path))}) and run without "
                 "--resume, or resume it with the recipe, inputs and options it was started with."
             )
@@ -223,8 +221,11 @@ class OutputDir:
         diff = _differs(leftover.header, header)
         if diff:
             return f"{what}; it cannot be resumed by this command ({diff}); {remove}"
-        resume = f"resume it with: {resume_command}" if resume_command else "resume it with --resume"
-        return f"{what}; this run does not use it. To continue it instead, {resume}; or {remove}"
+        resume = f"stop this run and run: {resume_command}" if resume_command else "pass --resume"
+        return (
+            f"{what}; this run starts afresh and leaves it in place. To continue it instead, "
+            f"{resume}; or {remove}"
+        )
 
     def path(self, name: str) -> Path:
         return self.tmp / name
