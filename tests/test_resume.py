@@ -121,6 +121,25 @@ def test_cli_resume_flag_and_a_stale_folder_is_reported_never_deleted(setup, tmp
     assert not leftovers(tmp_path)
 
 
+def test_a_resumed_merge_killed_again_resumes_again(setup, tmp_path):
+    _, _, recipe, reference = setup
+    out = tmp_path / "out"
+    tmp = killed_merge(recipe, out, 5, "--out-shard-size", "30KB")
+    proc = run_cli(
+        ["merge", str(recipe), str(out), "--out-shard-size", "30KB", "--resume", "-q"],
+        env_extra={"WEIGHTSMITH_TEST_KILL_AFTER": "6"},
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert leftovers(tmp_path) == [tmp]  # the same folder, journal appended to
+    assert len((tmp / JOURNAL_NAME).read_text().splitlines()) == 1 + 5 + 6
+    proc = run_cli(["merge", str(recipe), str(out), "--out-shard-size", "30KB", "--resume"])
+    assert proc.returncode == 0, proc.stderr
+    assert "resume: 11 written blocks check out" in proc.stderr
+    assert "resumed: kept 11 verified blocks" in proc.stdout
+    assert_same_output(out, reference)
+    assert not leftovers(tmp_path)
+
+
 def test_resume_with_a_changed_recipe_input_or_option_is_refused(setup, tmp_path):
     base, models, recipe, _ = setup
     out = tmp_path / "out"

@@ -147,6 +147,11 @@ def merge_cmd(
             f"{result.out} in {result.seconds:.2f}s (read {format_size(s.bytes_read)}, wrote "
             f"{format_size(s.bytes_written)}, {format_size(rate)}/s)"
         )
+        if s.reused_blocks:
+            click.echo(
+                f"  resumed: kept {s.reused_blocks} verified blocks ({format_size(s.reused_bytes)}) "
+                "of the interrupted run"
+            )
         if s.global_passes:
             click.echo(f"  {s.global_passes} statistics passes before the output pass")
         for line in (s.summary or {}).get("lines", []):

@@ -175,6 +175,11 @@ class OutputDir:
         for leftover in leftovers:
             if leftover is not chosen:
                 notify(self._describe(leftover, journal_header or {}, resume_command))
+        for old in self.dest.parent.glob(f".{glob.escape(self.dest.name)}.weightsmith-old-*"):
+            notify(
+                f"note: {old} holds what {self.out} held before an --overwrite that was killed "
+                f"while swapping folders; move it back or remove it (rm -rf {shlex.quote(str(old))})"
+            )
         fresh_name = f".{self.dest.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
         self.tmp = chosen.path if chosen else self.dest.parent / fresh_name
         created = chosen is None
