@@ -173,8 +173,12 @@ def _resume_command(
     allow_pickle: bool,
 ) -> str:
     """The command that resumes this merge, for the note about an interrupted one."""
-    if not isinstance(recipe, (str, Path)) or "\n" in str(recipe) or not Path(recipe).is_file():
-        return f"weightsmith.merge(<this recipe>, {str(out)!r}, ..., resume=True)"
+    api = f"weightsmith.merge(<this recipe>, {str(out)!r}, ..., resume=True)"
+    try:
+        if not isinstance(recipe, (str, Path)) or "\n" in str(recipe) or not Path(recipe).is_file():
+            return api
+    except OSError:  # a one-line YAML string too long for a file name
+        return api
     words = ["weightsmith", "merge", str(recipe), str(out)]
     if str(out_shard_size) != DEFAULT_SHARD_SIZE:
         words += ["--out-shard-size", str(out_shard_size)]
