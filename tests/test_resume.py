@@ -1,6 +1,7 @@
 """Interrupted merges: SIGKILL leaves a resumable temporary folder, `--resume` continues it
 byte for byte, later runs report it, and signals, symlinks and full disks leave nothing behind."""
 
+import errno
 import json
 import os
 import signal
@@ -222,3 +223,19 @@ def test_a_folder_in_use_by_a_running_merge_is_not_reported(setup, tmp_path, cap
     finally:
         journal.close()
     assert busy.is_dir()
+
+
+def test_disk_full_counts_the_space_stale_folders_hold(family, tmp_path, monkeypatch, capfd):
+    base, models = family
+    stale = tmp_path / ".out.weightsmith-tmp-dead0000"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 200_000)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OutputError, match="disk full") as e:
+        weightsmith.merge(ties_recipe(base, models), tmp_path / "out")
+    assert "Interrupted merges" in str(e.value) and "hold 2" in str(e.value)
+    assert str(stale) in capfd.readouterr().err and stale.is_dir()

@@ -18,7 +18,7 @@ import weightsmith
 from weightsmith.engine.executor import RunStats, execute
 from weightsmith.engine.plan import MergePlan, Source, TensorTask, build_plan, split_units
 from weightsmith.engine.summary import build_summary
-from weightsmith.errors import RecipeError
+from weightsmith.errors import OutputError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
@@ -27,7 +27,7 @@ from weightsmith.lazy import Expr, check_same_keys
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeInputs, MergeMethod
 from weightsmith.recipe import ModelSpec, Recipe, load_recipe, parse_dtype
-from weightsmith.units import parse_size
+from weightsmith.units import format_size, parse_size
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -280,14 +280,23 @@ def _run_plan(
     ) as folder:
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
         reserve_started = time.perf_counter()
-        writer = ShardWriter(
-            folder.tmp,
-            layout,
-            shard_bytes,
-            {"weightsmith_version": weightsmith.__version__},
-            out=folder.out,
-            resume=folder.resumed,
-        )
+        try:
+            writer = ShardWriter(
+                folder.tmp,
+                layout,
+                shard_bytes,
+                {"weightsmith_version": weightsmith.__version__},
+                out=folder.out,
+                resume=folder.resumed,
+            )
+        except OutputError as e:
+            stale = sum(lo.nbytes for lo in folder.leftovers if lo.path != folder.tmp)
+            if not stale or "disk full" not in str(e):
+                raise
+            raise OutputError(
+                f"{e} Interrupted merges of {folder.out} hold {format_size(stale)} of it in the "
+                "temporary folders named above."
+            ) from e
         reserve_seconds = time.perf_counter() - reserve_started
         try:
             reused = {}

@@ -168,6 +168,7 @@ class OutputDir:
         except OSError as e:
             raise OutputError(f"{self.out}: cannot create its folder ({e.strerror or e})") from e
         leftovers = find_leftovers(self.dest) if journal_header is not None else []
+        self.leftovers = leftovers
         chosen = self._choose(leftovers, journal_header) if resume else None
         if resume and chosen is None:
             notify(f"note: nothing to resume for {self.out}: no interrupted merge of it was found; "
