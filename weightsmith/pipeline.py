@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from weightsmith.engine.plan import (
     split_units,
 )
 from weightsmith.engine.summary import build_summary
-from weightsmith.errors import MergeError, RecipeError
+from weightsmith.errors import MergeError, OutputError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
@@ -137,10 +139,14 @@ def merge(
     allow_pickle: bool = False,
     progress: bool = False,
     fsync: bool = True,
+    resume: bool = False,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
 
-    ``recipe`` is a YAML path, a YAML string or a dict in mergekit's format.
+    ``recipe`` is a YAML path, a YAML string or a dict in mergekit's format. ``resume``
+    continues a merge of the same plan (recipe, inputs, shard size, device) into the same
+    ``out`` that was killed before it finished, reusing the blocks it wrote once re-checked;
+    the output is byte for byte what an uninterrupted run writes.
     """
     started = time.perf_counter()
     plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
@@ -166,7 +172,69 @@ def merge(
         progress=progress,
         fsync=fsync,
         started=started,
+        resume=resume,
+        resume_command=_resume_command(
+            recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle
+        ),
     )
+
+
+def _resume_command(
+    recipe: Any,
+    out: str | Path,
+    out_shard_size: str | int,
+    overwrite: bool,
+    random_seed: int | None,
+    device: str,
+    allow_pickle: bool,
+) -> str:
+    """The command that resumes this merge, for the note about an interrupted one."""
+    api = f"weightsmith.merge(<this recipe>, {str(out)!r}, ..., resume=True)"
+    try:
+        if not isinstance(recipe, (str, Path)) or "\n" in str(recipe) or not Path(recipe).is_file():
+            return api
+    except OSError:  # a one-line YAML string too long for a file name
+        return api
+    words = ["weightsmith", "merge", str(recipe), str(out)]
+    if str(out_shard_size) != DEFAULT_SHARD_SIZE:
+        words += ["--out-shard-size", str(out_shard_size)]
+    if random_seed is not None:
+        words += ["--random-seed", str(random_seed)]
+    if device != "cpu":
+        words += ["--device", device]
+    if allow_pickle:
+        words.append("--allow-pickle")
+    if overwrite:
+        words.append("--overwrite")
+    return shlex.join([*words, "--resume"])
+
+
+def plan_fingerprint(plan: MergePlan, shard_bytes: int, device: str) -> dict[str, Any]:
+    """What must not change for an interrupted merge to be resumed: the plan (recipe, method,
+    every task with its parameters, dtypes and seed), the inputs' shard fingerprints, and the
+    options that change the output's bytes. The memory budget is not among them: a resumed run
+    may use another one (it only re-splits rows, and re-does the blocks whose span moved)."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()
+
+    parts = {
+        "plan": digest(
+            {
+                "recipe": plan.recipe.to_yaml(),
+                "method": plan.method.name,
+                "compute_dtype": str(plan.compute_dtype),
+                "tasks": [repr(t) for t in plan.tasks],
+            }
+        ),
+        "inputs": digest([c.provenance() for c in plan.checkpoints]),
+        "options": {
+            "out_shard_size": shard_bytes,
+            "device": device.split(":")[0],  # which GPU does not change the bytes
+            "weightsmith_version": weightsmith.__version__,
+        },
+    }
+    return {"fingerprint": digest(parts), "parts": parts}
 
 
 def run_plan(
@@ -180,8 +248,10 @@ def run_plan(
     progress: bool = False,
     fsync: bool = True,
     started: float | None = None,
+    resume: bool = False,
+    resume_command: str | None = None,
 ) -> MergeResult:
-    """Execute a plan into a new output folder, atomically."""
+    """Execute a plan into a new output folder, atomically (``resume``: see ``merge``)."""
     started = started if started is not None else time.perf_counter()
     check_before_work(plan, out, overwrite)
     # torch's own default (one thread per core) measured best on a quiet 2-core machine (ties
@@ -194,7 +264,9 @@ def run_plan(
         torch.set_num_threads(threads)
         previous_kernel_threads = fused.set_threads(threads)  # the fused kernels' pool too
     try:
-        return _run_plan(plan, out, out_shard_size, overwrite, device, threads, progress, fsync, started)
+        return _run_plan(
+            plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command
+        )
     finally:
         torch.set_num_threads(previous)
         if previous_kernel_threads is not None:
@@ -207,15 +279,23 @@ def _run_plan(
     out_shard_size: str | int,
     overwrite: bool,
     device: str,
-    threads: int | None,
     progress: bool,
     fsync: bool,
     started: float,
+    resume: bool,
+    resume_command: str | None,
 ) -> MergeResult:
     shard_bytes = _size(out_shard_size, "out shard size")
     _check_device(device)
     try:
-        output = OutputDir(out, overwrite=overwrite)
+        output = OutputDir(
+            out,
+            overwrite=overwrite,
+            journal_header=plan_fingerprint(plan, shard_bytes, device),
+            resume=resume,
+            resume_command=resume_command,
+            durable=fsync,
+        )
     except OSError as e:
         message = permission_error(out, e)
         if message is None:
@@ -224,17 +304,43 @@ def _run_plan(
     with output as folder:
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
         reserve_started = time.perf_counter()
-        writer = ShardWriter(
-            folder.tmp, layout, shard_bytes, {"weightsmith_version": weightsmith.__version__}
-        )
+        try:
+            writer = ShardWriter(
+                folder.tmp,
+                layout,
+                shard_bytes,
+                {"weightsmith_version": weightsmith.__version__},
+                out=folder.out,
+                resume=folder.resumed,
+            )
+        except OutputError as e:
+            stale = sum(lo.nbytes for lo in folder.leftovers if lo.path != folder.tmp)
+            if not stale or "disk full" not in str(e):
+                raise
+            raise OutputError(
+                f"{e} Interrupted merges of {folder.out} hold {format_size(stale)} of it in the "
+                "temporary folders named above."
+            ) from e
         reserve_seconds = time.perf_counter() - reserve_started
         try:
+            reused = {}
+            if folder.resumed and folder.journal:
+                blocks = {(u.task.name, u.rows) for u in plan.units}
+                reused = writer.reuse(folder.journal.entries, blocks)
+            if folder.resumed:
+                print(
+                    f"resume: {len(reused)} written blocks check out and are kept; computing the rest",
+                    file=sys.stderr,
+                    flush=True,
+                )
             bar = _progress_bar(plan, progress)
             stats = execute(
                 plan,
                 writer,
                 device=device,
                 progress=bar.update if bar else None,
+                journal=folder.journal,
+                reused=reused,
             )
             if bar:
                 bar.close()
@@ -420,6 +526,8 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         "stage_seconds": {k: round(v, 3) for k, v in stats.timings.items()},
         "bytes_read": stats.bytes_read,
         "bytes_written": stats.bytes_written,
+        **({"resumed": {"reused_blocks": stats.reused_blocks, "reused_bytes": stats.reused_bytes}}
+           if stats.reused_blocks else {}),
         "tensors": len(plan.tasks),
         "per_tensor": stats.report,
         **({"summary": stats.summary} if stats.summary else {}),
