@@ -3,8 +3,10 @@ same arguments, same results bit for bit, on tensors that live on a GPU.
 
 The kernels (``cuda_kernels.py``) are numba.cuda kernels launched on torch CUDA tensors
 through the CUDA array interface (zero copy; CuPy arrays share memory with torch the same way,
-``torch.as_tensor(cupy_array, device="cuda")``), on the tensor's current torch stream unless a
-``stream`` is given, so they order with the engine's torch work on that stream. Under numba's
+``torch.as_tensor(cupy_array, device="cuda")``), on torch's current stream, so they order with
+the engine's torch work (``with torch.cuda.stream(s):`` moves both). Small parameter and
+result arrays come from torch's caching allocator; the report's numbers and the histograms
+are read back to the host at the end of each call (a stream synchronization). Under numba's
 CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` set before numba.cuda is first imported) the same
 kernels run on CPU tensors, which is how CI checks them (tests/test_gpu_sim.py).
 
@@ -83,9 +85,10 @@ def usable(delta: torch.Tensor) -> bool:
 
 
 def _array(x: torch.Tensor, name: str) -> Any:
-    """The kernels' view of a tensor: zero-copy on a device, the numpy view in the simulator."""
+    """The kernels' view of a tensor: zero-copy on a device, the numpy view in the simulator.
+    (No stream sync on export: the kernels run on the stream the tensor's work is on.)"""
     if x.device.type == "cuda":
-        return _cuda().as_cuda_array(x.detach())
+        return _cuda().as_cuda_array(x.detach(), sync=False)
     if simulated():
         return x.detach().numpy()
     raise MergeError(
@@ -94,51 +97,51 @@ def _array(x: torch.Tensor, name: str) -> Any:
     )
 
 
-def _stream(like: torch.Tensor, stream: Any) -> Any:
-    """A numba stream: the given one (torch or numba), else torch's current stream on the
-    tensor's device, so the kernels run in order with the engine's torch work."""
-    cuda = _cuda()
-    if simulated():
-        return cuda.stream()  # the simulator runs everything synchronously
-    if stream is None:
-        stream = torch.cuda.current_stream(like.device)
-    if isinstance(stream, torch.cuda.Stream):
-        return cuda.external_stream(stream.cuda_stream)
-    return stream
-
-
-def _small(values: Any, dtype: Any, stream: Any) -> Any:
-    return _cuda().to_device(np.ascontiguousarray(values, dtype=dtype), stream=stream)
-
-
 def _blocks(n: int) -> int:
     return (n + LAUNCH.chunk - 1) // LAUNCH.chunk
 
 
-def _grid(n: int) -> tuple[int, int]:
-    return _blocks(n), _k().THREADS
-
-
 def selection_bytes(selections: int) -> int:
     """Device histogram memory of exact selection for this many selections (two levels alive
-    at most, 65536 uint64 buckets each)."""
+    at most, 65536 int64 buckets each)."""
     return 2 * selections * BUCKETS * 8
 
 
-def new_histograms(rows: int, numel: int, *, stream: Any = None) -> Any:
-    """Device histogram accumulators (``rows`` x 65536 uint64) for ``into`` below, across the
-    row blocks of one tensor; read them with ``sum_histograms``. (``numel`` for the CPU twin's
-    signature: uint64 counts never overflow.)"""
-    zeros = np.zeros((rows, BUCKETS), dtype=np.uint64)
-    return _cuda().to_device(zeros, stream=0 if stream is None else stream)
+def new_histograms(rows: int, numel: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Histogram accumulators (``rows`` x 65536 int64, on ``device``: the current CUDA device,
+    the CPU in the simulator) for ``into`` below, across the row blocks of one tensor; read
+    them with ``sum_histograms``. (``numel`` for the CPU twin's signature: int64 counts never
+    overflow.)"""
+    if device is None:
+        device = "cpu" if simulated() else "cuda"
+    return torch.zeros((rows, BUCKETS), dtype=torch.int64, device=device)
 
 
-def sum_histograms(hist: Any, *, stream: Any = None) -> list[torch.Tensor]:
-    """The host int64 histograms, one per row (what ``RadixSelect.absorb`` takes)."""
-    host = hist.copy_to_host(stream=0 if stream is None else stream)
-    if stream is not None:
-        stream.synchronize()
-    return list(torch.from_numpy(host.astype(np.int64)))
+def sum_histograms(hist: torch.Tensor) -> list[torch.Tensor]:
+    """The host int64 histograms, one per row (what ``RadixSelect.absorb`` takes). Ordered
+    after the kernels on torch's current stream (the default launch stream)."""
+    return list(hist.cpu())
+
+
+def _launch(kernel: Any, n: int, like: torch.Tensor, *args: Any) -> None:
+    """Launch over ``n`` coordinates on torch's current stream of ``like``'s device, so the
+    kernels order with the engine's torch work (``with torch.cuda.stream(s):`` moves both)."""
+    cuda = _cuda()
+    if simulated():
+        stream = cuda.stream()  # the simulator runs everything synchronously
+    else:  # pragma: no cover - needs a GPU
+        stream = cuda.external_stream(torch.cuda.current_stream(like.device).cuda_stream)
+    kernel[_blocks(n), _k().THREADS, stream](*args)
+
+
+def _small(values: Any, dtype: torch.dtype, like: torch.Tensor) -> Any:
+    """A small parameter array beside ``like`` (torch's caching allocator on a device: no
+    cudaMalloc per call), as the kernels see it."""
+    return _array(torch.tensor(np.asarray(values), dtype=dtype, device=like.device), "parameters")
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=like.device)
 
 
 def task_vectors_(
@@ -146,36 +149,30 @@ def task_vectors_(
     base: torch.Tensor,
     histograms: list[bool],
     stats: dict[str, float] | None,
-    into: Any = None,
-    *,
-    stream: Any = None,
+    into: torch.Tensor | None = None,
 ) -> list[torch.Tensor | None]:
     """``fused.task_vectors_`` on the device: delta_i = models[i] - base in place, the input
     statistics into ``stats`` (None: skipped), and the first-level histograms of the models
     with ``histograms[i]`` (returned on the host, or added into ``into``)."""
     n_models = models.shape[0]
     n = base.numel()
-    s = _stream(models, stream)
-    flat = _array(models.reshape(n_models, n), "task_vectors_")
-    want_stats = stats is not None
     if into is not None:
         hist = into
-    elif any(histograms):
-        hist = new_histograms(n_models, n, stream=s)
     else:
-        hist = new_histograms(1, 0, stream=s)
-    nb = _blocks(n) if n else 0
-    fstats = _small(np.zeros((max(nb, 1), 1 + 2 * n_models)), np.float64, s)
-    istats = _small(np.zeros((max(nb, 1), n_models), dtype=np.int64), np.int64, s)
+        hist = _zeros((n_models if any(histograms) else 1, BUCKETS), torch.int64, models)
+    nb = max(_blocks(n), 1)
+    fstats = _zeros((nb, 1 + 2 * n_models), torch.float64, models)
+    istats = _zeros((nb, n_models), torch.int64, models)
     if n:
-        _k().task_vectors[_grid(n) + (s,)](
-            flat, _array(base.reshape(n), "task_vectors_"), _small(histograms, np.uint8, s), want_stats,
-            LAUNCH.chunk, hist, fstats, istats,
+        _launch(
+            _k().task_vectors, n, models,
+            _array(models.reshape(n_models, n), "task_vectors_"), _array(base.reshape(n), "task_vectors_"),
+            _small(histograms, torch.uint8, models), stats is not None, LAUNCH.chunk,
+            _array(hist, "histograms"), _array(fstats, "statistics"), _array(istats, "statistics"),
         )
-    if want_stats:
-        f = fstats.copy_to_host(stream=s).sum(0)
-        counts = istats.copy_to_host(stream=s).sum(0)
-        s.synchronize()
+    if stats is not None:
+        f = fstats.cpu().numpy().sum(0)  # the per-block partials, summed on the host
+        counts = istats.cpu().numpy().sum(0)
         stats["numel"] = float(n)
         stats["sq_base"] = float(f[0])
         for i in range(n_models):
@@ -185,17 +182,17 @@ def task_vectors_(
             stats[f"nonzero_tv[{i}]"] = float(counts[i])
     if into is not None or not any(histograms):
         return [None] * n_models
-    summed = sum_histograms(hist, stream=s)
+    summed = sum_histograms(hist)
     return [summed[i] if histograms[i] else None for i in range(n_models)]
 
 
-def subtract_(models: torch.Tensor, base: torch.Tensor, *, stream: Any = None) -> None:
+def subtract_(models: torch.Tensor, base: torch.Tensor) -> None:
     """delta_i = models[i] - base in place, nothing else (statistics passes)."""
-    task_vectors_(models, base, [False] * models.shape[0], None, stream=stream)
+    task_vectors_(models, base, [False] * models.shape[0], None)
 
 
 def refine_histograms(
-    delta: torch.Tensor, selections: list[tuple[int, int]], into: Any = None, *, stream: Any = None
+    delta: torch.Tensor, selections: list[tuple[int, int]], into: torch.Tensor | None = None
 ) -> list[torch.Tensor]:
     """``fused.refine_histograms`` on the device: for each (model i, top digit) the histogram
     of the low 16 bits of the |delta_i| keys under that digit."""
@@ -203,33 +200,28 @@ def refine_histograms(
         return []
     n_models = delta.shape[0]
     n = delta[0].numel()
-    s = _stream(delta, stream)
-    hist = into if into is not None else new_histograms(len(selections), n, stream=s)
+    hist = into if into is not None else _zeros((len(selections), BUCKETS), torch.int64, delta)
     if n:
-        bits = delta.reshape(n_models, n).view(torch.int32)
-        _k().refine[_grid(n) + (s,)](
-            _array(bits, "refine_histograms"),
-            _small([i for i, _ in selections], np.int64, s),
-            _small([d for _, d in selections], np.int32, s),
+        _launch(
+            _k().refine, n, delta,
+            _array(delta.reshape(n_models, n).view(torch.int32), "refine_histograms"),
+            _small([i for i, _ in selections], torch.int64, delta),
+            _small([d for _, d in selections], torch.int32, delta),
             LAUNCH.chunk,
-            hist,
+            _array(hist, "histograms"),
         )
-    return [] if into is not None else sum_histograms(hist, stream=s)
+    return [] if into is not None else sum_histograms(hist)
 
 
-def _output_stats(n_models: int, n: int, s: Any) -> tuple[Any, Any]:
+def _output_stats(n_models: int, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nb = max(_blocks(n), 1)
-    return (
-        _small(np.zeros((nb, n_models + 2)), np.float64, s),
-        _small(np.zeros((nb, n_models + 3), dtype=np.int64), np.int64, s),
-    )
+    return _zeros((nb, n_models + 2), torch.float64, like), _zeros((nb, n_models + 3), torch.int64, like)
 
 
-def _record(stats: dict[str, float], fstats: Any, istats: Any, n_models: int, elected: bool, s: Any) -> None:
-    f = fstats.copy_to_host(stream=s)
-    i = istats.copy_to_host(stream=s)
-    s.synchronize()
-    _record_output_stats(stats, f, i, n_models, elected)
+def _record(
+    stats: dict[str, float], fstats: torch.Tensor, istats: torch.Tensor, n_models: int, elected: bool
+) -> None:
+    _record_output_stats(stats, fstats.cpu().numpy(), istats.cpu().numpy(), n_models, elected)
 
 
 def combine_into(
@@ -242,24 +234,22 @@ def combine_into(
     normalize: bool,
     consensus: bool,
     stats: dict[str, float],
-    *,
-    stream: Any = None,
 ) -> torch.Tensor:
     """``fused.combine_into`` on the device (keep band, weighting, sign election, agreement,
     normalized sum, lambda, base, output statistics)."""
     n_models = delta.shape[0]
     n = base.numel()
-    s = _stream(delta, stream)
     f32 = np.float32
     wsum = sum(weight)
-    fstats, istats = _output_stats(n_models, n, s)
+    fstats, istats = _output_stats(n_models, n, delta)
     if n:
-        _k().combine[_grid(n) + (s,)](
+        _launch(
+            _k().combine, n, delta,
             _array(delta.reshape(n_models, n), "combine_into"),
             _array(base.reshape(n), "combine_into"),
-            _small([k[0] for k in keep], f32, s),
-            _small([k[1] for k in keep], f32, s),
-            _small(weight, f32, s),
+            _small([k[0] for k in keep], torch.float32, delta),
+            _small([k[1] for k in keep], torch.float32, delta),
+            _small(weight, torch.float32, delta),
             f32(lam),
             lam != 1,
             normalize,
@@ -267,33 +257,29 @@ def combine_into(
             f32(1.0 if abs(wsum) < 1e-8 else wsum),
             LAUNCH.chunk,
             _array(out.reshape(n), "combine_into"),
-            fstats,
-            istats,
+            _array(fstats, "statistics"),
+            _array(istats, "statistics"),
         )
-    _record(stats, fstats, istats, n_models, consensus, s)
+    _record(stats, fstats, istats, n_models, consensus)
     return out
 
 
-def elected_sign_sum(
-    delta: torch.Tensor, thresholds: list[float], weight: list[float], *, stream: Any = None
-) -> int:
+def elected_sign_sum(delta: torch.Tensor, thresholds: list[float], weight: list[float]) -> int:
     """Exact sum over coordinates of sign(sum_i w_i [|delta_i| >= thr_i] delta_i)."""
     n_models = delta.shape[0]
     n = delta[0].numel()
     if n == 0:
         return 0
-    s = _stream(delta, stream)
-    partial = _small(np.zeros(_blocks(n), dtype=np.int64), np.int64, s)
-    _k().elected_sign_sum[_grid(n) + (s,)](
+    partial = _zeros((_blocks(n),), torch.int64, delta)
+    _launch(
+        _k().elected_sign_sum, n, delta,
         _array(delta.reshape(n_models, n), "elected_sign_sum"),
-        _small(thresholds, np.float32, s),
-        _small(weight, np.float32, s),
+        _small(thresholds, torch.float32, delta),
+        _small(weight, torch.float32, delta),
         LAUNCH.chunk,
-        partial,
+        _array(partial, "statistics"),
     )
-    host = partial.copy_to_host(stream=s)
-    s.synchronize()
-    return int(host.sum())
+    return int(partial.sum())
 
 
 def ties_model_combine_into(
@@ -306,31 +292,29 @@ def ties_model_combine_into(
     aggregation: str,
     lam: float,
     stats: dict[str, float],
-    *,
-    stream: Any = None,
 ) -> torch.Tensor:
     """``fused.ties_model_combine_into`` on the device (TIES ``scope: model`` output pass)."""
     n_models = delta.shape[0]
     n = base.numel()
-    s = _stream(delta, stream)
-    fstats, istats = _output_stats(n_models, n, s)
+    fstats, istats = _output_stats(n_models, n, delta)
     if n:
-        _k().model_combine[_grid(n) + (s,)](
+        _launch(
+            _k().model_combine, n, delta,
             _array(delta.reshape(n_models, n), "ties_model_combine_into"),
             _array(base.reshape(n), "ties_model_combine_into"),
-            _small(thresholds, np.float32, s),
-            _small(np.full(n_models, np.inf), np.float32, s),
-            _small(weight, np.float32, s),
+            _small(thresholds, torch.float32, delta),
+            _small(np.full(n_models, np.inf), torch.float32, delta),
+            _small(weight, torch.float32, delta),
             majority,
             AGGREGATION_CODES[aggregation],
             np.float32(lam),
             lam != 1,
             LAUNCH.chunk,
             _array(out.reshape(n), "ties_model_combine_into"),
-            fstats,
-            istats,
+            _array(fstats, "statistics"),
+            _array(istats, "statistics"),
         )
-    _record(stats, fstats, istats, n_models, True, s)
+    _record(stats, fstats, istats, n_models, True)
     return out
 
 

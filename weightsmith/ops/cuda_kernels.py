@@ -41,7 +41,7 @@ THREADS = int(os.environ.get("WEIGHTSMITH_CUDASIM_THREADS", "4")) if SIMULATOR e
 if THREADS & (THREADS - 1) or THREADS < 1:
     raise ValueError(f"WEIGHTSMITH_CUDASIM_THREADS must be a power of two, got {THREADS}")
 CACHE = not SIMULATOR
-ONE = np.uint64(1)
+ONE = np.int64(1)  # histogram counts are int64 (torch has no uint64 arithmetic)
 ABS_MASK = 0x7FFFFFFF
 
 if SIMULATOR:
