@@ -8,6 +8,7 @@ at once: the simulator is Python per CUDA thread), and this process, whose CPU f
 stay untouched, computes the references and compares.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,35 @@ def test_method_cases_ran_on_the_kernels(simulated):
     assert simulated["ties"]["calls"] == {"task_vectors_": 1, "refine_histograms": 1, "combine_into": 1}
     scope = simulated["ties_model_scope"]["calls"]
     assert scope["elected_sign_sum"] == 2 and scope["ties_model_combine_into"] == 1
+
+
+def _nvvm_home() -> str | None:
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    found = sorted(Path("/usr/local").glob("cuda*/nvvm/libdevice"))
+    return str(found[-1].parent.parent) if found else None
+
+
+def test_device_code_has_no_contracted_or_inexact_float32_ops():
+    # The real device compiler (NVVM, no GPU needed) on the same source: every float32 multiply
+    # is mul.rn (never fused into an FMA by ptxas), no fma.rn.f32, IEEE division only, integer
+    # atomics for the histograms. Skipped where no CUDA toolkit (libNVVM) is installed.
+    home = _nvvm_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit (libNVVM) to compile the kernels with")
+    env = dict(os.environ, CUDA_HOME=home, NUMBA_ENABLE_CUDASIM="0")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cuda_ptx_check.py")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in counts:
+        pytest.skip(counts["skip"])
+    assert set(counts) == {"task_vectors", "refine", "combine", "elected_sign_sum", "model_combine"}
+    for name, c in counts.items():
+        assert c["fma_f32"] == 0 and c["mul_f32"] == 0, (name, c)
+        assert set(c["div_f32"]) <= {"div.rn.f32"}, (name, c)
+    assert counts["combine"]["mul_rn_f32"] > 0 and counts["model_combine"]["div_f32"] == ["div.rn.f32"]
+    assert counts["task_vectors"]["atomics"] == counts["refine"]["atomics"] == ["atom.global.add.u64"]

@@ -71,6 +71,12 @@ def _device(fn):
 
 
 @_device
+def _end(hi, n):  # pragma: no cover
+    # (builtin min of two ints does not compile for CUDA in numba 0.68)
+    return n if hi > n else hi
+
+
+@_device
 def _block_sum_f64(buf, t, value):  # pragma: no cover
     # Fixed tree over the block's threads: the same association on every run.
     buf[t] = value
@@ -111,7 +117,7 @@ def task_vectors(models, base, want_hist, want_stats, chunk, hist, fstats, istat
     b = cuda.blockIdx.x
     t = cuda.threadIdx.x
     lo = b * chunk
-    hi = min(lo + chunk, n)
+    hi = _end(lo + chunk, n)
     fbuf = cuda.shared.array(THREADS, np.float64)
     ibuf = cuda.shared.array(THREADS, np.int64)
     if want_stats:
@@ -157,7 +163,7 @@ def refine(bits, rows, digits, chunk, hist):  # pragma: no cover
     bits equal digits[s] (radix selection's second level)."""
     n = bits.shape[1]
     lo = cuda.blockIdx.x * chunk
-    hi = min(lo + chunk, n)
+    hi = _end(lo + chunk, n)
     for s in range(rows.shape[0]):
         i = rows[s]
         top = digits[s]
@@ -205,7 +211,7 @@ def combine(
     b = cuda.blockIdx.x
     t = cuda.threadIdx.x
     lo = b * chunk
-    hi = min(lo + chunk, n)
+    hi = _end(lo + chunk, n)
     zero = np.float32(0.0)
     one = np.float32(1.0)
     fbuf = cuda.shared.array(THREADS, np.float64)
@@ -275,7 +281,7 @@ def elected_sign_sum(delta, thr, weight, chunk, partial):  # pragma: no cover
     b = cuda.blockIdx.x
     t = cuda.threadIdx.x
     lo = b * chunk
-    hi = min(lo + chunk, n)
+    hi = _end(lo + chunk, n)
     zero = np.float32(0.0)
     ibuf = cuda.shared.array(THREADS, np.int64)
     acc = 0
@@ -304,7 +310,7 @@ def model_combine(
     b = cuda.blockIdx.x
     t = cuda.threadIdx.x
     lo = b * chunk
-    hi = min(lo + chunk, n)
+    hi = _end(lo + chunk, n)
     zero = np.float32(0.0)
     one = np.float32(1.0)
     fbuf = cuda.shared.array(THREADS, np.float64)
