@@ -104,3 +104,13 @@ def test_device_code_has_no_contracted_or_inexact_float32_ops():
         assert set(c["div_f32"]) <= {"div.rn.f32"}, (name, c)
     assert counts["combine"]["mul_rn_f32"] > 0 and counts["model_combine"]["div_f32"] == ["div.rn.f32"]
     assert counts["task_vectors"]["atomics"] == counts["refine"]["atomics"] == ["atom.global.add.u64"]
+
+
+def test_in_place_entry_points_refuse_a_non_contiguous_tensor():
+    # Checked before any launch, so no simulator is needed to see it.
+    from weightsmith.errors import MergeError
+    from weightsmith.ops import cuda_fused
+
+    models = torch.zeros(4, 3).t()  # [3, 4] view, not contiguous
+    with pytest.raises(MergeError, match="contiguous"):
+        cuda_fused.task_vectors_(models, torch.zeros(4), [False] * 3, None)

@@ -6,7 +6,8 @@ calls this).
 
 Steps, each reported whatever happens to the others:
 
-1. the environment: torch / CUDA / device, numba.cuda, CuPy, what is missing;
+1. the environment: torch / CUDA / device, numba.cuda, CuPy, what is missing; then the CPU
+   and CUDA kernels are compiled (or loaded from numba's cache) before anything is timed;
 2. ``pytest -m gpu tests/test_gpu.py`` (the CUDA kernels against the CPU fused kernels, bit for
    bit, and ``--device cuda`` merges against CPU bytes);
 3. 4 synthetic bf16 checkpoints (``benchmarks/make_checkpoints.py``) merged with

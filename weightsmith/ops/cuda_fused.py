@@ -128,10 +128,18 @@ def _launch(kernel: Any, n: int, like: torch.Tensor, *args: Any) -> None:
     kernels order with the engine's torch work (``with torch.cuda.stream(s):`` moves both)."""
     cuda = _cuda()
     if simulated():
-        stream = cuda.stream()  # the simulator runs everything synchronously
-    else:  # pragma: no cover - needs a GPU
+        kernel[_blocks(n), _k().THREADS, cuda.stream()](*args)  # the simulator is synchronous
+        return
+    index = like.device.index if like.device.index is not None else torch.cuda.current_device()
+    with cuda.gpus[index]:  # pragma: no cover - needs a GPU; numba's context on that device
         stream = cuda.external_stream(torch.cuda.current_stream(like.device).cuda_stream)
-    kernel[_blocks(n), _k().THREADS, stream](*args)
+        kernel[_blocks(n), _k().THREADS, stream](*args)
+
+
+def _in_place(x: torch.Tensor, name: str) -> None:
+    # reshape() of a non-contiguous tensor is a copy: writes would not reach the caller's tensor
+    if not x.is_contiguous():
+        raise MergeError(f"{name}: the CUDA kernels write in place and need a contiguous tensor")
 
 
 def _small(values: Any, dtype: torch.dtype, like: torch.Tensor) -> Any:
@@ -156,6 +164,7 @@ def task_vectors_(
     with ``histograms[i]`` (returned on the host, or added into ``into``)."""
     n_models = models.shape[0]
     n = base.numel()
+    _in_place(models, "task_vectors_")
     if into is not None:
         hist = into
     else:
@@ -241,6 +250,7 @@ def combine_into(
     n = base.numel()
     f32 = np.float32
     wsum = sum(weight)
+    _in_place(out, "combine_into")
     fstats, istats = _output_stats(n_models, n, delta)
     if n:
         _launch(
@@ -296,6 +306,7 @@ def ties_model_combine_into(
     """``fused.ties_model_combine_into`` on the device (TIES ``scope: model`` output pass)."""
     n_models = delta.shape[0]
     n = base.numel()
+    _in_place(out, "ties_model_combine_into")
     fstats, istats = _output_stats(n_models, n, delta)
     if n:
         _launch(
