@@ -107,6 +107,13 @@ def selection_bytes(selections: int) -> int:
     return 2 * selections * BUCKETS * 8
 
 
+def in_place_scratch(n_models: int, dtype: torch.dtype) -> int | None:
+    """Device scratch per element of a method whose kernels work in place (float32): none
+    beyond the per-block report arrays (under 0.01 byte per coordinate), so 0; elsewhere
+    the engine's default (``MergeMethod.scratch_per_element``)."""
+    return 0 if dtype == torch.float32 else None
+
+
 def new_histograms(rows: int, numel: int, *, device: torch.device | str | None = None) -> torch.Tensor:
     """Histogram accumulators (``rows`` x 65536 int64, on ``device``: the current CUDA device,
     the CPU in the simulator) for ``into`` below, across the row blocks of one tensor; read
