@@ -129,6 +129,9 @@ def environment() -> dict[str, Any]:
         env["numba"] = numba.__version__
         from weightsmith.ops import cuda_fused
 
+        env["nvvm"] = nvvm_version()
+        if env["nvvm"] is None:
+            env["missing"].append("libNVVM (set CUDA_HOME to a CUDA toolkit): CUDA kernels cannot compile")
         env["numba_cuda"] = cuda_fused.available() and not cuda_fused.simulated()
         if not env["numba_cuda"]:
             env["missing"].append("numba.cuda with a driver (the CUDA kernels cannot launch)")
@@ -146,6 +149,16 @@ def environment() -> dict[str, Any]:
         done = subprocess.run([smi, query, "--format=csv,noheader"], capture_output=True, text=True)
         env["nvidia_smi"] = done.stdout.strip() or done.stderr.strip()
     return env
+
+
+def nvvm_version() -> str | None:
+    """The libNVVM numba compiles CUDA kernels with, or None where it cannot load one."""
+    try:
+        from numba.cuda.cudadrv.nvvm import NVVM
+
+        return ".".join(map(str, NVVM().get_version()))
+    except Exception:
+        return None
 
 
 # --------------------------------------------------------------------------- tests

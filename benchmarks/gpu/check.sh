@@ -32,6 +32,32 @@ if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
         fi
     fi
 fi
+# numba compiles the CUDA kernels with libNVVM from a CUDA toolkit (the torch wheels do not ship
+# it): CUDA_HOME, else /usr/local/cuda*, else pip's nvidia-cuda-nvcc-cu12.
+find_nvvm() {
+    local c
+    for c in /usr/local/cuda /usr/local/cuda-* \
+        "$($PYTHON -c 'import nvidia.cuda_nvcc as m; print(list(m.__path__)[0])' 2>/dev/null)"; do
+        if [[ -n "$c" ]] && ls "$c"/nvvm/lib64/libnvvm.so* >/dev/null 2>&1; then echo "$c"; return 0; fi
+    done
+    return 1
+}
+nvvm_loads() { $PYTHON -c "from numba.cuda.cudadrv.nvvm import NVVM; NVVM()" >/dev/null 2>&1; }
+if [[ -z "${CUDA_HOME:-}" ]] && ! nvvm_loads; then
+    if ! CUDA_HOME=$(find_nvvm) && [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
+        if [[ -n "${WHEELS:-}" && -d "${WHEELS}" ]]; then
+            $PYTHON -m pip install -q --no-index --find-links "${WHEELS}" nvidia-cuda-nvcc-cu12 || true
+        else
+            timeout 60 $PYTHON -m pip install -q --disable-pip-version-check nvidia-cuda-nvcc-cu12 || true
+        fi
+        CUDA_HOME=$(find_nvvm) || CUDA_HOME=""
+    fi
+    if [[ -n "$CUDA_HOME" ]]; then export CUDA_HOME; else
+        unset CUDA_HOME
+        echo "MISSING: libNVVM (a CUDA toolkit, or nvidia-cuda-nvcc-cu12): the CUDA kernels cannot compile"
+    fi
+fi
+echo "== CUDA_HOME=${CUDA_HOME:-}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 exec $PYTHON benchmarks/gpu/check.py "$@"
