@@ -5,6 +5,7 @@ from weightsmith.ops import (  # noqa: F401
     bang,
     breadcrumbs,
     dare,
+    della,
     graft,
     linear,
     lines,
