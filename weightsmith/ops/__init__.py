@@ -10,6 +10,7 @@ from weightsmith.ops import (  # noqa: F401
     linear,
     lines,
     model_stock,
+    sce,
     slerp,
     soup,
     task_arithmetic,
