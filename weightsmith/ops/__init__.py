@@ -10,6 +10,8 @@ from weightsmith.ops import (  # noqa: F401
     linear,
     lines,
     model_stock,
+    multislerp,
+    nuslerp,
     sce,
     slerp,
     soup,
