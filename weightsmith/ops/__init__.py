@@ -7,6 +7,7 @@ from weightsmith.ops import (  # noqa: F401
     dare,
     della,
     graft,
+    karcher,
     linear,
     lines,
     model_stock,
