@@ -2,6 +2,7 @@
 
 from weightsmith.ops import (  # noqa: F401
     antidote,
+    arcee_fusion,
     bang,
     breadcrumbs,
     dare,
@@ -12,7 +13,10 @@ from weightsmith.ops import (  # noqa: F401
     lines,
     model_stock,
     multislerp,
+    nearswap,
     nuslerp,
+    passthrough,
+    ram,
     sce,
     slerp,
     soup,
