@@ -1,10 +1,14 @@
 """Arcee Fusion: |delta| x row KL importance, kept above median + 1.5 IQR."""
 
+import json
+
 import torch
 import torch.nn.functional as F
+from sparse_helpers import merge_to_state
 
 from weightsmith.ops import MergeInputs, get_method
 from weightsmith.ops.arcee_fusion import quantile_threshold
+from weightsmith.pipeline import plan_merge
 
 
 def run(model, base):
@@ -44,3 +48,15 @@ def test_identical_model_gives_the_base():
     base = torch.randn(8, 8)
     out, _ = run(base.clone(), base)
     assert torch.equal(out, base)
+
+
+def test_whole_tensors_under_a_tiny_budget_and_report(family, tmp_path):
+    base, models = family
+    rec = {"merge_method": "arcee_fusion", "base_model": str(base), "models": [{"model": str(models[0])}]}
+    assert plan_merge(rec, memory_budget="4KB").oversize  # per-tensor quantiles: whole tensors
+    small = merge_to_state(rec, tmp_path / "small", memory_budget="4KB")
+    big = merge_to_state(rec, tmp_path / "big")
+    for k in big:
+        assert torch.equal(small[k], big[k]), k
+    report = json.loads((tmp_path / "big" / "merge_report.json").read_text())
+    assert 0 < report["summary"]["fused_fraction"] < 0.5

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from sparse_helpers import merge_to_state
 
 from weightsmith.errors import MergeError
 from weightsmith.ops import MergeInputs, get_method
+from weightsmith.pipeline import plan_merge
 
 
 def run(models, base=None, **params):
@@ -71,3 +73,14 @@ def test_antipodal_pair_falls_back_to_lerp_more_raise():
         run([a, -a, a, -a], weight=[1.0, 1.0, 1.0, 1.0])
     with pytest.raises(MergeError, match="sum to 0"):
         run([a, a], weight=[1.0, -1.0])
+
+
+def test_whole_tensors_under_a_tiny_budget(family, tmp_path):
+    base, models = family
+    entries = [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, (0.5, 0.3, 0.2))]
+    rec = {"merge_method": "multislerp", "base_model": str(base), "models": entries}
+    assert plan_merge(rec, memory_budget="4KB").oversize  # norms over whole tensors
+    small = merge_to_state(rec, tmp_path / "small", memory_budget="4KB")
+    big = merge_to_state(rec, tmp_path / "big")
+    for k in big:
+        assert torch.equal(small[k], big[k]), k
