@@ -35,32 +35,39 @@ def _ram(
     base = inputs.base
     delta = inputs.models.sub_(base.unsqueeze(0))  # in place: the engine hands the stack over
     n = delta.shape[0]
-    active = delta.abs() > epsilon
-    count = active.sum(0, dtype=torch.int64)
-    divisor = count.clamp(min=1).to(delta.dtype)
-    scales = [1.0] * n
+    # Per model, to keep the scratch at a few bytes per coordinate: the active masks (1 byte per
+    # model) and the count (float32: exact for any number of models).
+    active = [delta[i].abs() > epsilon for i in range(n)]
+    count = torch.zeros_like(base)
+    for a in active:
+        count.add_(a)
     unique = count == 1
+    scales = [1.0] * n
     if plus:
-        shared_n = torch.stack([(active[i] & (count > 1)).sum() for i in range(n)])
-        unique_n = torch.stack([(active[i] & unique).sum() for i in range(n)])
+        shared = count > 1
+        shared_n = torch.stack([(a & shared).sum() for a in active])
+        unique_n = torch.stack([(a & unique).sum() for a in active])
+        del shared
         # float32 like mergekit's tensor arithmetic: rho = shared / max(unique, eps)
         rho = shared_n.to(torch.float32) / unique_n.to(torch.float32).clamp(min=epsilon)
         lam = rho.clamp(min=0, max=alpha).mul(r).add(1)
         scales = [float(v) for v in lam]
         inputs.stats["unique_boost_sum"] = float(lam.sum())
+    divisor = count.clamp_(min=1)  # unique entries: 1, so term / divisor is the term itself
     out = inputs.output_buffer().zero_()
     for i in range(n):
         term = delta[i].mul_(active[i])  # inactive entries are dropped
-        if plus and scales[i] != 1.0:
-            # unique entries times lambda_i, shared ones over the count (unique: count 1)
-            term = torch.where(unique, term * torch.tensor(scales[i], dtype=term.dtype), term / divisor)
+        if scales[i] != 1.0:
+            # unique entries times lambda_i, shared ones over the count
+            boost = torch.where(unique, scales[i], 1.0).to(term.dtype)
+            term.mul_(boost).div_(torch.where(unique, 1.0, divisor))
         else:
-            term = term.div_(divisor)
+            term.div_(divisor)
         out.add_(term)
     stats = inputs.stats
-    stats["numel"] = float(count.numel())
+    stats["numel"] = float(unique.numel())
     stats["unique"] = float(unique.sum())
-    stats["shared"] = float((count > 1).sum())
+    stats["shared"] = float((divisor > 1).sum())
     stats["tensors"] = 1.0
     return out.add_(base)
 
