@@ -82,9 +82,14 @@ class Checkpoint:
             ckpt = cls._open_local(text, path, allow_pickle)
             ckpt.revision = revision
             return ckpt
-        raise CheckpointError(
-            f"model {text!r}: no such file or folder (looked in {', '.join(map(str, candidates))}); "
+        from weightsmith.io.input_hints import build_hint
+
+        command = build_hint(candidates)  # an example input not built yet: say how to build it
+        fix = f"build it with: {command}" if command else (
             "give a local path, a .safetensors file, or a Hub id like org/name"
+        )
+        raise CheckpointError(
+            f"model {text!r}: no such file or folder (looked in {', '.join(map(str, candidates))}); {fix}"
         )
 
     @classmethod
