@@ -48,6 +48,17 @@ def test_slow_work_gets_a_line_every_30_seconds() -> None:
     assert log.getvalue().splitlines() == ["eval: 3% (30 of 1000 examples), 30 s, ~16 min 10 s left"]
 
 
+def test_quick_work_gets_only_its_final_line() -> None:
+    log = io.StringIO()
+    clock = FakeClock()
+    bar = LineProgress(200, "eval", "example", log, clock=clock)
+    for _ in range(20):
+        clock.now += 0.04  # 0.8 s in all: ten 10% steps, none a second after the last line
+        bar.update(10)
+    bar.close()
+    assert log.getvalue() == "eval: 100% (200 of 200 examples), 1 s in all\n"
+
+
 def test_bytes_are_scaled_and_close_is_idempotent() -> None:
     log = io.StringIO()
     bar = LineProgress(3_400_000_000, "merge (ties)", "B", log, unit_scale=True, clock=FakeClock())

@@ -2,9 +2,9 @@
 
 tqdm redraws its bar with carriage returns; written to a file or a CI log that becomes one
 unreadable line of frames. When the stream is not a terminal, ``progress`` reports instead
-one plain line every 10% of the total or every 30 seconds, whichever comes first, and a last
-line with the elapsed time when the work ends. Every long loop in weightsmith (merge, fine-tune,
-evaluation, testbed stages) reports through this one helper.
+one plain line every 10% of the total or every 30 seconds, whichever comes first (never two
+within a second), and a last line with the elapsed time when the work ends. Every long loop in
+weightsmith (merge, fine-tune, evaluation, testbed stages) reports through this one helper.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Protocol, TextIO
 
 LINE_EVERY_FRACTION = 0.10
 LINE_EVERY_SECONDS = 30.0
+LINE_AT_MOST_EVERY_SECONDS = 1.0  # work that ends within a second gets its final line only
 
 
 class Progress(Protocol):
@@ -90,7 +91,7 @@ class LineProgress:
             now = self.clock()
             fraction = self.done / self.total if self.total else 0.0
             next_step = (int(self.last_fraction / LINE_EVERY_FRACTION + 1e-9) + 1) * LINE_EVERY_FRACTION
-            if fraction >= 1.0:
+            if fraction >= 1.0 or now - self.last_line_at < LINE_AT_MOST_EVERY_SECONDS:
                 return  # close() prints the final line, with the total time
             if fraction + 1e-9 >= next_step or now - self.last_line_at >= LINE_EVERY_SECONDS:
                 self._line(now, fraction)
