@@ -85,7 +85,7 @@ def test_missing_example_input_names_the_command_that_builds_it(tmp_path: Path, 
     # A copy of the examples folder without inputs: what a fresh clone has before any build.
     recipes = tmp_path / "merges"
     recipes.mkdir()
-    for name in ("lines.yaml", "soup-greedy.yaml", FILE_NAME):
+    for name in ("lines.yaml", "minilm-task-arithmetic.yaml", FILE_NAME):
         shutil.copy(MERGES / name, recipes / name)
     monkeypatch.chdir(tmp_path)
     tinylm = "build it with: weightsmith testbed tinylm merges/inputs/tinylm"
@@ -93,6 +93,9 @@ def test_missing_example_input_names_the_command_that_builds_it(tmp_path: Path, 
         weightsmith.merge(recipes / "lines.yaml", tmp_path / "out")
     with pytest.raises(CheckpointError, match=r"build it with: bash merges/run-example.sh soup-greedy"):
         Checkpoint.open("inputs/soup/lr1e-4", search_dirs=(recipes,))
+    # "inputs/minilm-base" has the shape of a Hub id, but the listing says it is a local input.
+    with pytest.raises(CheckpointError, match=r"build it with: bash merges/run-example.sh$"):
+        weightsmith.merge(recipes / "minilm-task-arithmetic.yaml", tmp_path / "out")
     # Outside an examples folder the error keeps its general advice.
     with pytest.raises(CheckpointError, match="give a local path"):
         Checkpoint.open(tmp_path / "nowhere" / "model")
