@@ -3,7 +3,7 @@
 # smoothing + MixUp, average it with the probe (WiSE-FT, alpha 0.5), and compare OOD accuracy.
 #
 # Build the inputs and run this example in one go: bash merges/run-example.sh bang
-# Or create the inputs first (from the repository root; ~4 min on 2 CPU cores):
+# Or create the inputs first (from the repository root; ~4-7 min on 2 CPU cores):
 #   weightsmith testbed minilm merges/inputs/minilm
 # Run: bash merges/bang.sh   (writes out/bang-*)
 set -euo pipefail

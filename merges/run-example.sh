@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
 # README's first command: set up .venv, build an example's inputs (offline), run it.
 #
-#   bash merges/run-example.sh            the main example, minilm-task-arithmetic (seconds)
+#   bash merges/run-example.sh            the main example, minilm-task-arithmetic (~3.5 min once)
 #   bash merges/run-example.sh NAME       another example: builds what it needs first
 #   bash merges/run-example.sh --list     the examples and how long their inputs take
 #
 # Inputs are built once under merges/inputs/ and reused (testbeds are cached by recipe hash);
 # merges/input-commands.txt says which command builds which input, and a merge whose input is
-# missing names that command. Times are for 2 CPU cores.
+# missing names that command. Times: the first run, 2 quiet CPU cores; later runs reuse inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 list() {
   cat <<'EOF'
-minilm-task-arithmetic   task vectors of the real MiniLM encoder     inputs: seconds
-lines                    LiNeS edit of a TinyLM skill                inputs: ~4 min (tinylm testbed)
-transfer                 move a TinyLM skill to a newer base         inputs: ~4 min (tinylm testbed)
-antidote                 repair a harmful TinyLM fine-tune           inputs: ~4 min + 20 s
-graft                    apply a skill-grafting mask                 inputs: ~4 min + ~6 min mask search
-soup-greedy              greedy soup of MiniLM sentiment fine-tunes  inputs: ~4 min (minilm testbed) + 1 min
-bang                     BANG vs WiSE-FT on MiniLM (a script)        inputs: ~4 min (minilm testbed)
+minilm-task-arithmetic   task vectors of the real MiniLM encoder     inputs: ~3.5 min (2 short fine-tunes)
+lines                    LiNeS edit of a TinyLM skill                inputs: ~4-7 min (tinylm testbed)
+transfer                 move a TinyLM skill to a newer base         inputs: ~4-7 min (tinylm testbed)
+antidote                 repair a harmful TinyLM fine-tune           inputs: ~4-7 min + 20 s
+graft                    apply a skill-grafting mask                 inputs: ~4-7 min + ~6 min mask search
+soup-greedy              greedy soup of MiniLM sentiment fine-tunes  inputs: ~4-7 min (minilm testbed) + 1 min
+bang                     BANG vs WiSE-FT on MiniLM (a script)        inputs: ~4-7 min (minilm testbed)
 EOF
 }
 
@@ -28,7 +28,7 @@ if [ "$NAME" = "--list" ] || [ "$NAME" = "-h" ] || [ "$NAME" = "--help" ]; then
   list
   exit 0
 fi
-if ! list | grep -q "^$NAME "; then
+if ! list | grep "^$NAME " >/dev/null; then  # not -q: an early exit would SIGPIPE list
   echo "run-example.sh: no example named '$NAME'; choose one of:" >&2
   list >&2
   exit 2
