@@ -7,7 +7,6 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from weightsmith.output_checks import (
     permission_error,
     protect,
 )
+from weightsmith.progress import Progress
 from weightsmith.recipe import ModelSpec, Recipe, load_recipe, parse_dtype
 from weightsmith.units import format_size, parse_size
 
@@ -562,16 +562,9 @@ def _check_device(device: str) -> None:
         raise RecipeError(f"--device {device}: no CUDA device is available here; use --device cpu")
 
 
-def _progress_bar(plan: MergePlan, enabled: bool) -> Callable[..., Any] | None:
+def _progress_bar(plan: MergePlan, enabled: bool) -> Progress | None:
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from weightsmith.progress import progress
 
-    return tqdm(
-        total=plan.bytes_to_write,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        desc=f"merge ({plan.method.name})",
-        smoothing=0.1,
-    )
+    return progress(plan.bytes_to_write, f"merge ({plan.method.name})", "B", unit_scale=True)

@@ -77,16 +77,23 @@ class Checkpoint:
         for path in candidates:
             if path.exists():
                 return cls._open_local(text, path, allow_pickle)
-        if looks_like_hub_id(text):
+        from weightsmith.io.input_hints import build_hint
+
+        # An example input not built yet (listed in an input-commands.txt): a local path that
+        # may look like a Hub id ("inputs/minilm-base"); say how to build it.
+        command = build_hint(candidates)
+        if looks_like_hub_id(text) and command is None:
             from weightsmith.io.hub import resolve_hub_model
 
             path, revision = resolve_hub_model(text)
             ckpt = cls._open_local(text, path, allow_pickle)
             ckpt.revision = revision
             return ckpt
-        raise CheckpointError(
-            f"model {text!r}: no such file or folder (looked in {', '.join(map(str, candidates))}); "
+        fix = f"build it with: {command}" if command else (
             "give a local path, a .safetensors file, or a Hub id like org/name"
+        )
+        raise CheckpointError(
+            f"model {text!r}: no such file or folder (looked in {', '.join(map(str, candidates))}); {fix}"
         )
 
     @classmethod
