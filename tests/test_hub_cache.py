@@ -67,3 +67,44 @@ def test_merge_with_hub_inputs_offline(hub_cache, tmp_path):
     out = load_folder(tmp_path / "out")
     ft = perturb(base, 9)
     assert all(torch.equal(out[k], ft[k]) for k in out)
+
+
+def populate_cache_with_blobs(cache, repo_id, state, sha=SHA):
+    """The real cache layout: snapshot files are relative symlinks into the repo's blobs/."""
+    import hashlib
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    staging = save_model(cache / "staging", state, LLAMA_CONFIG, shards=2)
+    snap = repo / "snapshots" / sha
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in sorted(staging.iterdir()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.move(f, repo / "blobs" / digest)
+        (snap / f.name).symlink_to(f"../../blobs/{digest}")
+    staging.rmdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    return snap
+
+
+def test_snapshot_symlinks_into_the_repos_blobs_are_followed(hub_cache):
+    state = random_state(LLAMA_CONFIG, 3)
+    snap = populate_cache_with_blobs(hub_cache, "acme/blobs", state)
+    assert (snap / "model-00001-of-00002.safetensors").is_symlink()
+    ckpt = Checkpoint.open("acme/blobs")
+    assert all(torch.equal(ckpt.read(k), v) for k, v in state.items())
+    assert all("sha256" in s for s in ckpt.provenance()["shards"])
+
+
+def test_snapshot_shard_linking_outside_its_repo_is_refused(hub_cache, tmp_path):
+    state = random_state(LLAMA_CONFIG, 3)
+    snap = populate_cache_with_blobs(hub_cache, "acme/evil", state)
+    other = populate_cache_with_blobs(hub_cache, "acme/other", state)
+    shard = snap / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    shard.symlink_to((other / shard.name).resolve())  # another repo's blob
+    with pytest.raises(CheckpointError) as e:
+        Checkpoint.open("acme/evil")
+    assert "outside" in str(e.value) and shard.name in str(e.value)

@@ -13,7 +13,9 @@ than the reads. The engine never knows the operator's math: it hands stacked ten
 from __future__ import annotations
 
 import math
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from weightsmith.engine.run_stats import RunStats
 from weightsmith.engine.slots import Slot, SlotPool, typed, unit_shape
 from weightsmith.engine.tasks import MergePlan, WorkUnit
 from weightsmith.errors import MergeError, NonFiniteInput
+from weightsmith.io.journal import Entry, Journal
 from weightsmith.io.writer import ShardWriter
 from weightsmith.ops.registry import MergeInputs
 
@@ -84,17 +87,32 @@ def _nonfinite_culprit(plan: MergePlan, unit: WorkUnit) -> str:
     )
 
 
+UnitKey = tuple[str, "tuple[int, int] | None"]
+
+# Test-only: SIGKILL this process right after the N-th block is journaled, to test --resume the
+# way a crash would leave things. Never set it outside the test suite.
+KILL_AFTER_ENV = "WEIGHTSMITH_TEST_KILL_AFTER"
+
+
 def execute(
     plan: MergePlan,
     writer: ShardWriter,
     *,
     progress: Callable[[int], None] | None = None,
     device: str = "cpu",
+    journal: Journal | None = None,
+    reused: dict[UnitKey, Entry] | None = None,
 ) -> RunStats:
-    """Run every unit of the plan, writing results through ``writer``."""
+    """Run every unit of the plan, writing results through ``writer``.
+
+    Units in ``reused`` (verified blocks of an interrupted run) are not computed again; their
+    journaled statistics stand in. Every block written is recorded in ``journal``.
+    """
     keep_big_buffers_on_the_heap()
     try:
-        return _execute(plan, writer, progress=progress, device=device)
+        return _execute(
+            plan, writer, progress=progress, device=device, journal=journal, reused=reused or {}
+        )
     finally:
         release_heap()
 
@@ -105,29 +123,48 @@ def _execute(
     *,
     progress: Callable[[int], None] | None,
     device: str,
+    journal: Journal | None,
+    reused: dict[UnitKey, Entry],
 ) -> RunStats:
     stats = RunStats()
     pool = SlotPool(plan)
-    # Methods with model-wide statistics stream the inputs first; the result is small.
+    # Methods with model-wide statistics stream the inputs first; the result is small. A
+    # resumed run computes them again (they read the inputs, never the output).
     stats.context, stats.global_passes, stats.global_bytes_read = run_global_passes(
         plan, pool, device=device
     )
-    to_write: queue.Queue[tuple[WorkUnit, torch.Tensor, Slot] | None] = queue.Queue()
+    unit_stats: dict[UnitKey, dict[str, float]] = {key: e.stats for key, e in reused.items() if e.stats}
+    if progress and reused:
+        progress(sum(e.nbytes for e in reused.values()))
+    stats.reused_blocks = len(reused)
+    stats.reused_bytes = sum(e.nbytes for e in reused.values())
+    to_write: queue.Queue[tuple[WorkUnit, torch.Tensor, Slot, dict[str, float]] | None] = queue.Queue()
     errors: list[BaseException] = []
     aborted = threading.Event()
+    kill_after = int(os.environ.get(KILL_AFTER_ENV) or 0)
 
     def write_behind() -> None:
+        journaled = 0
         while True:
             item = to_write.get()
             if item is None:
                 return
-            unit, out, slot = item
+            unit, out, slot, tensor_stats = item
             try:
                 if not errors and not aborted.is_set():
                     started = time.perf_counter()
-                    writer.write(unit.task.name, out, unit.rows)
+                    crc = writer.write(unit.task.name, out, unit.rows)
                     stats.add_time("write", time.perf_counter() - started)
                     nbytes = out.numel() * out.element_size()
+                    if journal is not None:
+                        shard, offset, _ = writer.span(unit.task.name, unit.rows)
+                        journal.record(
+                            Entry(unit.task.name, unit.rows, writer.names[shard], offset, nbytes, crc,
+                                  tensor_stats)
+                        )
+                        journaled += 1
+                        if journaled == kill_after:
+                            os.kill(os.getpid(), signal.SIGKILL)
                     stats.bytes_written += nbytes
                     if progress:
                         progress(nbytes)
@@ -139,14 +176,15 @@ def _execute(
 
     writer_thread = threading.Thread(target=write_behind, name="ws-write", daemon=True)
     writer_thread.start()
-    units = stream_loaded(plan, plan.units, pool, stats)
+    todo = [u for u in plan.units if (u.task.name, u.rows) not in reused]
+    units = stream_loaded(plan, todo, pool, stats)
     try:
         for loaded in units:
             if errors:
                 raise errors[0]
             unit = loaded.unit
             if loaded.copy is not None:
-                to_write.put((unit, loaded.copy, loaded.slot))
+                to_write.put((unit, loaded.copy, loaded.slot, {}))
                 continue
             try:
                 started = time.perf_counter()
@@ -155,12 +193,10 @@ def _execute(
             except BaseException:
                 pool.release(loaded.slot)
                 raise
+            tensor_stats = {k: float(v) for k, v in tensor_stats.items()}  # as journaled
             if tensor_stats:
-                # Row blocks of one tensor add up: methods report additive quantities.
-                into = stats.report.setdefault(unit.task.name, {})
-                for k, v in tensor_stats.items():
-                    into[k] = into.get(k, 0.0) + v
-            to_write.put((unit, out, loaded.slot))
+                unit_stats[(unit.task.name, unit.rows)] = tensor_stats
+            to_write.put((unit, out, loaded.slot, tensor_stats))
             stats.tensors += 1
             del loaded
     except BaseException:
@@ -172,6 +208,14 @@ def _execute(
         writer_thread.join()
     if errors:
         raise errors[0]
+    # Row blocks of one tensor add up (methods report additive quantities); summed in plan
+    # order, so a resumed run reports exactly what an uninterrupted one does.
+    for unit in plan.units:
+        tensor_stats = unit_stats.get((unit.task.name, unit.rows))
+        if tensor_stats:
+            into = stats.report.setdefault(unit.task.name, {})
+            for k, v in tensor_stats.items():
+                into[k] = into.get(k, 0.0) + v
     stats.bytes_read = plan.bytes_to_read + stats.global_bytes_read
     return stats
 
@@ -181,8 +225,23 @@ def all_finite(t: torch.Tensor) -> bool:
     ``isfinite().all()`` is an order of magnitude slower on the CPU."""
     if t.numel() == 0:
         return True
+    if t.dtype.is_floating_point and t.element_size() == 1:
+        t = t.float()  # no float8 kernels for aminmax; float8 values are exact in float32
     lo, hi = torch.aminmax(t.reshape(-1))
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _check_float8_range(plan: MergePlan, unit: WorkUnit, out: torch.Tensor) -> None:
+    task = unit.task
+    if not all_finite(out):
+        raise MergeError(
+            f"tensor {task.name!r}: the merge produced NaN/Inf; {_nonfinite_culprit(plan, unit)}"
+        )
+    if out.numel() and float(out.abs().max()) > torch.finfo(task.out_dtype).max:
+        raise MergeError(
+            f"tensor {task.name!r}: values overflow {str(task.out_dtype).removeprefix('torch.')} "
+            f"(largest {torch.finfo(task.out_dtype).max:g}); write a wider out_dtype or lower the weights"
+        )
 
 
 def _compute(
@@ -217,6 +276,10 @@ def _compute(
         culprit = _nonfinite_culprit(plan, unit)
         raise MergeError(f"tensor {task.name!r}: NaN/Inf in the inputs; {culprit}") from None
     cast = typed(slot.cast, task.out_dtype, shape)
+    if task.out_dtype.is_floating_point and task.out_dtype.itemsize == 1:
+        # torch saturates casts to float8 (Inf and 1e6 both become 448 in e4m3fn), so the
+        # check below could not see them: check the range in the compute dtype first.
+        _check_float8_range(plan, unit, out)
     cast.copy_(out)
     if task.out_dtype.is_floating_point and not all_finite(cast):
         if not all_finite(out):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from weightsmith.errors import RecipeError
@@ -21,9 +22,12 @@ def _convert(param: Param, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise RecipeError(f"{where}: `{param.name}` must be a number, got {value!r}")
         try:
-            return param.kind(float(value)) if param.kind is int else float(value)
+            number = float(value)
         except ValueError:
             raise RecipeError(f"{where}: `{param.name}` must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise RecipeError(f"{where}: `{param.name}` must be a finite number, got {value!r}")
+        return param.kind(number) if param.kind is int else number
     return value
 
 

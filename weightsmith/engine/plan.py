@@ -110,11 +110,13 @@ def build_plan(
         if not is_float(ref_entry.dtype):
             # Integer and bool buffers (position ids, masks, counters) are never merged: they
             # come from the reference, and inputs need not have them (transformers often
-            # leaves such buffers out of newer saves).
+            # leaves such buffers out of newer saves). One that is float elsewhere is not a
+            # buffer: copying it would drop the fine-tunes silently.
             for idx in model_indices:
                 key = _find_key(checkpoints[idx], name, prefixes[idx])
                 if key is not None:
                     used[idx].add(key)
+                    _check_same_kind(checkpoints, ref_index, name, idx, key)
             src = Source(ref_index, name)
             tasks.append(TensorTask(name, ref_entry.shape, ref_entry.dtype, "copy", [], src))
             continue
@@ -128,6 +130,7 @@ def build_plan(
                     "has; all inputs must share one architecture"
                 )
             used[idx].add(key)
+            _check_same_kind(checkpoints, ref_index, name, idx, key)
             sources.append(Source(idx, key))
         base_src = Source(0, name) if base_index is not None else None
         shape, sources, base_src = _align_shapes(
@@ -176,6 +179,28 @@ def build_plan(
     if note:
         plan.notes.append(note)
     return plan
+
+
+def _check_same_kind(checkpoints: list[Checkpoint], ref: int, name: str, idx: int, key: str) -> None:
+    """An integer (or bool) tensor where the reference has a float one, or the reverse, is
+    refused: merging integers as numbers, or copying the reference and ignoring the others,
+    would both give a silently wrong model."""
+    ref_dtype, dtype = checkpoints[ref].entry(name).dtype, checkpoints[idx].entry(key).dtype
+    if is_float(ref_dtype) == is_float(dtype):
+        return
+    odd, other = (idx, ref) if is_float(ref_dtype) else (ref, idx)
+    odd_dtype = checkpoints[odd].entry(key if odd == idx else name).dtype
+    other_dtype = checkpoints[other].entry(key if other == idx else name).dtype
+    raise MergeError(
+        f"model {checkpoints[odd].ref!r} ({checkpoints[odd].root}): tensor {name!r} is "
+        f"{_dtype_name(odd_dtype)} but {checkpoints[other].ref!r} has it as "
+        f"{_dtype_name(other_dtype)}; integer and float tensors cannot be merged. Re-save that "
+        "model with the tensor in floating point (or check it is the right checkpoint)"
+    )
+
+
+def _dtype_name(dtype: object) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _open_aux_checkpoints(

@@ -19,6 +19,9 @@ class RunStats:
     context: Any = None
     # merge_report.json's summary (engine/summary.py), filled by the pipeline after the run.
     summary: dict[str, Any] | None = None
+    # Blocks (and their bytes) an interrupted run had written and this one verified and kept.
+    reused_blocks: int = 0
+    reused_bytes: int = 0
     # Busy seconds per stage (they overlap, so their sum can exceed the wall time).
     timings: dict[str, float] = field(default_factory=dict)
 

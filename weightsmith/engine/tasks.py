@@ -3,7 +3,7 @@ the units are sized to the memory budget. Plain data; ``engine/plan.py`` builds 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -154,6 +154,35 @@ def bytes_per_element(plan: MergePlan) -> tuple[int, int]:
     declared = plan.method.scratch_per_element
     scratch = declared(n_models, plan.compute_dtype) if declared else None
     return slot, (n_models + 1) * cs if scratch is None else scratch
+
+
+def over_budget(plan: MergePlan) -> bool:
+    """A tensor the method cannot split is bigger than the budget's units, and its one-off
+    buffer takes the estimated peak past the budget itself."""
+    return bool(plan.oversize) and plan.peak_estimate > plan.memory_budget
+
+
+def budget_that_fits(plan: MergePlan) -> int:
+    """The smallest memory budget (to 1%) under which ``plan`` is not ``over_budget``."""
+    slot_bytes, scratch = bytes_per_element(plan)
+    fixed = plan.method.fixed_scratch(len(plan.model_indices)) if plan.method.fixed_scratch else 0
+    numel = max((t.numel for t in plan.tasks if t.name in plan.oversize), default=0)
+    # With this budget no tensor is oversize: split_units' capacity rule solved for numel.
+    high = (numel * (SLOTS * slot_bytes + scratch) + fixed) * 5 // 4 + 5
+    low = plan.memory_budget
+    while high - low > max(low // 100, 1):
+        mid = (low + high) // 2
+        if over_budget(_with_budget(plan, mid)):
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def _with_budget(plan: MergePlan, memory_budget: int) -> MergePlan:
+    trial = replace(plan, memory_budget=memory_budget, units=[], oversize=[], notes=[])
+    split_units(trial)
+    return trial
 
 
 def split_units(plan: MergePlan) -> None:

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from weightsmith.errors import CheckpointError
+from weightsmith.io.regular_file import open_regular, read_regular_bytes, require_regular_file
 from weightsmith.io.safetensors_format import TensorEntry, element_size, read_header
+from weightsmith.io.shard_index import check_shards_inside, read_index
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -75,21 +77,29 @@ class Checkpoint:
         for path in candidates:
             if path.exists():
                 return cls._open_local(text, path, allow_pickle)
-        if looks_like_hub_id(text):
+        from weightsmith.io.input_hints import build_hint
+
+        # An example input not built yet (listed in an input-commands.txt): a local path that
+        # may look like a Hub id ("inputs/minilm-base"); say how to build it.
+        command = build_hint(candidates)
+        if looks_like_hub_id(text) and command is None:
             from weightsmith.io.hub import resolve_hub_model
 
             path, revision = resolve_hub_model(text)
             ckpt = cls._open_local(text, path, allow_pickle)
             ckpt.revision = revision
             return ckpt
-        raise CheckpointError(
-            f"model {text!r}: no such file or folder (looked in {', '.join(map(str, candidates))}); "
+        fix = f"build it with: {command}" if command else (
             "give a local path, a .safetensors file, or a Hub id like org/name"
+        )
+        raise CheckpointError(
+            f"model {text!r}: no such file or folder (looked in {', '.join(map(str, candidates))}); {fix}"
         )
 
     @classmethod
     def _open_local(cls, ref: str, path: Path, allow_pickle: bool) -> Checkpoint:
-        if path.is_file():
+        if not path.is_dir():
+            require_regular_file(path)  # a FIFO or device named as the model: refuse, never open
             root = path.parent
             if path.name.endswith(".index.json"):
                 shards, weight_map = _read_index(path)
@@ -138,6 +148,7 @@ class Checkpoint:
                     f"{shard_path}: shard listed in the index of model {ref!r} is missing; "
                     "re-download the model or fix its index"
                 )
+            require_regular_file(shard_path)
             if shard.endswith(".safetensors"):
                 found, _ = read_header(str(shard_path))
             else:
@@ -154,13 +165,7 @@ class Checkpoint:
                         f"{root / shard}: index of model {ref!r} says tensor {name!r} is in this "
                         "shard but its header does not list it; the index or shard is corrupt"
                     )
-        config = None
-        config_path = root / "config.json"
-        if config_path.exists():
-            try:
-                config = json.loads(config_path.read_text())
-            except ValueError as e:
-                raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+        config = _read_config(root / "config.json")
         return cls(ref, root, entries, config, None, list(shards), pickled)
 
     # ------------------------------------------------------------------ queries
@@ -226,11 +231,7 @@ class Checkpoint:
             with self._lock:
                 fd = self._fds.get(path)
                 if fd is None:
-                    try:
-                        fd = os.open(path, os.O_RDONLY)
-                    except OSError as e:
-                        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from e
-                    self._fds[path] = fd
+                    fd = self._fds[path] = open_regular(path)
         return fd
 
     def close(self) -> None:
@@ -288,6 +289,10 @@ def _fingerprint(path: Path, size: int, blocks: int = 16, block: int = 1 << 16) 
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if 8 + n > size:
+            # Not a safetensors header (a torch zip starts "PK\x03\x04..."): sample the
+            # whole file instead of seeking to an offset past its end.
+            n = 0
         digest.update(head + f.read(min(n, 10**8)))
         start = 8 + n
         span = max(size - start - block, 0)
@@ -298,13 +303,27 @@ def _fingerprint(path: Path, size: int, blocks: int = 16, block: int = 1 << 16) 
 
 
 def _read_index(path: Path) -> tuple[list[str], dict[str, str]]:
+    weight_map = read_index(path)
+    check_shards_inside(path, weight_map)
+    return sorted(set(weight_map.values())), weight_map
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """``config.json`` as an object, or None without one; anything else is a clear error."""
+    if not path.exists() and not path.is_symlink():
+        return None
     try:
-        index = json.loads(path.read_text())
-        weight_map = dict(index["weight_map"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a valid shard index (needs a 'weight_map' object): {e}") from e
-    shards = sorted(set(weight_map.values()))
-    return shards, weight_map
+        config = json.loads(read_regular_bytes(path).decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a model config (its JSON is nested too deeply)") from None
+    except (UnicodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a model config must be a JSON object, not {type(config).__name__}")
+    # Multimodal configs nest the language model's config here; readers rely on it being an object.
+    if not isinstance(config.get("text_config", {}) or {}, dict):
+        raise CheckpointError(f"{path}: 'text_config' must be a JSON object")
+    return config
 
 
 def _load_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorEntry], dict[str, torch.Tensor]]:
@@ -319,6 +338,11 @@ def _load_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorEntry]
         raise CheckpointError(f"{path}: cannot load with weights_only=True ({e})") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(
+            f"{path}: holds a {type(state).__name__}, not a state dict of tensor name -> tensor; "
+            "save model.state_dict() instead"
+        )
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     entries = {
         k: TensorEntry(k, v.dtype, tuple(v.shape), str(path), 0, v.numel() * element_size(v.dtype))

@@ -6,7 +6,6 @@ recipe can name any public repo without running anything from it.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -119,10 +118,12 @@ def _check_snapshot_shards(ref: str, folder: Path) -> None:
     Without a cached tree listing, huggingface_hub returns a snapshot folder offline even when
     an interrupted download left shards out; say which ones rather than fail later on a path.
     """
+    from weightsmith.io.shard_index import read_index
+
     for index in sorted(folder.glob("*.safetensors.index.json")):
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError):
+            shards = set(read_index(index).values())
+        except CheckpointError:
             return  # Checkpoint reports a malformed index with its own message
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:

@@ -31,6 +31,7 @@ from weightsmith.errors import CheckpointError, OutputError
 from weightsmith.io.hub import redact_token
 from weightsmith.io.model_card import REPORT_FILE, refresh_model_card
 from weightsmith.io.safetensors_format import read_header
+from weightsmith.io.shard_index import read_index
 
 # Status codes worth a retry: the Hub or a proxy in front of it is busy or briefly down.
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -122,12 +123,9 @@ def collect_output_files(folder: str | Path) -> list[tuple[str, Path]]:
 
 def _weight_map(path: Path) -> dict[str, str]:
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not an object of file names")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PushError(f"{path}: not a valid shard index ({e})") from e
-    return weight_map
+        return read_index(path)
+    except CheckpointError as e:
+        raise PushError(f"refusing to push: {e}") from e
 
 
 def _header_names(path: Path) -> set[str]:
@@ -222,7 +220,7 @@ def push_to_hub(
         raise PushError(f"{repo_id!r} is not a valid Hub repo id ({e})") from None
     collect_output_files(folder)  # refuse an incomplete folder before touching anything
     if refresh_card:
-        refresh_model_card(folder)
+        _refresh_card(folder)
     files = collect_output_files(folder)
     if constants.is_offline_mode():
         raise PushError(f"HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it and run: {resume}")
@@ -293,11 +291,23 @@ def push_to_hub(
     )
 
 
+def _refresh_card(folder: Path) -> None:
+    """Re-render the card; a damaged or hand-edited report is named instead of crashing the push."""
+    try:
+        refresh_model_card(folder)
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:
+        raise PushError(
+            f"refusing to push: {folder / REPORT_FILE} cannot be rendered into the model card "
+            f"({type(e).__name__}: {str(e)[:200]}); restore it by re-running the merge, or push with "
+            "refresh_card=False to keep README.md as it is"
+        ) from e
+
+
 def _default_message(folder: Path) -> str:
     try:
         report = json.loads((folder / REPORT_FILE).read_text())
         return f"Upload {report.get('name') or folder.name}: {report['merge_method']} merge (weightsmith)"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return f"Upload {folder.name} (weightsmith)"
 
 
