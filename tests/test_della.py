@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import load_folder
-from sparse_helpers import merge_to_state, recipe
+from sparse_helpers import merge_to_state, recipe, whole_tensor_budget
 
 from weightsmith.errors import RecipeError
 from weightsmith.ops import MergeInputs, get_method
@@ -129,7 +129,8 @@ def test_seeded_bytes_whatever_the_budget(family, tmp_path, method):
     # a budget far below one tensor: whole tensors in one-off buffers, same bytes
     plan = plan_merge(rec, memory_budget="4KB", random_seed=7)
     assert plan.oversize
-    b = merge(rec, tmp_path / "b", random_seed=7, memory_budget="4KB", threads=1).out
+    budget = whole_tensor_budget(rec, random_seed=7)
+    b = merge(rec, tmp_path / "b", random_seed=7, memory_budget=budget, threads=1).out
     c = merge(rec, tmp_path / "c", random_seed=8).out
     assert shard_bytes(a) == shard_bytes(b)
     sa, sc = load_folder(a), load_folder(c)

