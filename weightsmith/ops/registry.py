@@ -64,6 +64,9 @@ class MergeInputs:
     # Tensors of checkpoint-valued parameters (see ``Param.checkpoint``), in the compute dtype;
     # None where that checkpoint has no such tensor.
     aux: dict[str, Any] = field(default_factory=dict)
+    # Kernels for tensors on a device (``--kernels``: "torch" or "cupy"; "auto" outside the
+    # engine); the operator picks per tensor with ``ops.kernel_choice.pick``.
+    kernels: str = "auto"
 
     def output_buffer(self) -> torch.Tensor:
         """The engine's reusable output buffer, or a fresh one (uninitialized)."""
