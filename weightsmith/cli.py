@@ -87,7 +87,18 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @main.command("merge")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]")
+@click.option(
+    "--device", default="cpu", show_default=True,
+    help="cpu, cuda[:N], or auto (CUDA when present); cpu-staged runs the device pipeline on the CPU",
+)
+@click.option(
+    "--kernels", type=click.Choice(["torch", "cupy"]), default="torch", show_default=True,
+    help="on a GPU: torch ops, or the numba.cuda (CuPy-compatible) kernels of the sparse family",
+)
+@click.option(
+    "--device-memory-budget", default=None, metavar="SIZE",
+    help="device memory the merge may hold, e.g. 20GB; default: 4/5 of the free device memory",
+)
 @click.option("--out-shard-size", default="5GB", show_default=True, help="max bytes per shard")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists (a symlinked OUT: its target)")
 @click.option(
@@ -107,6 +118,8 @@ def merge_cmd(
     recipe: str,
     out: str,
     device: str,
+    kernels: str,
+    device_memory_budget: str | None,
     out_shard_size: str,
     overwrite: bool,
     resume: bool,
@@ -138,6 +151,8 @@ def merge_cmd(
         progress=not quiet,
         fsync=not no_fsync,
         resume=resume,
+        kernels=kernels,
+        device_memory_budget=device_memory_budget,
     )
     if not quiet:
         s = result.stats
@@ -154,6 +169,11 @@ def merge_cmd(
             )
         if s.global_passes:
             click.echo(f"  {s.global_passes} statistics passes before the output pass")
+        if s.device_slots:
+            click.echo(
+                f"  device: {s.device_slots} slots, peak {format_size(s.device_peak_bytes)} of "
+                f"{format_size(s.device_budget)}; {s.packed_units} small tensors in {s.packs} packed launches"
+            )
         for line in (s.summary or {}).get("lines", []):
             click.echo(line)
     if push_to:

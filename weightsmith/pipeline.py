@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from weightsmith.data_steps import check_data_blocks, run_data_steps
+from weightsmith.engine.device import KERNELS, STAGED_CPU, resolve_device
 from weightsmith.engine.executor import RunStats, execute
 from weightsmith.engine.plan import MergePlan, build_plan
 from weightsmith.engine.summary import build_summary
@@ -143,6 +144,8 @@ def merge(
     progress: bool = False,
     fsync: bool = True,
     resume: bool = False,
+    kernels: str = "torch",
+    device_memory_budget: str | int | None = None,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
 
@@ -152,6 +155,7 @@ def merge(
     the output is byte for byte what an uninterrupted run writes.
     """
     started = time.perf_counter()
+    device = check_device(device, kernels)
     plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
     check_before_work(plan, out, overwrite)  # before data steps, which may run models for minutes
 
@@ -174,6 +178,8 @@ def merge(
         fsync=fsync,
         started=started,
         resume=resume,
+        kernels=kernels,
+        device_memory_budget=device_memory_budget,
         resume_command=_resume_command(
             recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle
         ),
@@ -251,8 +257,14 @@ def run_plan(
     started: float | None = None,
     resume: bool = False,
     resume_command: str | None = None,
+    kernels: str = "torch",
+    device_memory_budget: str | int | None = None,
 ) -> MergeResult:
-    """Execute a plan into a new output folder, atomically (``resume``: see ``merge``)."""
+    """Execute a plan into a new output folder, atomically (``resume``: see ``merge``).
+
+    ``device``: cpu, cuda[:N], auto (CUDA when present) or cpu-staged (the device pipeline on
+    the CPU, for tests); ``kernels`` (torch or cupy) and ``device_memory_budget`` apply to a
+    device (engine/device_pipeline.py)."""
     started = started if started is not None else time.perf_counter()
     check_before_work(plan, out, overwrite)
     # torch's own default (one thread per core) measured best on a quiet 2-core machine (ties
@@ -265,8 +277,13 @@ def run_plan(
         torch.set_num_threads(threads)
         previous_kernel_threads = fused.set_threads(threads)  # the fused kernels' pool too
     try:
+        device = check_device(device, kernels)
+        budget = (
+            None if device_memory_budget is None else _size(device_memory_budget, "device memory budget")
+        )
         return _run_plan(
-            plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command
+            plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command,
+            kernels, budget,
         )
     finally:
         torch.set_num_threads(previous)
@@ -285,9 +302,10 @@ def _run_plan(
     started: float,
     resume: bool,
     resume_command: str | None,
+    kernels: str = "torch",
+    device_memory_budget: int | None = None,
 ) -> MergeResult:
     shard_bytes = _size(out_shard_size, "out shard size")
-    _check_device(device)
     try:
         output = OutputDir(
             out,
@@ -342,6 +360,8 @@ def _run_plan(
                 progress=bar.update if bar else None,
                 journal=folder.journal,
                 reused=reused,
+                kernels=kernels,
+                device_memory_budget=device_memory_budget,
             )
             if bar:
                 bar.close()
@@ -505,11 +525,24 @@ def _size(value: str | int, what: str) -> int:
         raise RecipeError(f"{what}: {e}") from None
 
 
-def _check_device(device: str) -> None:
-    if device == "cpu":
-        return
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError(f"--device {device}: no CUDA device is available here; use --device cpu")
+def check_device(device: str, kernels: str = "torch") -> str:
+    """The device to run on (``auto`` resolved), refusing what cannot run here."""
+    device = resolve_device(device)
+    if kernels not in KERNELS:
+        raise RecipeError(f"--kernels {kernels!r}: expected one of {', '.join(KERNELS)}")
+    if kernels == "cupy" and device == "cpu":
+        raise RecipeError(
+            "--kernels cupy runs on a GPU: add --device cuda (or --device auto, where there is one)"
+        )
+    if kernels == "cupy" and device != STAGED_CPU:
+        from weightsmith.ops import cuda_fused
+
+        if not cuda_fused.available() or cuda_fused.simulated():
+            raise RecipeError(
+                "--kernels cupy: numba.cuda cannot launch kernels on this GPU (install numba-cuda "
+                "and a CUDA toolkit's libNVVM, or set CUDA_HOME); use --kernels torch"
+            )
+    return device
 
 
 def _progress_bar(plan: MergePlan, enabled: bool) -> Progress | None:
