@@ -166,3 +166,26 @@ def test_device_choice_is_checked_before_any_work():
         check_device("cpu", "numpy")
     with pytest.raises(RecipeError, match="expected cpu, cuda"):
         check_device("tpu")
+
+
+def test_plan_and_merge_commands_take_the_device_options(tmp_path, family):
+    import yaml
+    from click.testing import CliRunner
+
+    from weightsmith.cli import main
+
+    base, models = family
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe("task_arithmetic", base, models)))
+    runner = CliRunner()
+    shown = runner.invoke(main, ["plan", str(path), "--device", "cpu-staged", "--json"])
+    assert shown.exit_code == 0, shown.output
+    device = json.loads(shown.output)["summary"]["device"]
+    assert device["device"] == "cpu-staged" and device["kernels"] == "torch"
+    assert device["packed_tensors"] > device["packed_launches"] > 0
+    done = runner.invoke(main, ["merge", str(path), str(tmp_path / "out"), "--device", "cpu-staged",
+                                "--device-memory-budget", "64MB"])
+    assert done.exit_code == 0, done.output
+    assert "device: 3 slots" in done.output and "packed launches" in done.output
+    refused = runner.invoke(main, ["merge", str(path), str(tmp_path / "no"), "--kernels", "cupy"])
+    assert refused.exit_code != 0 and "--device cuda" in refused.output

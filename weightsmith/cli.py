@@ -84,21 +84,25 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _device_options(fn: Any) -> Any:
+    fn = click.option(
+        "--device-memory-budget", default=None, metavar="SIZE",
+        help="device memory the merge may hold, e.g. 20GB; default: 4/5 of the free device memory",
+    )(fn)
+    fn = click.option(
+        "--kernels", type=click.Choice(["torch", "cupy"]), default="torch", show_default=True,
+        help="on a GPU: torch ops, or the numba.cuda (CuPy-compatible) kernels of the sparse family",
+    )(fn)
+    return click.option(
+        "--device", default="cpu", show_default=True,
+        help="cpu, cuda[:N], or auto (CUDA when present); cpu-staged runs the device pipeline on the CPU",
+    )(fn)
+
+
 @main.command("merge")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option(
-    "--device", default="cpu", show_default=True,
-    help="cpu, cuda[:N], or auto (CUDA when present); cpu-staged runs the device pipeline on the CPU",
-)
-@click.option(
-    "--kernels", type=click.Choice(["torch", "cupy"]), default="torch", show_default=True,
-    help="on a GPU: torch ops, or the numba.cuda (CuPy-compatible) kernels of the sparse family",
-)
-@click.option(
-    "--device-memory-budget", default=None, metavar="SIZE",
-    help="device memory the merge may hold, e.g. 20GB; default: 4/5 of the free device memory",
-)
+@_device_options
 @click.option("--out-shard-size", default="5GB", show_default=True, help="max bytes per shard")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists (a symlinked OUT: its target)")
 @click.option(
@@ -218,13 +222,15 @@ def push_cmd(
 @main.command("plan")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_device_options
 @_common_plan_options
 @_friendly
 def plan_cmd(
-    recipe: str, as_json: bool, memory_budget: str, random_seed: int | None, allow_pickle: bool
+    recipe: str, as_json: bool, device: str, kernels: str, device_memory_budget: str | None,
+    memory_budget: str, random_seed: int | None, allow_pickle: bool,
 ) -> None:
     """Dry run: every output tensor, its inputs and operator, bytes and estimated peak memory."""
-    from weightsmith.pipeline import plan_merge
+    from weightsmith.pipeline import device_summary, plan_merge
 
     plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
     refs = [c.ref for c in plan.checkpoints]
@@ -254,6 +260,9 @@ def plan_cmd(
         "over_budget_tensors": plan.oversize,
         "notes": plan.notes,
     }
+    on_device = device_summary(plan, device, kernels, device_memory_budget)
+    if on_device["device"] != "cpu":
+        summary["device"] = on_device
     if as_json:
         click.echo(json.dumps({"summary": summary, "tensors": rows}, indent=2, default=str))
         return
@@ -275,6 +284,16 @@ def plan_cmd(
         f"memory budget:   {format_size(plan.memory_budget)}; estimated peak tensor "
         f"memory {format_size(plan.peak_estimate)} (plus ~0.4 GB for Python and torch)"
     )
+    if on_device["device"] != "cpu":
+        budget = on_device["device_memory_budget"]
+        click.echo(
+            f"device:          {on_device['device']} (kernels: {kernels}); a device slot "
+            f"{format_size(on_device['device_slot_bytes'])} + scratch "
+            f"{format_size(on_device['device_scratch_bytes'])}, three slots "
+            f"{format_size(on_device['device_bytes_for_all_slots'])} of "
+            f"{format_size(budget) if budget is not None else '4/5 of the free device memory'}; "
+            f"{on_device['packed_tensors']} small tensors in {on_device['packed_launches']} packed launches"
+        )
     for note in plan.notes:
         click.echo(f"note:            {note}")
     if plan.oversize:

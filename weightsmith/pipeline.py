@@ -525,6 +525,32 @@ def _size(value: str | int, what: str) -> int:
         raise RecipeError(f"{what}: {e}") from None
 
 
+def device_summary(plan: MergePlan, device: str, kernels: str, budget: str | int | None) -> dict[str, Any]:
+    """What ``weightsmith plan --device ...`` tells about the device pipeline, from the plan alone."""
+    from weightsmith.engine.batching import Pack, pack_units
+    from weightsmith.engine.device_pipeline import footprint
+    from weightsmith.engine.slots import SlotPool
+    from weightsmith.engine.tasks import SLOTS
+
+    device = check_device(device, kernels)
+    if device == "cpu":
+        return {"device": "cpu"}
+    capacity = SlotPool(plan).capacity
+    _, sizes, scratch = footprint(plan, plan.units, capacity)
+    items = pack_units(plan, plan.units, capacity)
+    packs = [i for i in items if isinstance(i, Pack)]
+    return {
+        "device": device,
+        "kernels": kernels,
+        "device_memory_budget": None if budget is None else _size(budget, "device memory budget"),
+        "device_slot_bytes": sum(sizes),
+        "device_scratch_bytes": scratch,
+        "device_bytes_for_all_slots": SLOTS * sum(sizes) + scratch,
+        "packed_tensors": sum(len(p.units) for p in packs),
+        "packed_launches": len(packs),
+    }
+
+
 def check_device(device: str, kernels: str = "torch") -> str:
     """The device to run on (``auto`` resolved), refusing what cannot run here."""
     device = resolve_device(device)

@@ -56,14 +56,8 @@ class DeviceSlots:
 
     def __init__(self, stage: DeviceStage, plan: MergePlan, units: list[WorkUnit], capacity: int) -> None:
         merge_units = [u for u in units if u.task.kind == "merge"]
-        self.capacity = max([capacity, *(unit_numel(u) for u in merge_units)])
-        n_models = max((len(u.task.models) for u in merge_units), default=1)
-        cs = element_size(plan.compute_dtype)
-        out_es = max((element_size(u.task.out_dtype) for u in merge_units), default=1)
-        cap = self.capacity
-        self.sizes = (n_models * cap * cs, cap * cs, cap * cs, cap * out_es)  # stacked, base, out, cast
-        self.slot_bytes = slot_bytes = sum(max(s, 1) for s in self.sizes)
-        self.scratch = scratch_bytes(plan, self.capacity, merge_units)
+        self.capacity, self.sizes, self.scratch = footprint(plan, units, capacity)
+        self.slot_bytes = slot_bytes = sum(self.sizes)
         room = stage.budget - self.scratch
         self.count = min(SLOTS, max(room, 0) // slot_bytes)
         if self.count < 1:
@@ -88,6 +82,18 @@ class DeviceSlots:
 
     def release(self, slot: DeviceSlot) -> None:
         self.free.put(slot)
+
+
+def footprint(plan: MergePlan, units: list[WorkUnit], capacity: int) -> tuple[int, tuple[int, ...], int]:
+    """(elements per device slot, the slot's buffer sizes, one unit's scratch) for ``units``:
+    slots hold the biggest unit (a host slot's ``capacity``, or an oversize tensor's)."""
+    merge_units = [u for u in units if u.task.kind == "merge"]
+    cap = max([capacity, *(unit_numel(u) for u in merge_units)])
+    n_models = max((len(u.task.models) for u in merge_units), default=1)
+    cs = element_size(plan.compute_dtype)
+    out_es = max((element_size(u.task.out_dtype) for u in merge_units), default=1)
+    sizes = (n_models * cap * cs, cap * cs, cap * cs, cap * out_es)  # stacked, base, out, cast
+    return cap, tuple(max(s, 1) for s in sizes), scratch_bytes(plan, cap, merge_units)
 
 
 def scratch_bytes(plan: MergePlan, numel: int, units: list[WorkUnit]) -> int:
