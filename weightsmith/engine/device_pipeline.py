@@ -135,6 +135,9 @@ def run_on_device(
     h2d, compute, d2h = stage.stream("h2d"), stage.stream("compute"), stage.stream("d2h")
     cd, device = plan.compute_dtype, stage.compute_device
     loaded_units = stream_loaded(plan, items, pool, stats, load=load_item)
+    # One unit of lag: unit k's copy in is issued before unit k-1's compute, so the copy runs
+    # while the compute does (on CUDA the issuing thread waits inside a compute for its checks).
+    pending: Callable[[], None] | None = None
     try:
         for index, loaded in enumerate(loaded_units):
             if failed:
@@ -143,6 +146,9 @@ def run_on_device(
             if loaded.copy is not None:
                 put((loaded.unit, loaded.copy, loaded.slot, {}, None))
                 continue
+            if pending is not None and slots.count == 1:  # the pending unit holds the only slot
+                pending()
+                pending = None
             dslot = slots.acquire(failed)
             if dslot is None:
                 pool.release(loaded.slot)
@@ -184,19 +190,30 @@ def run_on_device(
                 host_cast.copy_(dcast, non_blocking=True)
 
             arrived = stage.enqueue(h2d, "h2d", index, copy_in)
-            stage.wait(compute, arrived)
-            scratch = scratch_bytes(plan, numel, [unit])
-            computed = stage.enqueue(compute, "compute", index, run, scratch=scratch)
-            stage.wait(d2h, computed)
-            left = stage.enqueue(d2h, "d2h", index, copy_out)
-            ready = _ready(stage, left, slots, dslot, holder, unit if pack is None else None, record)
-            for i, (member, start) in enumerate(members):
-                n = unit_numel(member)
-                last = i == len(members) - 1
-                put((member, host_cast[start:start + n].view(unit_shape(member)),
-                     loaded.slot if last else None, holder, ready))
-            stats.tensors += len(members)
+
+            def finish(index=index, arrived=arrived, run=run, copy_out=copy_out, unit=unit, numel=numel,
+                       dslot=dslot, holder=holder, pack=pack, members=members, host_cast=host_cast,
+                       host_slot=loaded.slot) -> None:
+                stage.wait(compute, arrived)
+                scratch = scratch_bytes(plan, numel, [unit])
+                computed = stage.enqueue(compute, "compute", index, run, scratch=scratch)
+                stage.wait(d2h, computed)
+                left = stage.enqueue(d2h, "d2h", index, copy_out)
+                ready = _ready(stage, left, slots, dslot, holder, unit if pack is None else None, record)
+                for i, (member, start) in enumerate(members):
+                    n = unit_numel(member)
+                    last = i == len(members) - 1
+                    put((member, host_cast[start:start + n].view(unit_shape(member)),
+                         host_slot if last else None, holder, ready))
+                stats.tensors += len(members)
+
+            if pending is not None:
+                pending()
+            pending = finish
             del loaded
+        if pending is not None:
+            pending()
+            pending = None
     finally:
         loaded_units.close()
 
