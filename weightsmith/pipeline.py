@@ -181,7 +181,8 @@ def merge(
         kernels=kernels,
         device_memory_budget=device_memory_budget,
         resume_command=_resume_command(
-            recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle
+            recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle,
+            kernels, device_memory_budget,
         ),
     )
 
@@ -194,6 +195,8 @@ def _resume_command(
     random_seed: int | None,
     device: str,
     allow_pickle: bool,
+    kernels: str = "torch",
+    device_memory_budget: str | int | None = None,
 ) -> str:
     """The command that resumes this merge, for the note about an interrupted one."""
     api = f"weightsmith.merge(<this recipe>, {str(out)!r}, ..., resume=True)"
@@ -209,6 +212,10 @@ def _resume_command(
         words += ["--random-seed", str(random_seed)]
     if device != "cpu":
         words += ["--device", device]
+    if kernels != "torch":
+        words += ["--kernels", kernels]
+    if device_memory_budget is not None:
+        words += ["--device-memory-budget", str(device_memory_budget)]
     if allow_pickle:
         words.append("--allow-pickle")
     if overwrite:
