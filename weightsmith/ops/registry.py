@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import torch
 
+from weightsmith.notices import did_you_mean
+
 REQUIRED: Any = object()
 
 
@@ -160,7 +162,8 @@ def get_method(name: str) -> MergeMethod:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown merge_method {name!r}; known methods: {known}") from None
+        hint = did_you_mean(str(name), _REGISTRY)
+        raise KeyError(f"unknown merge_method {name!r}{hint or ';'} known methods: {known}") from None
 
 
 def methods() -> dict[str, MergeMethod]:
