@@ -127,6 +127,8 @@ def load_stages(source: str | Path, *, stage: str | None = None, strict: bool = 
     for st in by_name.values():
         st.needs = sorted(_stage_refs(st.raw, set(names)), key=names.index)
         _check_unknown_refs(st, names, where, path)
+    for st in by_name.values():  # a cycle anywhere is an error, even among stages not run
+        _dependency_order(by_name, st, where)
     target = _target(by_name, stage, where)
     order = _dependency_order(by_name, target, where)
     staged = StagedRecipe(path, order, [n for n in names if n not in {s.name for s in order}], strict)
