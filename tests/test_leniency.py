@@ -16,8 +16,8 @@ from weightsmith.recipe import load_recipe
 
 
 def linear(models, **extra):
-    return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
-            **extra}
+    entries = [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]
+    return {"merge_method": "linear", "models": entries, **extra}
 
 
 def test_warn_prints_once_per_collection_and_collects(capsys):
@@ -62,7 +62,8 @@ def test_model_entry_and_conditional_fields_warn_naming_the_model():
         "- model: org/b\n  parameters: {weight: [{filter: mlp, value: 1, filtr: x}, {value: 2}]}\n"
     )
     assert recipe.warnings == [
-        "recipe: models[0] (org/a): `paramters` is not a model entry field; did you mean `parameters`? ignored",
+        "recipe: models[0] (org/a): `paramters` is not a model entry field; did you mean "
+        "`parameters`? ignored",
         "recipe: models[0] (org/a): `weight` is not a model entry field (an entry has `model` and "
         "`parameters`: put parameters under `parameters:`); ignored",
         "recipe: models[1] (org/b).parameters.weight[0]: `filtr` is not a conditional field; did you "
@@ -114,7 +115,7 @@ def test_parameters_not_taken_warn_and_merge_as_without_them(family, tmp_path):
     ]
     weightsmith.merge(recipe, tmp_path / "lenient")
     clean = {**recipe, "parameters": {"lambda": 1.0},
-             "models": [{"model": m0, "parameters": {"weight": 0.5}}, {"model": m1, "parameters": {"weight": 0.5}}]}
+             "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (m0, m1)]}
     weightsmith.merge(clean, tmp_path / "clean")
     a, b = load_folder(tmp_path / "lenient"), load_folder(tmp_path / "clean")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
@@ -164,7 +165,8 @@ def test_cli_warns_and_strict_refuses(family, tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["plan", str(path)])
     assert res.exit_code == 0, res.output
-    assert f"weightsmith: warning: {path}: `dype` is not a recipe field; did you mean `dtype`? ignored" in res.output
+    said = f"weightsmith: warning: {path}: `dype` is not a recipe field; did you mean `dtype`? ignored"
+    assert said in res.output
     res = runner.invoke(main, ["plan", str(path), "--strict"])
     assert res.exit_code == 2 and "did you mean `dtype`?" in res.output and "--strict" in res.output
     res = runner.invoke(main, ["merge", str(path), str(tmp_path / "out"), "-q", "--strict"])

@@ -113,7 +113,8 @@ def test_stage_option_and_plan(family, tmp_path):
     recipe.write_text(three_stages(base, models))
     cache = tmp_path / "stages"
     rows = plan_stages(recipe, stage_cache=cache)
-    assert [(r.stage.name, r.plan is not None) for r in rows] == [("first", True), ("second", False), (None, False)]
+    planned = [(r.stage.name, r.plan is not None) for r in rows]
+    assert planned == [("first", True), ("second", False), (None, False)]
     runner = CliRunner()
     res = runner.invoke(main, ["plan", str(recipe), "--stage-cache", str(cache)])
     assert res.exit_code == 0, res.output
@@ -126,7 +127,8 @@ def test_stage_option_and_plan(family, tmp_path):
     assert not cache.exists()  # `first` is the target: written to OUT, nothing cached
     res = runner.invoke(main, ["merge", str(recipe), str(tmp_path / "out"), "--stage-cache", str(cache)])
     assert res.exit_code == 0, res.output
-    assert "stage 1/3 `first`: merged into" in res.output and "stage 3/3 (final, unnamed): merged into" in res.output
+    assert "stage 1/3 `first`: merged into" in res.output
+    assert "stage 3/3 (final, unnamed): merged into" in res.output
     res = runner.invoke(main, ["plan", str(recipe), "--stage-cache", str(cache)])
     assert "stage 2/3 `second`: linear of 2 model(s); uses stages: first; cached in" in res.output
     assert "tensors:" in res.output  # the final stage's own plan, now that its inputs exist

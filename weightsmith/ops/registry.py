@@ -66,6 +66,8 @@ class MergeInputs:
     # Tensors of checkpoint-valued parameters (see ``Param.checkpoint``), in the compute dtype;
     # None where that checkpoint has no such tensor.
     aux: dict[str, Any] = field(default_factory=dict)
+    # The models' references in the order of ``models``, for messages (may be empty).
+    model_refs: tuple[str, ...] = ()
 
     def output_buffer(self) -> torch.Tensor:
         """The engine's reusable output buffer, or a fresh one (uninitialized)."""
@@ -85,6 +87,12 @@ class TensorSpec:
     # it: ``prepare`` must return statistics that give the method this tensor's numbers (see
     # ``MergeMethod.splits_with_statistics``).
     split: bool = False
+    # The input models' references in recipe order (the base excluded), so a method's messages
+    # name the model, not its position: see ``model_label``.
+    models: tuple[str, ...] = ()
+
+    def model_label(self, i: int) -> str:
+        return f"model {self.models[i]!r}" if i < len(self.models) else f"model {i}"
 
 
 @dataclass(frozen=True)
