@@ -174,3 +174,19 @@ def test_cli_warns_and_strict_refuses(family, tmp_path):
     res = runner.invoke(main, ["merge", str(path), str(tmp_path / "out"), "-q"])
     assert res.exit_code == 0, res.output
     assert res.output.count("`dype` is not a recipe field") == 1
+
+
+def test_method_messages_name_the_model_by_path(family):
+    base, models = family
+    recipe = {"merge_method": "ties", "base_model": str(base),
+              "models": [{"model": str(m), "parameters": {"weight": 1, "density": d}}
+                         for m, d in zip(models[:2], (0.5, 1.5))]}
+    with pytest.raises(RecipeError) as e:
+        weightsmith.plan_merge(recipe)
+    assert f"density of model {str(models[1])!r} for tensor" in str(e.value)
+    bad_gamma = {**recipe, "merge_method": "breadcrumbs",
+                 "models": [{"model": str(m), "parameters": {"weight": 1, "density": 0.5, "gamma": g}}
+                            for m, g in zip(models[:2], (0.01, 1.0))]}
+    with pytest.raises(RecipeError) as e:
+        weightsmith.plan_merge(bad_gamma)
+    assert f"gamma of model {str(models[1])!r}" in str(e.value)

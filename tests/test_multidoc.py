@@ -78,6 +78,8 @@ def test_stages_run_in_dependency_order_and_final_goes_to_out(family, tmp_path):
     assert torch.allclose(got[name].float(), second, atol=1e-6)
     report = json.loads((out / "merge_report.json").read_text())
     assert report["inputs"][1]["path"].startswith(str(cache))  # the final stage read `second`'s folder
+    # OUT keeps the whole multi-stage recipe: running it again reproduces OUT, stages included.
+    assert (out / "weightsmith_recipe.yaml").read_text() == recipe.read_text()
 
 
 def test_rerun_reuses_unchanged_stages_and_a_changed_stage_invalidates(family, tmp_path):

@@ -98,7 +98,7 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         metavar="DIR",
         default=None,
         help="multi-stage recipes: where intermediate stages are kept and reused "
-        "(default: .weightsmith-stages beside OUT)",
+        "(default: .weightsmith-stages beside OUT; for plan, in the working directory)",
     )(fn)
     return fn
 
@@ -283,8 +283,7 @@ def plan_cmd(
         "over_budget_tensors": plan.oversize,
         "notes": plan.notes,
     }
-    if stages:
-        summary["warnings"] = plan.warnings
+    summary["warnings"] = plan.warnings
     if as_json:
         extra = {"stages": stages} if stages else {}
         click.echo(json.dumps({**extra, "summary": summary, "tensors": rows}, indent=2, default=str))

@@ -55,6 +55,7 @@ class StagedRecipe:
     stages: list[Stage]  # the stages the target needs, dependencies first; the target last
     skipped: list[str] = field(default_factory=list)  # stages the target does not need
     strict: bool = False
+    text: str = ""  # the whole multi-document recipe, as written
 
     @property
     def target(self) -> Stage:
@@ -82,11 +83,14 @@ class StagedMergeResult(pipeline.MergeResult):
 
 def documents(source: str | Path) -> tuple[Path | None, list[Any]]:
     path, text = read_recipe_source(source)
+    return path, _parse(text, path)
+
+
+def _parse(text: str, path: Path | None) -> list[Any]:
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        return [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
         raise RecipeError(f"{path or 'recipe'}: not valid YAML: {e}") from e
-    return path, docs
 
 
 def is_multi_stage(source: Any) -> bool:
@@ -109,7 +113,8 @@ def load_stages(source: str | Path, *, stage: str | None = None, strict: bool = 
     """Parse the documents, check names, references and the stage graph, and order the stages
     the target needs (dependencies first). Each stage's recipe is validated too (its warnings
     are given here, once), all before any work."""
-    path, docs = documents(source)
+    path, text = read_recipe_source(source)
+    docs = _parse(text, path)
     where = str(path) if path else "recipe"
     by_name: dict[str | None, Stage] = {}
     for i, doc in enumerate(docs):
@@ -131,7 +136,8 @@ def load_stages(source: str | Path, *, stage: str | None = None, strict: bool = 
         _dependency_order(by_name, st, where)
     target = _target(by_name, stage, where)
     order = _dependency_order(by_name, target, where)
-    staged = StagedRecipe(path, order, [n for n in names if n not in {s.name for s in order}], strict)
+    skipped = [n for n in names if n not in {s.name for s in order}]
+    staged = StagedRecipe(path, order, skipped, strict, text)
     for st in order:
         stage_recipe(staged, st, {n: Path(STAGE_CACHE) / n for n in st.needs})
     for name in staged.skipped:
@@ -280,6 +286,9 @@ def merge(
             what = "unchanged, reusing" if reused else "merged into"
             say(f"stage {k}/{n} {st.label}: {what} {folder}")
         final = stage_recipe(staged, staged.target, folders, echo=False)
+        # OUT records the whole multi-stage recipe (weightsmith_recipe.yaml, the model card):
+        # running that file again reproduces it, stages included.
+        final.text = staged.text
         result = pipeline.merge(final, out, **options)
         say(f"stage {n}/{n} {staged.target.label}: merged into {result.out}")
         outcomes.append(StageOutcome(staged.target, result.out, False))
@@ -329,7 +338,8 @@ def plan_stages(
     """Each stage the target needs, in order: its recipe, whether the cache holds it, and its
     plan where its inputs exist (a stage after one still to run is planned when that has run)."""
     staged = load_stages(recipe, stage=stage, strict=strict)
-    cache = cache_folder(out or Path(staged.source or ".").absolute().parent / "OUT", stage_cache)
+    # Without OUT, the cache a merge into the working directory would use.
+    cache = cache_folder(out if out is not None else "OUT", stage_cache)
     folders: dict[str, Path] = {}
     rows: list[StagePlan] = []
     for st in staged.stages:
