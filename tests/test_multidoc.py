@@ -157,6 +157,15 @@ def test_stage_option_and_plan(family, tmp_path):
          "merge_method: linear\nmodels: [{model: org/y}]\n", "more than one document has no `name:`"),
         ("name: a\nmerge_method: linear\nmodels: [{model: org/x}]\ndype: float32\n---\n"
          "merge_method: linear\nmodels: [{model: a}]\n", "did you mean `dtype`?"),  # under --strict
+        ("name: a\nmerge_method: linear\nmodels: [org/x]\n---\nmerge_method: linear\nmodels: [a]\n",
+         "stage `a`: models[0] (org/x): `linear` needs `weight`"),
+        ("name: a\nmerge_method: linear\nmodels: [org/x]\nparameters: {weight: 1}\n---\n"
+         "merge_method: task_arithmetic\n"
+         "base_model: org/b\nmodels: [{model: a, parameters: {weight: 1, wieght: 2}}]\n",
+         "takes no parameter `wieght`"),  # a later stage's parameters are checked before stage a runs
+        ("name: first\nmerge_method: linear\nmodels: [org/x]\n---\n"
+         "merge_method: linear\nmodels: [frist, org/y]\n",  # the short form of `models:`
+         "uses `frist`, which is no stage"),
     ],
 )
 def test_bad_stage_graphs_fail_before_any_work(tmp_path, text, fragment):

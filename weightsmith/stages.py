@@ -26,9 +26,11 @@ from typing import Any
 import yaml
 
 from weightsmith import pipeline
+from weightsmith.engine.parameters import check_parameters
 from weightsmith.errors import RecipeError
 from weightsmith.io.writer import find_leftovers
 from weightsmith.notices import collecting, did_you_mean, warn
+from weightsmith.ops.registry import get_method
 from weightsmith.recipe import Recipe, check_expanded_size, load_recipe, read_recipe_source
 from weightsmith.units import parse_size
 
@@ -138,8 +140,13 @@ def load_stages(source: str | Path, *, stage: str | None = None, strict: bool = 
     order = _dependency_order(by_name, target, where)
     skipped = [n for n in names if n not in {s.name for s in order}]
     staged = StagedRecipe(path, order, skipped, strict, text)
-    for st in order:
-        stage_recipe(staged, st, {n: Path(STAGE_CACHE) / n for n in st.needs})
+    for st in order:  # every stage's fields and parameters, before any work
+        placeholders = {n: Path(STAGE_CACHE) / n for n in st.needs}
+        recipe = pipeline.normalize_models(stage_recipe(staged, st, placeholders))  # method known
+        try:
+            check_parameters(recipe, get_method(recipe.merge_method))
+        except RecipeError as e:
+            raise RecipeError(f"{where}, stage {st.label}: {e}") from None
     for name in staged.skipped:
         warn(f"{where}: stage `{name}` is not used by stage {staged.target.label}; not run "
              f"(--stage {name} runs it)")
@@ -194,6 +201,8 @@ def _substitute(node: Any, paths: dict[str, Path], used: set[str]) -> Any:
         return node
     out = {}
     for key, value in node.items():
+        if key == "models" and isinstance(value, list):  # the short form `models: [a, b]`
+            value = [{"model": v} if isinstance(v, str) else v for v in value]
         if key in MODEL_KEYS and isinstance(value, str):
             head, plus, rest = value.partition("+")
             if head in paths:
@@ -233,6 +242,9 @@ def _collect_refs(node: Any, out: list[str]) -> None:
         for key, value in node.items():
             if key in MODEL_KEYS and isinstance(value, str) and value not in ("base", "union"):
                 out.append(value)
+            elif key == "models" and isinstance(value, list):
+                out += [v for v in value if isinstance(v, str)]
+                _collect_refs([v for v in value if not isinstance(v, str)], out)
             else:
                 _collect_refs(value, out)
 
@@ -337,6 +349,18 @@ def plan_stages(
 ) -> list[StagePlan]:
     """Each stage the target needs, in order: its recipe, whether the cache holds it, and its
     plan where its inputs exist (a stage after one still to run is planned when that has run)."""
+    with collecting():  # each warning once, though stages are checked first and planned after
+        return _plan_stages(recipe, out, stage, stage_cache, strict, options)
+
+
+def _plan_stages(
+    recipe: str | Path,
+    out: str | Path | None,
+    stage: str | None,
+    stage_cache: str | Path | None,
+    strict: bool,
+    options: dict[str, Any],
+) -> list[StagePlan]:
     staged = load_stages(recipe, stage=stage, strict=strict)
     # Without OUT, the cache a merge into the working directory would use.
     cache = cache_folder(out if out is not None else "OUT", stage_cache)
