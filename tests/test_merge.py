@@ -291,12 +291,13 @@ def test_recipe_errors_before_any_work(family, tmp_path):
     base, models = family
     bad = ta_recipe(base, models)
     bad["parameters"]["lamda"] = 1
-    with pytest.raises(RecipeError, match="no parameter `lamda`.*lambda"):
-        weightsmith.merge(bad, tmp_path / "out")
+    # What mergekit ignores is an error under strict (a warning otherwise: test_leniency.py).
+    with pytest.raises(RecipeError, match="no parameter `lamda`.*did you mean `lambda`"):
+        weightsmith.merge(bad, tmp_path / "out", strict=True)
     bad = ta_recipe(base, models)
     bad["models"][0]["parameters"]["lambda"] = 1
     with pytest.raises(RecipeError, match="move it to the top-level"):
-        weightsmith.merge(bad, tmp_path / "out")
+        weightsmith.merge(bad, tmp_path / "out", strict=True)
     bad = ta_recipe(base, models)
     del bad["base_model"]
     with pytest.raises(RecipeError, match="needs a base_model"):
