@@ -66,7 +66,8 @@ class Checkpoint:
         allow_pickle: bool = False,
         search_dirs: tuple[Path, ...] = (),
     ) -> Checkpoint:
-        """Open a folder, a single ``.safetensors`` file, or a Hub repo id (``org/name@rev``).
+        """Open a folder, a single ``.safetensors`` file, a Hub repo id (``org/name@rev``), or
+        ``BASE+ADAPTER`` (a PEFT LoRA adapter applied to BASE as tensors are read).
 
         Relative paths are tried against the working directory first, then ``search_dirs``
         (the recipe's folder), so recipes run from anywhere.
@@ -77,6 +78,10 @@ class Checkpoint:
         for path in candidates:
             if path.exists():
                 return cls._open_local(text, path, allow_pickle)
+        if "+" in text:  # BASE+ADAPTER: a PEFT LoRA adapter applied lazily (weightsmith/io/lora.py)
+            from weightsmith.io.lora import open_lora_reference
+
+            return open_lora_reference(text, allow_pickle=allow_pickle, search_dirs=search_dirs)
         if looks_like_hub_id(text):
             from weightsmith.io.hub import resolve_hub_model
 
