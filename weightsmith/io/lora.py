@@ -341,10 +341,10 @@ def lora_delta(adapter: Checkpoint, patch: LoraPatch, rows: tuple[int, int] | No
         b = adapter.read(patch.b_key).float()
         if rows is not None:
             a = a[:, rows[0] : rows[1]]
-        return (b @ a).T * patch.scale
+        return (b @ a).T.mul_(patch.scale)  # in place: one block of scratch, same values
     a = adapter.read(patch.a_key).float()
     b = adapter.read(patch.b_key, rows).float()
-    return (b @ a) * patch.scale
+    return (b @ a).mul_(patch.scale)
 
 
 # ----------------------------------------------------------------------------------------- view
@@ -374,7 +374,8 @@ class LoraCheckpoint(Checkpoint):
             out = self.base.read_into(key, buffer, rows)
         if patch.a_key is not None:
             delta = lora_delta(self.adapter.weights, patch, rows)
-            out.copy_(out.float() + delta)
+            # a float32 base is updated in place (float() returns it); others round once here
+            out.copy_(out.float().add_(delta))
         return out
 
     def provenance(self) -> dict[str, Any]:
