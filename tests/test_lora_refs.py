@@ -257,3 +257,33 @@ def test_adapter_for_another_base_is_refused(llama: Path, gpt2: Path, tmp_path: 
         Checkpoint.open(f"{gpt2}+{adapter}")
     with pytest.raises(CheckpointError, match="adapter_config.json is missing"):
         Checkpoint.open(f"{llama}+{llama}")
+
+
+def test_hub_ids_with_revisions_on_both_sides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as constants
+
+    from tests.models import random_state, save_model
+    from tests.test_lora_parity import ADAPTERS, write_adapter
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    sha_base, sha_lora = "1" * 40, "2" * 40
+    state = random_state(LLAMA_CONFIG, seed=5)
+    base = save_model(cache / "models--acme--base" / "snapshots" / sha_base, state, LLAMA_CONFIG, shards=1)
+    (cache / "models--acme--base" / "refs").mkdir()
+    (cache / "models--acme--base" / "refs" / "main").write_text(sha_base)
+    adapter = write_adapter(cache / "models--acme--lora" / "snapshots" / sha_lora, state, 7, ADAPTERS["ad1"])
+    (cache / "models--acme--lora" / "refs").mkdir()
+    (cache / "models--acme--lora" / "refs" / "v2").write_text(sha_lora)
+
+    hub = Checkpoint.open(f"acme/base@{sha_base}+acme/lora@v2")
+    local = Checkpoint.open(f"{base}+{adapter}")
+    key = "model.layers.1.self_attn.v_proj.weight"
+    assert torch.equal(hub.read(key), local.read(key)) and not torch.equal(hub.read(key), state[key])
+    info = hub.provenance()
+    assert info["revision"] == sha_base and info["adapter"]["revision"] == sha_lora
+    assert info["adapter"]["model"] == "acme/lora@v2"
+    with pytest.raises(CheckpointError, match="acme/nothing"):
+        Checkpoint.open("acme/base+acme/nothing")
