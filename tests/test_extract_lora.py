@@ -205,3 +205,18 @@ def test_randomized_svd_option(pair, tmp_path: Path) -> None:
     assert len(rows) == 3 and all(m.note == "svd randomized" and m.relative_error < 1e-5 for m in rows)
     with pytest.raises(RecipeError, match="every singular value"):
         extract_lora(ft, base, tmp_path / "ad2", energy=0.9, svd="randomized")
+
+
+def test_save_above_error_keeps_full_rank_changes_whole(pair, tmp_path: Path) -> None:
+    base, ft, state = pair
+    result = extract_lora(ft, base, tmp_path / "ad", rank=2, save_above_error=0.1, save_modules=["norm"])
+    kinds = {m.module: m.kind for m in result.modules}
+    assert kinds["model.layers.0.self_attn.v_proj"] == "saved"  # full-rank change: error ~0.9
+    assert kinds["model.layers.0.self_attn.q_proj"] == "lora"  # rank-2 change: error ~0
+    assert "model.layers.0.self_attn.v_proj" in result.config["modules_to_save"]
+    assert "model.layers.0.self_attn.v_proj" not in result.config["target_modules"]
+    merged = _merged(base, tmp_path / "ad")
+    whole = ["model.layers.2.self_attn.v_proj.weight", "lm_head.weight"]
+    whole.append("model.layers.1.input_layernorm.weight")
+    for key in whole:  # saved whole: exactly the fine-tune's values
+        torch.testing.assert_close(merged[key], state[key], rtol=0, atol=0, msg=key)

@@ -109,6 +109,7 @@ def extract_lora(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     save_modules: Sequence[str] = (),
+    save_above_error: float | None = None,
     embed_lora: bool = False,
     svd: str = "auto",
     dtype: str = "float32",
@@ -123,6 +124,8 @@ def extract_lora(
         raise RecipeError(f"extract-lora: --rank must be at least 1, got {rank}")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise RecipeError(f"extract-lora: --energy is a fraction in (0, 1], got {energy}")
+    if save_above_error is not None and not save_above_error >= 0:
+        raise RecipeError(f"extract-lora: --save-above-error must be >= 0, got {save_above_error}")
     if svd not in ("auto", "exact", "randomized"):
         raise RecipeError(f"extract-lora: --svd is auto, exact or randomized, got {svd!r}")
     if svd == "randomized" and energy is not None:
@@ -162,22 +165,33 @@ def extract_lora(
                             "(exclude it with --exclude)"
                         )
                 if any(_matches(p, module) or any(_matches(p, k) for k in keys) for p in save_modules):
-                    _require_unambiguous(module, all_modules, "modules_to_save")
-                    for k in modules[module]:  # peft saves the whole module
-                        writer.append(PEFT_PREFIX + k, ft.read(k))
+                    _save_whole(module, modules[module], ft, writer, all_modules)
                     saved.append(module)
-                    reports.append(ModuleReport(module, "saved", note="whole module (modules_to_save)"))
+                    reports.append(ModuleReport(module, "saved", note="--save-module: whole module"))
+                    _log(log, reports[-1])
                     continue
                 weight = f"{module}.weight"
                 embedding = _is_embedding(module)
                 factorable = weight in keys and len(ft.entry(weight).shape) == 2
                 if not factorable or (embedding and not embed_lora):
                     reports.append(_uncaptured(module, keys, ft, bs, embedding))
+                    _log(log, reports[-1])
                     continue
-                report = _factor(
-                    module, weight, ft, bs, rank, energy, svd, conv1d or embedding, embedding,
-                    out_dtype, writer,
+                report, factors = _factor(
+                    module, weight, ft, bs, rank, energy, svd, conv1d or embedding, embedding, out_dtype
                 )
+                if save_above_error is not None and report.rank and report.relative_error > save_above_error:
+                    # not low rank enough: the whole module goes to modules_to_save instead
+                    _save_whole(module, modules[module], ft, writer, all_modules)
+                    saved.append(module)
+                    reports.append(ModuleReport(
+                        module, "saved", report.shape, note=f"rank {report.rank} error "
+                        f"{report.relative_error:.4f} > {save_above_error}: whole module",
+                    ))
+                    _log(log, reports[-1])
+                    continue
+                for name, tensor in factors:
+                    writer.append(name, tensor)
                 others = [k for k in keys if k != weight and not torch.equal(ft.read(k), bs.read(k))]
                 if others:
                     names = ", ".join(o.rsplit(".", 1)[-1] for o in others)
@@ -186,8 +200,7 @@ def extract_lora(
                 if report.rank:
                     _require_unambiguous(module, all_modules, "target_modules")
                     lora_ranks[module] = report.rank
-                if log is not None:
-                    log(_row(report))
+                _log(log, report)
             if not lora_ranks and not saved:
                 raise MergeError(
                     f"{ft.ref!r} and {bs.ref!r} do not differ in any selected tensor: no adapter to write"
@@ -207,6 +220,7 @@ def extract_lora(
                 "energy": energy,
                 "svd": svd,
                 "dtype": dtype,
+                "save_above_error": save_above_error,
                 "modules": [asdict(r) for r in reports],
             },
         )
@@ -240,9 +254,8 @@ def _factor(
     transposed: bool,
     embedding: bool,
     out_dtype: torch.dtype,
-    writer: AppendingSafetensorsWriter,
-) -> ModuleReport:
-    """Factor one weight difference and append its LoRA factors; returns its report row."""
+) -> tuple[ModuleReport, list[tuple[str, torch.Tensor]]]:
+    """Factor one weight difference; returns its report row and the adapter tensors."""
     from weightsmith.ops.lowrank import rank_for_energy
 
     delta = ft.read(weight).float() - bs.read(weight).float()
@@ -250,7 +263,7 @@ def _factor(
     if not torch.isfinite(delta).all():
         raise MergeError(f"tensor {weight!r}: the difference has NaN or Inf; check both checkpoints")
     if not delta.any():
-        return ModuleReport(module, "unchanged", shape)
+        return ModuleReport(module, "unchanged", shape), []
     # peft's factors: Linear W [out, in] = B A; Conv1D and Embedding store W^T, so factor W^T.
     matrix = delta.T if transposed else delta
     method = _pick_method(svd, rank, tuple(matrix.shape))
@@ -259,13 +272,25 @@ def _factor(
     b, a = low.b[:, :r].to(out_dtype), low.a[:r].to(out_dtype)
     error = relative_error(matrix, b.float(), a.float())
     if embedding:  # lora_embedding_A [r, rows], lora_embedding_B [cols, r]: W^T = B_e A_e = b a
-        writer.append(f"{PEFT_PREFIX}{module}.lora_embedding_A", a)
-        writer.append(f"{PEFT_PREFIX}{module}.lora_embedding_B", b)
+        names = (f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B")
     else:
-        writer.append(f"{PEFT_PREFIX}{module}.lora_A.weight", a)
-        writer.append(f"{PEFT_PREFIX}{module}.lora_B.weight", b)
+        names = (f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight")
     kind = "embedding-lora" if embedding else "lora"
-    return ModuleReport(module, kind, shape, r, error, f"svd {method}")
+    return ModuleReport(module, kind, shape, r, error, f"svd {method}"), [(names[0], a), (names[1], b)]
+
+
+def _save_whole(
+    module: str, keys: list[str], ft: Checkpoint, writer: AppendingSafetensorsWriter, all_modules: set[str]
+) -> None:
+    """Append every tensor of ``module`` from the fine-tune (peft saves modules whole)."""
+    _require_unambiguous(module, all_modules, "modules_to_save")
+    for k in keys:
+        writer.append(PEFT_PREFIX + k, ft.read(k))
+
+
+def _log(log: Any, report: ModuleReport) -> None:
+    if log is not None and report.kind != "excluded":
+        log(_row(report))
 
 
 def _require_unambiguous(module: str, all_modules: set[str], field_name: str) -> None:
@@ -326,6 +351,8 @@ def _row(rep: ModuleReport) -> str:
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip tensors matching (repeatable).")
 @click.option("--save-module", "save_modules", multiple=True, metavar="REGEX",
               help="Keep matching modules whole (modules_to_save) instead of factoring them.")
+@click.option("--save-above-error", type=float, default=None, metavar="E",
+              help="Keep a module whole (modules_to_save) when its LoRA's relative error exceeds E.")
 @click.option("--embed-lora", is_flag=True, help="Factor input embeddings too (lora_embedding_A/B).")
 @click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
               help="auto: randomized for --rank far below the matrix size, exact otherwise.")
@@ -343,6 +370,7 @@ def extract_lora_cmd(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     save_modules: tuple[str, ...],
+    save_above_error: float | None,
     embed_lora: bool,
     svd: str,
     dtype: str,
@@ -356,7 +384,8 @@ def extract_lora_cmd(
             click.echo(f"{'module':60s} {'kind':15s} {'shape':>12s} {'rank':>5s} {'rel.err':>8s}")
         result = extract_lora(
             fine_tune, base, out, rank=rank, energy=energy, include=include, exclude=exclude,
-            save_modules=save_modules, embed_lora=embed_lora, svd=svd, dtype=dtype,
+            save_modules=save_modules, save_above_error=save_above_error, embed_lora=embed_lora,
+            svd=svd, dtype=dtype,
             overwrite=overwrite, allow_pickle=allow_pickle, log=None if quiet else click.echo,
         )
     except WeightsmithError as err:
