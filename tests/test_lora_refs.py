@@ -287,3 +287,21 @@ def test_hub_ids_with_revisions_on_both_sides(tmp_path: Path, monkeypatch: pytes
     assert info["adapter"]["model"] == "acme/lora@v2"
     with pytest.raises(CheckpointError, match="acme/nothing"):
         Checkpoint.open("acme/base+acme/nothing")
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_replace_the_base_biases(gpt2: Path, tmp_path: Path, bias: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    adapter = _adapter(gpt2, tmp_path / "ad", r=2, fan_in_fan_out=True, target_modules=["c_attn"], bias=bias)
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    biases = [k for k in tensors if k.endswith(".bias")]
+    assert biases  # peft saved the biases it trains
+    for k in biases:  # as training would have changed them
+        tensors[k] = tensors[k] + 0.25
+    save_file(tensors, path)
+    _, changed = _compare(gpt2, adapter)
+    assert changed >= len(biases)
+    ours = Checkpoint.open(f"{gpt2}+{adapter}")
+    assert ours.adapter.patches["transformer.h.0.attn.c_attn.bias"].replacement is not None
