@@ -244,6 +244,10 @@ def test_real_dora_and_lora_bias_adapters_are_refused(llama: Path, tmp_path: Pat
     _edit_config(dora, use_dora=False)  # a config that lies: the magnitude tensor still refuses it
     with pytest.raises(CheckpointError, match="DoRA magnitude"):
         Checkpoint.open(f"{llama}+{dora}")
+    bias = _adapter(llama, tmp_path / "bias", r=2, target_modules=["q_proj"], lora_bias=True)
+    _edit_config(bias, lora_bias=False)  # the lora_B.bias tensor still refuses it
+    with pytest.raises(CheckpointError, match="LoRA bias"):
+        Checkpoint.open(f"{llama}+{bias}")
     torch.manual_seed(0)
     loha = peft.get_peft_model(_load(llama), peft.LoHaConfig(r=2, target_modules=["q_proj"]))
     loha.save_pretrained(tmp_path / "loha")

@@ -251,6 +251,11 @@ def plan_patches(adapter: LoraAdapter, base: Checkpoint) -> dict[str, LoraPatch]
         rest = name[len(PEFT_PREFIX):]
         if "lora_magnitude_vector" in rest:
             raise CheckpointError(f"{where}: tensor {name!r} is a DoRA magnitude; DoRA is not supported")
+        if re.search(r"\.lora_(?:B|embedding_B)(?:\.[^.]+)?\.bias$", rest):
+            raise CheckpointError(
+                f"{where}: tensor {name!r} is a LoRA bias (lora_bias); it changes the layer's bias "
+                "and is not supported. Merge this adapter with peft first"
+            )
         m = _LORA_KEY.match(rest)
         if m is None and re.search(r"\.lora_[^.]+", rest):
             raise CheckpointError(
