@@ -2,6 +2,9 @@
 
     python benchmarks/run.py --params 0.84B --models 4 --methods task_arithmetic,linear,ties
 
+Methods: task_arithmetic, linear, ties, ties_model, and della, della_linear, sce, nuslerp,
+multislerp, karcher, nearswap, ram, ramplus_tl, arcee_fusion, passthrough (``OTHER_METHODS``).
+
 Builds (or reuses) synthetic Llama-shaped bf16 checkpoints with ``make_checkpoints.py``, then
 for each method runs the floor, weightsmith and mergekit (when found) on the same inputs,
 alternating tools within each repeat so that machine noise hits all of them alike. Each run is
@@ -59,7 +62,39 @@ def recipe(method: str, folders: list[Path]) -> dict:
         if method == "ties_model":
             params["scope"] = "model"
         return {"merge_method": "ties", "parameters": params, **spec}
+    if method in OTHER_METHODS:
+        return other_method_recipe(method, spec)
     raise SystemExit(f"unknown benchmark method {method}")
+
+
+# The rest of mergekit's methods: global parameters, and how many fine-tunes each takes
+# (None: all) and whether it keeps the base, beside the same inputs as above.
+OTHER_METHODS: dict[str, tuple[dict, int | None, bool]] = {
+    "della": ({"density": 0.4, "epsilon": 0.1}, None, True),
+    "della_linear": ({"density": 0.4, "epsilon": 0.1}, None, True),
+    "sce": ({"select_topk": 0.2}, None, True),
+    "nuslerp": ({"nuslerp_flatten": False}, 2, True),
+    "multislerp": ({}, None, True),
+    "karcher": ({}, None, False),
+    "nearswap": ({"t": 0.001}, 1, True),
+    "ram": ({}, None, True),
+    "ramplus_tl": ({}, None, True),
+    "arcee_fusion": ({}, 1, True),
+    "passthrough": ({}, 1, False),
+}
+WEIGHTED = ("della", "della_linear", "nuslerp", "multislerp")  # the others take no `weight`
+
+
+def other_method_recipe(method: str, spec: dict) -> dict:
+    params, count, with_base = OTHER_METHODS[method]
+    out = dict(spec)
+    models = spec["models"][:count] if count else spec["models"]
+    if method not in WEIGHTED:
+        models = [{"model": m["model"]} for m in models]
+    out["models"] = models
+    if not with_base:
+        del out["base_model"]
+    return {"merge_method": method, "parameters": dict(params), **out}
 
 
 def warm(folders: list[Path]) -> None:

@@ -2,7 +2,8 @@
 # BANG on the MiniLM testbed (docs/methods/bang.md): fine-tune the sentiment probe with label
 # smoothing + MixUp, average it with the probe (WiSE-FT, alpha 0.5), and compare OOD accuracy.
 #
-# Create the inputs first (from the repository root; ~3 min on 2 CPU cores):
+# Build the inputs and run this example in one go: bash merges/run-example.sh bang
+# Or create the inputs first (from the repository root; ~4-7 min on 2 CPU cores):
 #   weightsmith testbed minilm merges/inputs/minilm
 # Run: bash merges/bang.sh   (writes out/bang-*)
 set -euo pipefail

@@ -102,3 +102,14 @@ def kept_band_sorted(x: torch.Tensor, density: float, gamma: float) -> torch.Ten
     mask = torch.zeros(n)
     mask[torch.argsort(x.abs().reshape(-1))[bot:bot + keep]] = 1
     return mask.reshape(x.shape)
+
+
+def whole_tensor_budget(rec: dict, **options: Any) -> int:
+    """A memory budget under which the method's tensors do not fit the row units (so each one
+    gets a one-off whole-tensor buffer) but the merge is still within budget, so not refused."""
+    from weightsmith.engine.tasks import budget_that_fits
+    from weightsmith.pipeline import plan_merge
+
+    budget = budget_that_fits(plan_merge(rec, memory_budget="4KB", **options))
+    assert plan_merge(rec, memory_budget=budget, **options).oversize
+    return budget

@@ -32,7 +32,7 @@ def test_same_seed_same_bytes_other_seed_differs(family, tmp_path, method):
     rec = recipe(method, base, models, {"density": 0.5})
     a = merge(rec, tmp_path / "a", random_seed=7).out
     # other batching and threads: still the same bytes
-    b = merge(rec, tmp_path / "b", random_seed=7, memory_budget="96KB", threads=1).out
+    b = merge(rec, tmp_path / "b", random_seed=7, memory_budget="160KB", threads=1).out
     c = merge(rec, tmp_path / "c", random_seed=8).out
     assert shard_bytes(a) == shard_bytes(b)
     sa, sc = load_folder(a), load_folder(c)

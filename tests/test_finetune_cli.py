@@ -75,10 +75,12 @@ def test_heldout_accuracy_via_eval_cli(finetuned: tuple[Path, Path]) -> None:
     assert metrics["n"] == 90
     assert metrics["accuracy"] >= 0.9
     assert 0.0 <= metrics["ece"] <= 1.0 and metrics["loss"] > 0.0
+    # stderr is not a terminal here: progress comes as plain lines, never tqdm's \r frames
+    assert "eval: 100% (90 of 90 examples)" in result.stderr and "\r" not in result.stderr
 
     text = CliRunner().invoke(eval_cmd, [str(out), "--data", str(test), "--task",
-                                         "classification"])
-    assert text.exit_code == 0 and "accuracy" in text.stdout
+                                         "classification", "--quiet"])
+    assert text.exit_code == 0 and "accuracy" in text.stdout and text.stderr == ""
 
 
 def test_output_loads_in_transformers(finetuned: tuple[Path, Path]) -> None:

@@ -133,6 +133,7 @@ def manual_input_sumsq(model: torch.nn.Module, inputs: list[dict[str, torch.Tens
     return sums
 
 
+@pytest.mark.slow  # one unpadded forward pass per example
 def test_feature_norms_match_unpadded_reference(root: Path, cls_data: Path) -> None:
     from transformers import AutoModel, AutoTokenizer
 

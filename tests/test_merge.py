@@ -3,6 +3,10 @@
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -397,3 +401,88 @@ def test_inputs_may_lack_integer_buffers_the_base_has(tmp_path):
     weightsmith.merge(ta_recipe(base, [ft], weights=(1.0,), lam=1.0), tmp_path / "out")
     out = load_folder(tmp_path / "out")
     assert torch.equal(out["model.embeddings.position_ids"], torch.arange(8))
+
+
+# --------------------------------------------------------------------------- item 10: signals, symlinks
+
+SLOW_WRITER = (
+    "import time, weightsmith.io.writer as w\n"
+    "real = w.ShardWriter.write\n"
+    "def slow(*a, **k):\n    time.sleep(0.2); return real(*a, **k)\n"
+    "w.ShardWriter.write = slow\n"
+    "from weightsmith.cli import main\nmain()\n"
+)
+
+
+def test_a_burst_of_ctrl_c_leaves_no_folder_and_no_traceback(family, tmp_path):
+    base, models = family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(ta_recipe(base, models)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, "merge", str(recipe), str(tmp_path / "out"), "-q"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and no_leftovers(tmp_path) and proc.poll() is None:
+        time.sleep(0.02)
+    sent = 0
+    while proc.poll() is None and sent < 40:  # bounded: 40 signals, then wait for the exit
+        proc.send_signal(signal.SIGINT)
+        sent += 1
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=120)
+    assert sent >= 2, err  # the burst really hit a running merge
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
+def test_overwrite_through_a_symlinked_out_replaces_its_target_and_keeps_the_link(family, tmp_path):
+    base, models = family
+    target = tmp_path / "disk" / "merged"
+    target.mkdir(parents=True)
+    (target / "keep.txt").write_text("old")
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    with pytest.raises(OutputError, match="--overwrite"):
+        weightsmith.merge(ta_recipe(base, models), link)
+    weightsmith.merge(ta_recipe(base, models), link, overwrite=True)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert (target / "config.json").is_file() and not (target / "keep.txt").exists()
+    assert no_leftovers(tmp_path) and no_leftovers(target.parent, "merged")
+
+
+# --------------------------------------------------------------------------- item 12: full disk
+
+
+def test_disk_full_names_out_and_the_bytes_needed_and_free(family, tmp_path, monkeypatch):
+    base, models = family
+    out = tmp_path / "out"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OutputError, match="disk full") as e:
+        weightsmith.merge(ta_recipe(base, models), out)
+    msg = str(e.value)
+    assert msg.startswith(f"{out}:") and "weightsmith-tmp" not in msg
+    assert "needs" in msg and "is free there" in msg
+    assert not out.exists() and no_leftovers(tmp_path)
+    monkeypatch.undo()
+
+    import weightsmith.io.writer as writer_mod
+
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if offset > 0 and len(data) > 64:  # tensor data, not a header
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(writer_mod.os, "pwrite", pwrite)
+    with pytest.raises(OutputError, match="disk full") as e:
+        weightsmith.merge(ta_recipe(base, models), out)
+    msg = str(e.value)
+    assert msg.startswith(f"{out}:") and "weightsmith-tmp" not in msg and "needs" in msg
+    assert not out.exists() and no_leftovers(tmp_path)

@@ -48,11 +48,18 @@ def outputs(nb: nbformat.NotebookNode) -> tuple[str, list[dict]]:
     return "".join(text), displays
 
 
-def test_notebooks_are_committed_without_outputs():
-    # outputs in git go stale and bloat diffs; the test below regenerates them
+def test_notebooks_are_committed_executed():
+    # GitHub shows a notebook's committed outputs, so they are committed: the pictures are
+    # visible there. The tests below re-execute every notebook, so the outputs cannot rot.
+    pictures = {}
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
         nb = nbformat.read(path, as_version=4)
-        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path.name
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert [c.get("execution_count") for c in code] == list(range(1, len(code) + 1)), path.name
+        outs = [o for c in code for o in c.get("outputs", [])]
+        assert not [o for o in outs if o.output_type == "error"], path.name
+        pictures[path.name] = sum("image/png" in o.get("data", {}) for o in outs)
+    assert pictures == {"paper_operators.ipynb": 2, "quickstart.ipynb": 0, "task_vector_diagnostics.ipynb": 3}
 
 
 def test_quickstart(kernel_env):
@@ -63,6 +70,7 @@ def test_quickstart(kernel_env):
     assert "task_arithmetic" in text and "model.safetensors.index.json" in text
 
 
+@pytest.mark.slow  # the diagnostics themselves are unit-tested in test_diagnostics.py
 def test_task_vector_diagnostics(kernel_env):
     nb = run_notebook("task_vector_diagnostics.ipynb", kernel_env)
     text, displays = outputs(nb)
@@ -72,6 +80,7 @@ def test_task_vector_diagnostics(kernel_env):
     assert not list(kernel_env.glob("weightsmith-diagnostics-*"))  # cleaned up after itself
 
 
+@pytest.mark.slow  # trains a dozen tiny models: minutes on a loaded 2-core machine
 def test_paper_operators(kernel_env, monkeypatch):
     monkeypatch.setenv("WS_NB_HIDDEN", "32")  # 16 is too narrow to learn the tasks in a few steps
     nb = run_notebook("paper_operators.ipynb", kernel_env)

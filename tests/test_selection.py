@@ -4,7 +4,7 @@ torch.kthvalue on the flattened vector, ties, zeros and all."""
 import pytest
 import torch
 
-from weightsmith.engine.selection import (
+from weightsmith.ops.selection import (
     KTHVALUE_MAX_NUMEL,
     RadixSelect,
     kth_largest_abs,

@@ -153,6 +153,7 @@ def test_greedy_single_ingredient_is_it() -> None:
     assert result.chosen == (0,) and result.steps == ()
 
 
+@pytest.mark.slow  # counts live tensors through a whole greedy selection
 def test_greedy_holds_at_most_soup_and_one_candidate(tmp_path: Path) -> None:
     """Count live tensors of the marker shape at every evaluation: the ingredients come from
     disk one at a time, so at most the soup and the candidate being scored may be resident."""

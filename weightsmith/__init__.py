@@ -8,12 +8,11 @@ merged = base + 0.4 * ((ws.Checkpoint.open("org/ft-a") - base)
 merged.save("out2/")                                # lazy, streamed
 """
 
-__version__ = "0.1.0"
-
-from weightsmith.io.checkpoint import Checkpoint  # noqa: E402
-from weightsmith.lazy import TaskVector  # noqa: E402
-from weightsmith.pipeline import MergeResult, merge, plan_merge  # noqa: E402
-from weightsmith.recipe import Recipe, load_recipe  # noqa: E402
+from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.lazy import TaskVector
+from weightsmith.pipeline import MergeResult, merge, plan_merge
+from weightsmith.recipe import Recipe, load_recipe
+from weightsmith.version import __version__
 
 __all__ = [
     "Checkpoint",

@@ -18,24 +18,41 @@ from weightsmith.units import format_size
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one clear line and an exit code; Ctrl-C/SIGTERM into 130."""
+    """Turn library errors into one clear line and an exit code; Ctrl-C/SIGTERM into 130.
+
+    The first Ctrl-C or SIGTERM starts the clean-up; later ones are ignored until the process
+    exits, so a burst of them cannot cut the clean-up short (leaving a temporary folder) or
+    raise into the interpreter's exit handlers.
+    """
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        def on_term(signum: int, frame: Any) -> None:
+        signalled = []
+
+        def on_signal(signum: int, frame: Any) -> None:
+            signalled.append(signum)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
             raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave signal handling as it is
+            previous = {}
         try:
             return fn(*args, **kwargs)
         except WeightsmithError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)  # exiting: nothing more to interrupt
             click.echo("interrupted: nothing was written (the partial output was removed)", err=True)
             sys.exit(130)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if not signalled:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     return wrapper
 
@@ -72,7 +89,12 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]")
 @click.option("--out-shard-size", default="5GB", show_default=True, help="max bytes per shard")
-@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists (a symlinked OUT: its target)")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="continue a merge of the same recipe and inputs into OUT that was killed before it finished",
+)
 @click.option(
     "--threads", type=int, default=None, help="compute threads (torch and fused kernels); default: per core"
 )
@@ -87,6 +109,7 @@ def merge_cmd(
     device: str,
     out_shard_size: str,
     overwrite: bool,
+    resume: bool,
     threads: int | None,
     no_fsync: bool,
     quiet: bool,
@@ -114,6 +137,7 @@ def merge_cmd(
         allow_pickle=allow_pickle,
         progress=not quiet,
         fsync=not no_fsync,
+        resume=resume,
     )
     if not quiet:
         s = result.stats
@@ -123,6 +147,11 @@ def merge_cmd(
             f"{result.out} in {result.seconds:.2f}s (read {format_size(s.bytes_read)}, wrote "
             f"{format_size(s.bytes_written)}, {format_size(rate)}/s)"
         )
+        if s.reused_blocks:
+            click.echo(
+                f"  resumed: kept {s.reused_blocks} verified blocks ({format_size(s.reused_bytes)}) "
+                "of the interrupted run"
+            )
         if s.global_passes:
             click.echo(f"  {s.global_passes} statistics passes before the output pass")
         for line in (s.summary or {}).get("lines", []):
@@ -233,6 +262,14 @@ def plan_cmd(
             f"over budget:     {len(plan.oversize)} tensor(s) cannot be split by "
             f"{plan.method.name} and exceed the budget: {', '.join(plan.oversize[:5])}"
         )
+        from weightsmith.engine.tasks import budget_that_fits, over_budget
+        from weightsmith.pipeline import budget_option
+
+        if over_budget(plan):
+            click.echo(
+                "                 merge will refuse: the peak passes the budget; it runs with "
+                f"--memory-budget {budget_option(budget_that_fits(plan))} or more"
+            )
 
 
 @main.command("inspect")
@@ -242,7 +279,7 @@ def plan_cmd(
 @_friendly
 def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
     """Keys, dtypes, parameter count, shards and layer count of MODEL (headers only)."""
-    from weightsmith.engine.plan import _num_layers
+    from weightsmith.engine.keys import _num_layers
     from weightsmith.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(model, allow_pickle=allow_pickle)

@@ -25,10 +25,13 @@ from typing import Any
 
 import torch
 
-from weightsmith.engine.passes import GlobalStatistics
-from weightsmith.engine.plan import MergePlan
+from weightsmith.engine.tasks import MergePlan
 from weightsmith.errors import RecipeError
+from weightsmith.greedy_soup import greedy_soup
+from weightsmith.ops.antidote import AntidoteContext
 from weightsmith.ops.registry import MergeInputs
+from weightsmith.ops.soup import GreedySelection
+from weightsmith.ops.statistics import GlobalStatistics
 
 Log = Callable[[str], None]
 
@@ -157,9 +160,7 @@ def _ingredient_loader(plan: MergePlan) -> Callable[[int], Iterator[tuple[str, t
 
 
 def _greedy_soup(plan: MergePlan, replan: Callable[[Any], MergePlan], log: Log | None) -> MergePlan:
-    from weightsmith.finetune.evaluator import Evaluator
-    from weightsmith.greedy_soup import greedy_soup
-    from weightsmith.ops.soup import GreedySelection
+    from weightsmith.finetune.evaluator import Evaluator  # the [train] extra, loaded when used
 
     recipe = plan.recipe
     block = dict(recipe.evaluation or {})
@@ -210,7 +211,6 @@ def _size_after(result: Any, step: int) -> int:
 
 # --------------------------------------------------------------------------- antidote
 def _antidote_context(plan: MergePlan, log: Log | None) -> Any:
-    from weightsmith.ops.antidote import AntidoteContext
 
     recipe = plan.recipe
     modules = _uniform_param(plan, "modules") or ""

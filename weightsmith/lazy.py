@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from weightsmith.errors import MergeError
-
-if TYPE_CHECKING:
-    from weightsmith.io.checkpoint import Checkpoint
-    from weightsmith.pipeline import MergeResult
+from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.ops.registry import MergeInputs, MergeMethod
+from weightsmith.pipeline import DEFAULT_MEMORY_BUDGET, MergeResult, plan_checkpoints, run_plan
+from weightsmith.recipe import ModelSpec, Recipe, parse_dtype
 
 
 class Expr:
@@ -82,14 +82,10 @@ class Expr:
         **options: Any,
     ) -> MergeResult:
         """Write the expression's value as a model folder (options as ``weightsmith.merge``)."""
-        from weightsmith.pipeline import save_expression
-
         return save_expression(self, out, out_dtype=out_dtype, **options)
 
 
 def as_expr(value: Any) -> Expr:
-    from weightsmith.io.checkpoint import Checkpoint
-
     if isinstance(value, Expr):
         return value
     if isinstance(value, Checkpoint):
@@ -193,3 +189,58 @@ def check_same_keys(leaves: list[Checkpoint]) -> None:
                     f"model {other.ref!r}: tensor {k!r} has shape {list(other.entry(k).shape)} "
                     f"but {first.ref!r} has {list(first.entry(k).shape)}"
                 )
+
+
+def save_expression(
+    expr: Expr,
+    out: str | Path,
+    *,
+    out_dtype: torch.dtype | str | None = None,
+    memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
+    **options: Any,
+) -> MergeResult:
+    """Stream a lazy checkpoint expression (``base + 0.4 * tv``) into a model folder."""
+    leaves = list({id(c): c for c in expr.leaves()}.values())
+    check_same_keys(leaves)
+    if isinstance(out_dtype, str):
+        out_dtype = parse_dtype(out_dtype, "out_dtype")
+    slot = {id(c): i for i, c in enumerate(leaves)}
+
+    def evaluate(inputs: MergeInputs) -> torch.Tensor:
+        return expr.evaluate({key: inputs.models[i] for key, i in slot.items()})
+
+    method = MergeMethod(
+        name="expression",
+        fn=evaluate,
+        params=(),
+        base="unused",
+        summary=f"checkpoint arithmetic: {expr!r}",
+    )
+    raw = {"expression": repr(expr), "models": [c.ref for c in leaves]}
+    recipe = Recipe("expression", [ModelSpec(c.ref) for c in leaves], out_dtype=out_dtype, raw=raw)
+    # Planned like any recipe: every leaf is a model, the first one the output's reference.
+    plan = plan_checkpoints(recipe, list(leaves), memory_budget=memory_budget, method=method)
+    return run_plan(plan, out, **options)
+
+
+# Checkpoint arithmetic (``base + 0.4 * (ft - base)``) is this module's: the reading layer
+# (io/) knows nothing of expressions, so the operators are attached here.
+def _arith(name: str):  # noqa: ANN202 - builds Checkpoint's operator methods
+    def op(self: Checkpoint, *args: Any) -> Any:
+        return getattr(Leaf(self), name)(*args)
+
+    op.__name__ = name
+    return op
+
+
+for _op in (
+    "__add__",
+    "__radd__",
+    "__sub__",
+    "__rsub__",
+    "__mul__",
+    "__rmul__",
+    "__neg__",
+    "__truediv__",
+):
+    setattr(Checkpoint, _op, _arith(_op))

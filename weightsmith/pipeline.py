@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shlex
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import weightsmith
+from weightsmith.data_steps import check_data_blocks, run_data_steps
 from weightsmith.engine.executor import RunStats, execute
-from weightsmith.engine.plan import MergePlan, Source, TensorTask, build_plan, split_units
+from weightsmith.engine.plan import MergePlan, build_plan
 from weightsmith.engine.summary import build_summary
-from weightsmith.errors import RecipeError
+from weightsmith.engine.tasks import budget_that_fits, over_budget
+from weightsmith.errors import MergeError, OutputError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
 from weightsmith.io.writer import OutputDir, ShardWriter
-from weightsmith.lazy import Expr, check_same_keys
 from weightsmith.ops import fused
-from weightsmith.ops.registry import MergeInputs, MergeMethod
-from weightsmith.recipe import ModelSpec, Recipe, load_recipe, parse_dtype
-from weightsmith.units import parse_size
+from weightsmith.ops.registry import MergeMethod, get_method
+from weightsmith.output_checks import (
+    Protected,
+    check_clear_of_inputs,
+    check_parent_writable,
+    permission_error,
+    protect,
+)
+from weightsmith.progress import Progress
+from weightsmith.recipe import Recipe, load_recipe
+from weightsmith.units import format_size, parse_size
+from weightsmith.version import __version__
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -71,8 +81,6 @@ def open_inputs(recipe: Recipe, allow_pickle: bool = False) -> list[Checkpoint]:
 
 def normalize_models(recipe: Recipe) -> Recipe:
     """A base listed again among the models adds a zero task vector: drop it (as mergekit)."""
-    from weightsmith.ops.registry import get_method
-
     try:
         method = get_method(recipe.merge_method)
     except KeyError as e:
@@ -96,15 +104,27 @@ def plan_merge(
         recipe = load_recipe(recipe)
     recipe = normalize_models(recipe)
     checkpoints = open_inputs(recipe, allow_pickle)
+    return plan_checkpoints(recipe, checkpoints, memory_budget=memory_budget, random_seed=random_seed)
+
+
+def plan_checkpoints(
+    recipe: Recipe,
+    checkpoints: list[Checkpoint],
+    *,
+    memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
+    random_seed: int | None = None,
+    method: MergeMethod | None = None,
+) -> MergePlan:
+    """The one way a merge is planned: ``weightsmith merge``/``plan``, ``merge()`` and the lazy
+    API's ``save`` all come through here (``method`` stands in for the recipe's, see build_plan)."""
     plan = build_plan(
         recipe,
         checkpoints,
         memory_budget=_size(memory_budget, "memory budget"),
         random_seed=random_seed,
+        method=method,
     )
     # evaluation:/calibration: blocks are checked here, before any model runs.
-    from weightsmith.data_steps import check_data_blocks  # imports the ops: not at module load
-
     check_data_blocks(plan)
     return plan
 
@@ -122,13 +142,18 @@ def merge(
     allow_pickle: bool = False,
     progress: bool = False,
     fsync: bool = True,
+    resume: bool = False,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
 
-    ``recipe`` is a YAML path, a YAML string or a dict in mergekit's format.
+    ``recipe`` is a YAML path, a YAML string or a dict in mergekit's format. ``resume``
+    continues a merge of the same plan (recipe, inputs, shard size, device) into the same
+    ``out`` that was killed before it finished, reusing the blocks it wrote once re-checked;
+    the output is byte for byte what an uninterrupted run writes.
     """
     started = time.perf_counter()
     plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
+    check_before_work(plan, out, overwrite)  # before data steps, which may run models for minutes
 
     def replan(changed: Recipe) -> MergePlan:
         return plan_merge(
@@ -136,8 +161,6 @@ def merge(
         )
 
     # Greedy soups choose their ingredients and Antidote measures feature norms on data first.
-    from weightsmith.data_steps import run_data_steps
-
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
     plan = run_data_steps(plan, replan, log)
     return run_plan(
@@ -150,7 +173,69 @@ def merge(
         progress=progress,
         fsync=fsync,
         started=started,
+        resume=resume,
+        resume_command=_resume_command(
+            recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle
+        ),
     )
+
+
+def _resume_command(
+    recipe: Any,
+    out: str | Path,
+    out_shard_size: str | int,
+    overwrite: bool,
+    random_seed: int | None,
+    device: str,
+    allow_pickle: bool,
+) -> str:
+    """The command that resumes this merge, for the note about an interrupted one."""
+    api = f"weightsmith.merge(<this recipe>, {str(out)!r}, ..., resume=True)"
+    try:
+        if not isinstance(recipe, (str, Path)) or "\n" in str(recipe) or not Path(recipe).is_file():
+            return api
+    except OSError:  # a one-line YAML string too long for a file name
+        return api
+    words = ["weightsmith", "merge", str(recipe), str(out)]
+    if str(out_shard_size) != DEFAULT_SHARD_SIZE:
+        words += ["--out-shard-size", str(out_shard_size)]
+    if random_seed is not None:
+        words += ["--random-seed", str(random_seed)]
+    if device != "cpu":
+        words += ["--device", device]
+    if allow_pickle:
+        words.append("--allow-pickle")
+    if overwrite:
+        words.append("--overwrite")
+    return shlex.join([*words, "--resume"])
+
+
+def plan_fingerprint(plan: MergePlan, shard_bytes: int, device: str) -> dict[str, Any]:
+    """What must not change for an interrupted merge to be resumed: the plan (recipe, method,
+    every task with its parameters, dtypes and seed), the inputs' shard fingerprints, and the
+    options that change the output's bytes. The memory budget is not among them: a resumed run
+    may use another one (it only re-splits rows, and re-does the blocks whose span moved)."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()
+
+    parts = {
+        "plan": digest(
+            {
+                "recipe": plan.recipe.to_yaml(),
+                "method": plan.method.name,
+                "compute_dtype": str(plan.compute_dtype),
+                "tasks": [repr(t) for t in plan.tasks],
+            }
+        ),
+        "inputs": digest([c.provenance() for c in plan.checkpoints]),
+        "options": {
+            "out_shard_size": shard_bytes,
+            "device": device.split(":")[0],  # which GPU does not change the bytes
+            "weightsmith_version": __version__,
+        },
+    }
+    return {"fingerprint": digest(parts), "parts": parts}
 
 
 def run_plan(
@@ -164,9 +249,12 @@ def run_plan(
     progress: bool = False,
     fsync: bool = True,
     started: float | None = None,
+    resume: bool = False,
+    resume_command: str | None = None,
 ) -> MergeResult:
-    """Execute a plan into a new output folder, atomically."""
+    """Execute a plan into a new output folder, atomically (``resume``: see ``merge``)."""
     started = started if started is not None else time.perf_counter()
+    check_before_work(plan, out, overwrite)
     # torch's own default (one thread per core) measured best on a quiet 2-core machine (ties
     # 36 s vs 44 s with one thread, linear 6.1 s vs 8.3 s); on a machine busy with other work,
     # `--threads 1` avoids spinning at every parallel region. The caller's setting is restored
@@ -177,7 +265,9 @@ def run_plan(
         torch.set_num_threads(threads)
         previous_kernel_threads = fused.set_threads(threads)  # the fused kernels' pool too
     try:
-        return _run_plan(plan, out, out_shard_size, overwrite, device, threads, progress, fsync, started)
+        return _run_plan(
+            plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command
+        )
     finally:
         torch.set_num_threads(previous)
         if previous_kernel_threads is not None:
@@ -190,27 +280,68 @@ def _run_plan(
     out_shard_size: str | int,
     overwrite: bool,
     device: str,
-    threads: int | None,
     progress: bool,
     fsync: bool,
     started: float,
+    resume: bool,
+    resume_command: str | None,
 ) -> MergeResult:
     shard_bytes = _size(out_shard_size, "out shard size")
     _check_device(device)
-    with OutputDir(out, overwrite=overwrite) as folder:
+    try:
+        output = OutputDir(
+            out,
+            overwrite=overwrite,
+            journal_header=plan_fingerprint(plan, shard_bytes, device),
+            resume=resume,
+            resume_command=resume_command,
+            durable=fsync,
+        )
+    except OSError as e:
+        message = permission_error(out, e)
+        if message is None:
+            raise
+        raise message from None
+    with output as folder:
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
         reserve_started = time.perf_counter()
-        writer = ShardWriter(
-            folder.tmp, layout, shard_bytes, {"weightsmith_version": weightsmith.__version__}
-        )
+        try:
+            writer = ShardWriter(
+                folder.tmp,
+                layout,
+                shard_bytes,
+                {"weightsmith_version": __version__},
+                out=folder.out,
+                resume=folder.resumed,
+            )
+        except OutputError as e:
+            stale = sum(lo.nbytes for lo in folder.leftovers if lo.path != folder.tmp)
+            if not stale or "disk full" not in str(e):
+                raise
+            raise OutputError(
+                f"{e} Interrupted merges of {folder.out} hold {format_size(stale)} of it in the "
+                "temporary folders named above."
+            ) from e
         reserve_seconds = time.perf_counter() - reserve_started
         try:
+            reused = {}
+            if folder.resumed and folder.journal:
+                blocks = {(u.task.name, u.rows) for u in plan.units}
+                reused = writer.reuse(folder.journal.entries, blocks)
+            if folder.resumed:
+                print(
+                    f"resume: {len(reused)} written blocks check out and are kept; computing the rest",
+                    file=sys.stderr,
+                    flush=True,
+                )
             bar = _progress_bar(plan, progress)
             stats = execute(
                 plan,
                 writer,
                 device=device,
                 progress=bar.update if bar else None,
+                journal=folder.journal,
+                reused=reused,
             )
             if bar:
                 bar.close()
@@ -220,7 +351,7 @@ def _run_plan(
             stats.add_time("finish", time.perf_counter() - finish_started)
         finally:
             writer.close()
-        index["metadata"]["weightsmith_version"] = weightsmith.__version__
+        index["metadata"]["weightsmith_version"] = __version__
         folder.write_json("model.safetensors.index.json", index)
         stats.summary = build_summary(plan, stats)
         write_side_files(plan, folder, stats, time.perf_counter() - started)
@@ -228,55 +359,74 @@ def _run_plan(
     return MergeResult(path, plan, stats, time.perf_counter() - started)
 
 
-def save_expression(
-    expr: Expr,
-    out: str | Path,
-    *,
-    out_dtype: torch.dtype | str | None = None,
-    memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
-    **options: Any,
-) -> MergeResult:
-    """Stream a lazy checkpoint expression (``base + 0.4 * tv``) into a model folder."""
-    leaves = list({id(c): c for c in expr.leaves()}.values())
-    check_same_keys(leaves)
-    if isinstance(out_dtype, str):
-        out_dtype = parse_dtype(out_dtype, "out_dtype")
-    slot = {id(c): i for i, c in enumerate(leaves)}
+def check_before_work(plan: MergePlan, out: str | Path, overwrite: bool) -> None:
+    """What can be known wrong before any tensor is read: OUT overlapping an input, an OUT
+    folder we cannot write, a tensor the memory budget cannot hold. Every path that writes a
+    merge (``merge``, ``run_plan``, the lazy API's ``save``) goes through here."""
+    check_clear_of_inputs(out, protected_inputs(plan), overwrite)
+    check_parent_writable(out)
+    check_fits_budget(plan)
 
-    def evaluate(inputs: MergeInputs) -> torch.Tensor:
-        return expr.evaluate({key: inputs.models[i] for key, i in slot.items()})
 
-    method = MergeMethod(
-        name="expression",
-        fn=evaluate,
-        params=(),
-        base="unused",
-        summary=f"checkpoint arithmetic: {expr!r}",
+def protected_inputs(plan: MergePlan) -> list[Protected]:
+    """Every path a merge reads: model folders (Hub snapshots included) or single files, each
+    shard (symlinks resolved: Hub blobs), checkpoints that parameters name, the tokenizer
+    source, the recipe file and data files."""
+    recipe = plan.recipe
+    out: list[Protected] = []
+    n_inputs = (recipe.base_model is not None) + len(recipe.models)
+    for i, ckpt in enumerate(plan.checkpoints):
+        label = f"input model {ckpt.ref!r}" if i < n_inputs else f"checkpoint {ckpt.ref!r} a parameter names"
+        out += _checkpoint_paths(label, ckpt, recipe.search_dirs)
+    source = recipe.tokenizer_source
+    if source not in (None, "base") and not any(c.ref == source for c in plan.checkpoints):
+        out.append(protect(f"tokenizer source {source!r}", _tokenizer_root(plan), folder=True))
+    if recipe.source is not None:
+        out.append(protect("recipe file", recipe.source, folder=False))
+    for block in ("evaluation", "calibration"):
+        data = (getattr(recipe, block) or {}).get("data")
+        if isinstance(data, str):
+            out.append(protect(f"{block} data", recipe.data_path(data), folder=False))
+    return out
+
+
+def _checkpoint_paths(label: str, ckpt: Checkpoint, search_dirs: tuple[Path, ...]) -> list[Protected]:
+    ref = Path(ckpt.ref).expanduser()
+    candidates = [ref, *(d / ref for d in search_dirs if not ref.is_absolute())]
+    given = next((p for p in candidates if p.exists()), None)
+    single = given is not None and given.is_file() and not given.name.endswith(".index.json")
+    # A single .safetensors file is protected as a file: writing beside it is fine. Anything
+    # else (a folder, an index, a Hub snapshot) is a model folder.
+    paths = [protect(label, given, folder=False)] if single else [protect(label, ckpt.root, folder=True)]
+    paths += [protect(label, ckpt.root / shard, folder=False) for shard in ckpt.shard_files]
+    return paths
+
+
+def check_fits_budget(plan: MergePlan) -> None:
+    """A tensor the method cannot merge in row blocks gets a one-off buffer; when that takes
+    the merge past the memory budget it would die mid-merge (or swap): refuse before any
+    work, saying what it needs and the budget that runs it."""
+    if not over_budget(plan):
+        return
+    fits = budget_that_fits(plan)
+    task = max((t for t in plan.tasks if t.name in plan.oversize), key=lambda t: t.numel)
+    others = f" (and {len(plan.oversize) - 1} more)" if len(plan.oversize) > 1 else ""
+    raise MergeError(
+        f"tensor {task.name!r} {list(task.shape)}{others}: `{plan.method.name}` with these "
+        "parameters cannot merge it in row blocks, so the merge needs about "
+        f"{plan.peak_estimate:,} bytes ({format_size(plan.peak_estimate)}) of tensor memory, over "
+        f"the memory budget of {plan.memory_budget:,} bytes ({format_size(plan.memory_budget)}). "
+        f"Pass --memory-budget {budget_option(fits)} (memory_budget= in Python) or more, or use "
+        "a method or parameters that merge in row blocks (`weightsmith plan` shows them; e.g. "
+        "linear, task_arithmetic, or ties with scope: model)"
     )
-    raw = {"expression": repr(expr), "models": [c.ref for c in leaves]}
-    recipe = Recipe("expression", [ModelSpec(c.ref) for c in leaves], out_dtype=out_dtype, raw=raw)
-    first = leaves[0]
-    tasks = []
-    for name in first.keys():
-        entry = first.entry(name)
-        if entry.dtype.is_floating_point:
-            sources = [Source(i, name) for i in range(len(leaves))]
-            tasks.append(TensorTask(name, entry.shape, out_dtype or entry.dtype, "merge", sources, None))
-        else:
-            tasks.append(TensorTask(name, entry.shape, entry.dtype, "copy", [], Source(0, name)))
-    plan = MergePlan(
-        recipe,
-        method,
-        leaves,
-        None,
-        list(range(len(leaves))),
-        0,
-        tasks,
-        _size(memory_budget, "memory budget"),
-        None,
-    )
-    split_units(plan)
-    return run_plan(plan, out, **options)
+
+
+def budget_option(n: int) -> str:
+    """A --memory-budget value at least ``n`` bytes, rounded up to whole KB or MB."""
+    if n < 10**6:
+        return f"{-(-n // 10**3)}KB"
+    return f"{-(-n // 10**6)}MB"
 
 
 def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, seconds: float) -> None:
@@ -314,7 +464,7 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         revision=lic_src.revision,
     )
     report = {
-        "weightsmith_version": weightsmith.__version__,
+        "weightsmith_version": __version__,
         "name": name,
         "merge_method": plan.method.name,
         "method_summary": plan.method.summary,
@@ -326,6 +476,8 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         "stage_seconds": {k: round(v, 3) for k, v in stats.timings.items()},
         "bytes_read": stats.bytes_read,
         "bytes_written": stats.bytes_written,
+        **({"resumed": {"reused_blocks": stats.reused_blocks, "reused_bytes": stats.reused_bytes}}
+           if stats.reused_blocks else {}),
         "tensors": len(plan.tasks),
         "per_tensor": stats.report,
         **({"summary": stats.summary} if stats.summary else {}),
@@ -360,16 +512,9 @@ def _check_device(device: str) -> None:
         raise RecipeError(f"--device {device}: no CUDA device is available here; use --device cpu")
 
 
-def _progress_bar(plan: MergePlan, enabled: bool) -> Callable[..., Any] | None:
+def _progress_bar(plan: MergePlan, enabled: bool) -> Progress | None:
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from weightsmith.progress import progress
 
-    return tqdm(
-        total=plan.bytes_to_write,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        desc=f"merge ({plan.method.name})",
-        smoothing=0.1,
-    )
+    return progress(plan.bytes_to_write, f"merge ({plan.method.name})", "B", unit_scale=True)

@@ -11,6 +11,7 @@ evaluated at t = 0.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,13 @@ DTYPE_ALIASES: dict[str, torch.dtype] = {
     "float64": torch.float64,
     "fp64": torch.float64,
     "double": torch.float64,
+    # Storage only: arithmetic still runs in float32 (see Recipe.compute_dtype).
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
 }
+# A recipe is a few hundred values; YAML aliases can make a few hundred bytes expand to
+# billions of values ("billion laughs"). Refuse past this many values once aliases expand.
+MAX_RECIPE_NODES = 100_000
 
 TOP_LEVEL_FIELDS = {
     "merge_method": "name of the merge method (see `weightsmith methods`)",
@@ -72,9 +79,26 @@ class Conditional:
     value: Any
 
 
+def _check_finite(value: Any, where: str) -> None:
+    """NaN and infinity are never meaningful weights, densities or scales; a number YAML read
+    as a string (``1e999``) would become one when the parameter is converted. (Words such as
+    ``nan`` may also name a checkpoint folder: numeric parameters catch those at plan time.)"""
+    number = value
+    if isinstance(value, str):
+        if not any(ch.isdigit() for ch in value):
+            return
+        try:
+            number = float(value)
+        except ValueError:
+            return
+    if isinstance(number, float) and not math.isfinite(number):
+        raise RecipeError(f"{where}: {value!r} is not a finite number; give a finite value")
+
+
 def _check_setting(value: Any, where: str) -> Any:
     """Validate a parameter setting's shape once, at load time."""
     if isinstance(value, (bool, int, float, str)):
+        _check_finite(value, where)
         return value
     if isinstance(value, dict):
         value = [value]
@@ -82,6 +106,8 @@ def _check_setting(value: Any, where: str) -> Any:
         if not value:
             raise RecipeError(f"{where}: empty list; give a value, a gradient or filters")
         if all(isinstance(v, (bool, int, float, str)) for v in value):
+            for i, v in enumerate(value):
+                _check_finite(v, f"{where}[{i}]")
             return list(value)
         conds = []
         for i, entry in enumerate(value):
@@ -138,7 +164,10 @@ def _as_number(value: Any) -> Any:
 def parse_dtype(name: Any, where: str) -> torch.dtype:
     if isinstance(name, str) and name.lower() in DTYPE_ALIASES:
         return DTYPE_ALIASES[name.lower()]
-    raise RecipeError(f"{where}: unknown dtype {name!r}; use one of float32, bfloat16, float16, float64")
+    raise RecipeError(
+        f"{where}: unknown dtype {name!r}; use one of float32, bfloat16, float16, float64, "
+        "float8_e4m3fn, float8_e5m2"
+    )
 
 
 @dataclass
@@ -208,7 +237,10 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise RecipeError(f"{path or 'recipe'}: not valid YAML: {e}") from e
+        except RecursionError:
+            raise RecipeError(f"{path or 'recipe'}: nested too deeply to be a recipe") from None
     where = str(path) if path else "recipe"
+    check_expanded_size(raw, where)
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a mapping with merge_method, models, ...")
     for key in raw:
@@ -236,15 +268,19 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
                 "`model` and `parameters` (did you mean to put them under parameters:?)"
             )
         ref = _model_ref(entry["model"], f"{where}: models[{i}].model")
-        params = entry.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise RecipeError(f"{where}: models[{i}].parameters must be a mapping")
-        checked = {k: _check_setting(v, f"{where}: models[{i}].parameters.{k}") for k, v in params.items()}
+        params = _parameters(entry.get("parameters"), f"{where}: models[{i}].parameters")
+        try:
+            checked = {
+                k: _check_setting(v, f"{where}: models[{i}].parameters.{k}") for k, v in params.items()
+            }
+        except RecipeError as e:
+            raise RecipeError(f"{e} (model {ref})") from None
         models.append(ModelSpec(ref, checked))
-    params = raw.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise RecipeError(f"{where}: `parameters` must be a mapping")
+    params = _parameters(raw.get("parameters"), f"{where}: parameters")
     base = raw.get("base_model")
+    for key in ("name", "tokenizer_source"):
+        if key in raw and raw[key] is not None and not isinstance(raw[key], str):
+            raise RecipeError(f"{where}: `{key}` must be a string, got {_short(raw[key])}")
     recipe = Recipe(
         merge_method=method,
         models=models,
@@ -276,14 +312,71 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     return recipe
 
 
+def check_expanded_size(raw: Any, where: str, limit: int = MAX_RECIPE_NODES) -> None:
+    """Refuse a recipe with more than ``limit`` values once YAML aliases are expanded.
+
+    PyYAML builds an aliased value once and shares it, so loading is cheap; the expansion
+    happens later (printing ``name``, writing the model card). Sizes are counted per shared
+    object (memoised by id), so the count itself costs time and memory in the number of
+    distinct values, not in the expanded size; a value that contains itself is refused.
+    """
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(value: Any) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        key = id(value)
+        if key in sizes:
+            return sizes[key]
+        if key in in_progress:
+            raise RecipeError(f"{where}: a YAML alias refers to a value that contains it")
+        in_progress.add(key)
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        total = 1
+        for item in items:
+            total += size(item)
+            if total > limit:
+                break  # stop early: the rest cannot make it smaller
+        in_progress.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        total = size(raw)
+    except RecursionError:
+        raise RecipeError(f"{where}: nested too deeply to be a recipe") from None
+    if total > limit:
+        raise RecipeError(
+            f"{where}: the recipe expands to more than {limit:,} values (YAML aliases repeating "
+            "values, a 'billion laughs'); a merge recipe needs a few hundred: remove the aliases"
+        )
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    """A ``parameters:`` mapping: parameter names are strings."""
+    value = value or {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where} must be a mapping")
+    odd = [k for k in value if not isinstance(k, str)]
+    if odd:
+        raise RecipeError(f"{where}: parameter names must be strings, got {odd[0]!r}")
+    return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _model_ref(value: Any, where: str) -> str:
     if isinstance(value, dict):  # mergekit's object form {model: {path, revision}, lora: {...}}
         inner = value.get("model", value)
         if isinstance(inner, dict) and "path" in inner:
-            ref = _path_at_revision(inner)
+            ref = _path_at_revision(inner, where)
             lora = value.get("lora")
             if isinstance(lora, dict) and "path" in lora:
-                ref += "+" + _path_at_revision(lora)
+                ref += "+" + _path_at_revision(lora, f"{where}.lora")
             return ref
     if not isinstance(value, str) or not value.strip():
         raise RecipeError(f"{where}: expected a local path or a Hub id like org/name")
@@ -297,9 +390,11 @@ def _model_ref(value: Any, where: str) -> str:
     return value
 
 
-def _path_at_revision(spec: dict[str, Any]) -> str:
+def _path_at_revision(spec: dict[str, Any], where: str) -> str:
     rev = spec.get("revision")
-    return f"{spec['path']}@{rev}" if rev else str(spec["path"])
+    if not isinstance(spec["path"], str) or not (rev is None or isinstance(rev, str)):
+        raise RecipeError(f"{where}: `path` and `revision` must be strings")
+    return f"{spec['path']}@{rev}" if rev else spec["path"]
 
 
 def _data_block(raw: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:
@@ -330,6 +425,6 @@ def _data_block(raw: dict[str, Any], key: str, where: str) -> dict[str, Any] | N
 
 def _choice(raw: dict[str, Any], key: str, options: tuple[str, ...], where: str) -> str:
     value = raw.get(key, options[0])
-    if value not in options:
-        raise RecipeError(f"{where}: `{key}` must be one of {', '.join(options)}, got {value!r}")
+    if not isinstance(value, str) or value not in options:
+        raise RecipeError(f"{where}: `{key}` must be one of {', '.join(options)}, got {_short(value)}")
     return value

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from weightsmith import pipeline
 from weightsmith.errors import OutputError, WeightsmithError
 
 _path = click.Path(path_type=str)
@@ -91,7 +92,6 @@ def graft_cmd(
     quiet: bool,
 ) -> None:
     """Graft FT's update onto BASE on a sparse, data-chosen region; write the model to OUT."""
-    import weightsmith
     from weightsmith.finetune.grafting import optimize_graft
 
     try:
@@ -104,7 +104,7 @@ def graft_cmd(
             truncate=truncate, region=region, metric=metric, seed=seed, quiet=quiet,
         )
         result.save(mask_path)
-        weightsmith.merge(
+        pipeline.merge(
             graft_recipe(base, ft, str(mask_path.resolve())), out, memory_budget=memory_budget,
             overwrite=overwrite,
         )

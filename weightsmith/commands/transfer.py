@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from weightsmith import pipeline
 from weightsmith.errors import WeightsmithError
 from weightsmith.finetune.cli import schedule_options
 
@@ -57,14 +58,13 @@ def transfer_model(
     When FT's vocabulary is larger than NEW_BASE's (it added tokens), the output takes FT's
     tokenizer, since the extra rows are FT's tokens.
     """
-    import weightsmith
 
     new_rows, ft_rows = _vocab_rows(str(new_base)), _vocab_rows(str(ft))
     grew = new_rows is not None and ft_rows is not None and ft_rows > new_rows
     recipe = transfer_recipe(
         str(new_base), str(ft), str(old_base), weight, tokenizer_source=str(ft) if grew else None
     )
-    weightsmith.merge(recipe, out, memory_budget=memory_budget, overwrite=overwrite)
+    pipeline.merge(recipe, out, memory_budget=memory_budget, overwrite=overwrite)
     return Path(out)
 
 

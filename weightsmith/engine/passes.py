@@ -16,62 +16,18 @@ Tensors that are the same storage (tied embeddings) are visited once.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from weightsmith.engine.keys import TIED_ALIASES
+from weightsmith.engine.reading import stream_loaded
+from weightsmith.engine.slots import SlotPool
+from weightsmith.engine.tasks import MergePlan, WorkUnit
 from weightsmith.errors import MergeError
 from weightsmith.ops.registry import MergeInputs, TensorSpec
-
-if TYPE_CHECKING:
-    from weightsmith.engine.executor import SlotPool
-    from weightsmith.engine.plan import MergePlan, WorkUnit
+from weightsmith.ops.statistics import GlobalStatistics
 
 # A method asking for more passes than this has a bug (each pass reads the whole model).
 MAX_PASSES = 16
-
-
-class GlobalStatistics(ABC):
-    """A method's model-wide statistics, filled by streamed passes before the output pass."""
-
-    #: How many passes the method expects (shown by ``weightsmith plan``); informative only.
-    planned_passes: int = 1
-    #: Model-wide statistics count a tied or aliased tensor once. Per-tensor statistics (keyed
-    #: by output name) need every output tensor they visit, aliases included.
-    count_aliases_once: bool = True
-    #: What the passes are for, in ``weightsmith plan``'s note.
-    purpose: str = "model-wide statistics"
-
-    def visits(self, name: str) -> bool:
-        """Whether the passes read this output tensor (default: all of them)."""
-        return True
-
-    @abstractmethod
-    def wants_pass(self) -> bool:
-        """True while another pass over the inputs is needed."""
-
-    @abstractmethod
-    def collect(self, inputs: MergeInputs, **params: Any) -> Any:
-        """The partial statistic of one tensor or row block (additive, small)."""
-
-    def combine(self, a: Any, b: Any) -> Any:
-        """Reduce two partials; the default adds them (tensors, numbers, or lists of them)."""
-        if isinstance(a, (list, tuple)):
-            return type(a)(self.combine(x, y) for x, y in zip(a, b))
-        if isinstance(a, dict):
-            return {k: self.combine(a[k], b[k]) for k in a}
-        if a is None:
-            return b
-        if b is None:
-            return a
-        return a + b
-
-    @abstractmethod
-    def absorb(self, total: Any) -> None:
-        """End of a pass: take the reduced statistic (None if nothing was visited)."""
-
-    @abstractmethod
-    def result(self) -> Any:
-        """What the output pass receives as ``inputs.context``."""
 
 
 def tensor_specs(plan: MergePlan) -> list[TensorSpec]:
@@ -117,8 +73,6 @@ def statistic_units(plan: MergePlan, stats: GlobalStatistics | None = None) -> l
             continue  # a tied copy of a tensor already counted (config says the two are one)
         seen.add((sources, unit.rows))
         if tied:
-            from weightsmith.engine.plan import TIED_ALIASES
-
             tied_to_seen.update(TIED_ALIASES.get(task.name, ()))
         units.append(unit)
     return units
@@ -130,8 +84,6 @@ def run_global_passes(plan: MergePlan, pool: SlotPool, *, device: str = "cpu") -
     Returns what the output pass gets as ``inputs.context``, the number of passes run and the
     bytes they read.
     """
-    from weightsmith.engine.executor import stream_loaded
-
     stats = prepare_statistics(plan)
     if stats is None:
         return None, 0, 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from weightsmith.engine.executor import RunStats
-from weightsmith.engine.plan import MergePlan
+from weightsmith.engine.run_stats import RunStats
+from weightsmith.engine.tasks import MergePlan
 
 
 def totals(report: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -128,6 +128,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
 @click.option("--max-length", type=int, default=512, show_default=True)
 @click.option("--truncate", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
 @_user_errors
 def eval_cmd(
     model: str,
@@ -137,11 +138,15 @@ def eval_cmd(
     max_length: int,
     truncate: bool,
     as_json: bool,
+    quiet: bool,
 ) -> None:
     """Evaluate the fine-tuned folder MODEL on --data."""
     from weightsmith.finetune.evaluation import evaluate
 
-    metrics = evaluate(model, data, task, batch_size=batch_size, max_length=max_length, truncate=truncate)
+    metrics = evaluate(
+        model, data, task, batch_size=batch_size, max_length=max_length, truncate=truncate,
+        show_progress=not quiet,
+    )
     click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
 
 

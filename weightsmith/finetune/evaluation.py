@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -14,11 +14,23 @@ from weightsmith.finetune.encoding import Features, batches, collate, encode, pa
 from weightsmith.finetune.losses import classification_logits, lm_token_losses
 from weightsmith.finetune.metrics import expected_calibration_error
 from weightsmith.finetune.modeling import LoadedModel, load_model
+from weightsmith.progress import progress
+
+# Called with the number of examples just scored (a progress reporter's update).
+Advance = Callable[[int], object]
+
+
+def _skip(n: int) -> None:
+    return None
 
 
 @torch.no_grad()
 def evaluate_classification(
-    model: torch.nn.Module, features: Sequence[Features], pad: int, batch_size: int
+    model: torch.nn.Module,
+    features: Sequence[Features],
+    pad: int,
+    batch_size: int,
+    advance: Advance = _skip,
 ) -> dict[str, float]:
     probs, labels, loss_sum = [], [], 0.0
     for chunk in batches(features, batch_size):
@@ -27,6 +39,7 @@ def evaluate_classification(
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         probs.append(logits.softmax(dim=-1))
         labels.append(batch["labels"])
+        advance(len(chunk))
     p, y = torch.cat(probs), torch.cat(labels)
     return {
         "accuracy": (p.argmax(dim=1) == y).double().mean().item(),
@@ -43,6 +56,7 @@ def _greedy_matches(
     pad: int,
     eos: int | None,
     batch_size: int,
+    advance: Advance = _skip,
 ) -> int:
     """Count examples whose greedy continuation reproduces the response (and its EOS).
 
@@ -60,6 +74,7 @@ def _greedy_matches(
             width = max(len(t) for t in targets)
             if width == 0:
                 hits += len(chunk)
+                advance(len(chunk))
                 continue
             prompts = torch.tensor([f.input_ids[:prompt_len] for f in chunk], dtype=torch.long)
             config = transformers.GenerationConfig(
@@ -76,6 +91,7 @@ def _greedy_matches(
             )
             generated = out[:, prompt_len:].tolist()
             hits += sum(g[: len(t)] == t for g, t in zip(generated, targets, strict=True))
+            advance(len(chunk))
     return hits
 
 
@@ -86,16 +102,19 @@ def evaluate_causal_lm(
     features: Sequence[Features],
     batch_size: int,
     exact_match: bool = True,
+    advance: Advance = _skip,
 ) -> dict[str, float]:
+    """``advance`` hears of every example twice when ``exact_match`` (loss pass, then greedy)."""
     pad = pad_id(tokenizer)
     total, count = 0.0, 0
     for chunk in batches(features, batch_size):
         s, c = lm_token_losses(model, collate(chunk, pad))
         total += s.item()
         count += int(c)
+        advance(len(chunk))
     out: dict[str, float] = {"loss": total / max(count, 1), "tokens": count, "n": len(features)}
     if exact_match:
-        hits = _greedy_matches(model, features, pad, tokenizer.eos_token_id, batch_size)
+        hits = _greedy_matches(model, features, pad, tokenizer.eos_token_id, batch_size, advance)
         out["exact_match"] = hits / len(features)
     return out
 
@@ -106,14 +125,17 @@ def evaluate_features(
     features: Sequence[Features],
     batch_size: int,
     exact_match: bool = True,
+    advance: Advance = _skip,
 ) -> dict[str, float]:
     model = loaded.model
     was_training = model.training
     model.eval()  # dropout off: evaluation must be a pure function of the weights
     try:
         if task == "classification":
-            return evaluate_classification(model, features, pad_id(loaded.tokenizer), batch_size)
-        return evaluate_causal_lm(model, loaded.tokenizer, features, batch_size, exact_match)
+            return evaluate_classification(
+                model, features, pad_id(loaded.tokenizer), batch_size, advance
+            )
+        return evaluate_causal_lm(model, loaded.tokenizer, features, batch_size, exact_match, advance)
     finally:
         model.train(was_training)
 
@@ -145,13 +167,20 @@ def evaluate(
     max_length: int = 512,
     truncate: bool = False,
     exact_match: bool = True,
+    show_progress: bool = False,
 ) -> dict[str, float]:
     """Score a fine-tuned folder on a JSONL file.
 
     classification -> accuracy, loss (mean cross-entropy), ece (15 equal-width bins), n.
     causal-lm -> loss (mean over response tokens incl. EOS), exact_match (greedy decoding
     reproduces the response), tokens, n.
+    ``show_progress`` reports examples scored on stderr (``weightsmith.progress``).
     """
     loaded, dataset = prepare(model_dir, data, task, max_length, truncate)
     features = encode(dataset, loaded.tokenizer, max_length, truncate)
-    return evaluate_features(loaded, task, features, batch_size, exact_match)
+    passes = 2 if task == "causal-lm" and exact_match else 1  # loss, then greedy decoding
+    bar = progress(len(features) * passes, "eval", "example", enabled=show_progress)
+    try:
+        return evaluate_features(loaded, task, features, batch_size, exact_match, bar.update)
+    finally:
+        bar.close()

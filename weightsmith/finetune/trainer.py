@@ -32,6 +32,7 @@ from weightsmith.finetune.runtime import fixed_threads
 from weightsmith.finetune.schedule import warmup_cosine
 from weightsmith.finetune.selection import SparseMask, select_trainable
 from weightsmith.finetune.trainlog import TrainLog, package_versions, plot_loss
+from weightsmith.progress import progress
 
 
 class TrainingError(WeightsmithError):
@@ -196,8 +197,6 @@ def _train(
     log: TrainLog,
     start: float,
 ) -> None:
-    from tqdm.auto import tqdm
-
     decay = [p for _, p in params if p.dim() >= 2]  # no decay on biases and norm gains
     no_decay = [p for _, p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": opts.weight_decay}]
@@ -207,7 +206,7 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opts.warmup_steps, total))
     stream = _micro_batches(features, opts.batch_size, shuffle)
     model.train()
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=opts.quiet, leave=False)
+    bar = progress(total, "finetune", "step", enabled=not opts.quiet, leave=False)
     try:
         for step in range(1, total + 1):
             step_loss = 0.0

@@ -82,16 +82,23 @@ class Checkpoint:
             from weightsmith.io.lora import open_lora_reference
 
             return open_lora_reference(text, allow_pickle=allow_pickle, search_dirs=search_dirs)
-        if looks_like_hub_id(text):
+        from weightsmith.io.input_hints import build_hint
+
+        # An example input not built yet (listed in an input-commands.txt): a local path that
+        # may look like a Hub id ("inputs/minilm-base"); say how to build it.
+        command = build_hint(candidates)
+        if looks_like_hub_id(text) and command is None:
             from weightsmith.io.hub import resolve_hub_model
 
             path, revision = resolve_hub_model(text)
             ckpt = cls._open_local(text, path, allow_pickle)
             ckpt.revision = revision
             return ckpt
-        raise CheckpointError(
-            f"model {text!r}: no such file or folder (looked in {', '.join(map(str, candidates))}); "
+        fix = f"build it with: {command}" if command else (
             "give a local path, a .safetensors file, or a Hub id like org/name"
+        )
+        raise CheckpointError(
+            f"model {text!r}: no such file or folder (looked in {', '.join(map(str, candidates))}); {fix}"
         )
 
     @classmethod
@@ -287,6 +294,10 @@ def _fingerprint(path: Path, size: int, blocks: int = 16, block: int = 1 << 16) 
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if 8 + n > size:
+            # Not a safetensors header (a torch zip starts "PK\x03\x04..."): sample the
+            # whole file instead of seeking to an offset past its end.
+            n = 0
         digest.update(head + f.read(min(n, 10**8)))
         start = 8 + n
         span = max(size - start - block, 0)
@@ -343,26 +354,3 @@ def _load_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorEntry]
         for k, v in tensors.items()
     }
     return entries, tensors
-
-
-def _arith(name: str):  # noqa: ANN202 - builds Checkpoint's operator methods
-    def op(self: Checkpoint, *args: Any) -> Any:
-        from weightsmith.lazy import Leaf
-
-        return getattr(Leaf(self), name)(*args)
-
-    op.__name__ = name
-    return op
-
-
-for _op in (
-    "__add__",
-    "__radd__",
-    "__sub__",
-    "__rsub__",
-    "__mul__",
-    "__rmul__",
-    "__neg__",
-    "__truediv__",
-):
-    setattr(Checkpoint, _op, _arith(_op))

@@ -7,7 +7,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from weightsmith.ops.fused import BLOCK
+from weightsmith.ops.fused_blocks import BLOCK
 
 # Sums of squares are report numbers, not outputs: they may be reassociated (vectorized),
 # but NaN/Inf must still propagate (they flag bad inputs), so only "reassoc".

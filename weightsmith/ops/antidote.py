@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from weightsmith.errors import MergeError, RecipeError
+from weightsmith.ops.param_checks import check_choice, check_uniform
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.sparsify import check_choice, check_uniform
 
 TARGETS = ("delta", "weights")
 SCORES = ("wanda", "magnitude", "random")

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from weightsmith.errors import RecipeError
+from weightsmith.ops.param_checks import check_uniform
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.sparsify import check_uniform
 
 # The last layer of common sequence-classification heads (BERT/RoBERTa/Llama-style) and LM heads.
 DEFAULT_HEAD = r"^(?:.*\.)?(?:classifier|score|lm_head|classifier\.out_proj)\.(?:weight|bias)$"

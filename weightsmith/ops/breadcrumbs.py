@@ -25,21 +25,17 @@ import torch
 
 from weightsmith.errors import RecipeError
 from weightsmith.ops import fused
+from weightsmith.ops.param_checks import check_choice, check_density
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.sparsify import (
+from weightsmith.ops.sparse.band_statistics import (
     TensorBandStatistics,
     band_from_statistics,
-    breadcrumbs_band,
-    check_choice,
-    check_density,
-    common_params,
-    generalized_task_arithmetic,
-    rescale_l1_,
     split_tensor_statistics,
-    summarize,
-    trim_band_,
-    trim_band_rows_,
 )
+from weightsmith.ops.sparse.combine import common_params, generalized_task_arithmetic
+from weightsmith.ops.sparse.report import summarize
+from weightsmith.ops.sparse.rescale import rescale_l1_
+from weightsmith.ops.sparse.selection import breadcrumbs_band, trim_band_, trim_band_rows_
 
 SCOPES = ("tensor", "row")
 

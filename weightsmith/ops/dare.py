@@ -4,7 +4,7 @@ consensus (``dare_ties``).
 Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a
 Free Lunch", ICML 2024 (arXiv 2311.03099). Per tensor and model, each entry of the task vector
 delta_i is dropped independently with probability 1 - density_i; survivors are rescaled, then
-combined as mergekit's generalized task arithmetic (see ops/sparsify.py): dare_linear sums
+combined as mergekit's generalized task arithmetic (see ops/sparse/combine.py): dare_linear sums
 weight_i * delta_i (``normalize`` divides by the weight sum), dare_ties adds TIES's sign
 election and disjoint mean over agreeing models (``normalize`` divides by their weights).
 
@@ -26,17 +26,12 @@ from functools import partial
 
 import torch
 
+from weightsmith.ops.param_checks import check_choice, check_density
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.sparsify import (
-    check_choice,
-    check_density,
-    common_params,
-    drop_random_,
-    generalized_task_arithmetic,
-    model_generators,
-    rescale_l1_,
-    summarize,
-)
+from weightsmith.ops.sparse.combine import common_params, generalized_task_arithmetic
+from weightsmith.ops.sparse.report import summarize
+from weightsmith.ops.sparse.rescale import rescale_l1_
+from weightsmith.ops.sparse.selection import drop_random_, model_generators
 
 RESCALE_MODES = ("inverse_density", "l1")
 

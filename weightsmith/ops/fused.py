@@ -8,7 +8,7 @@ three models on two cores. Here the same arithmetic is three passes:
 1. ``task_vectors_``: delta_i = theta_i - theta_0 in place, the report's input statistics, and
    the histogram of the top 16 bits of every |delta_i| (the first radix-selection level);
 2. ``refine_histograms``: the next 16 bits inside each model's boundary bucket (exact
-   thresholds, as ``engine.selection``);
+   thresholds, as ``ops.selection``);
 3. ``combine_into``: keep-band, weighting, sign election, agreement, the (normalized) sum,
    lambda, the base, and the report's output statistics, written into the output buffer.
 
@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-BLOCK = 1 << 13  # coordinates per parallel work item: fixed, so results do not depend on threads
+from weightsmith.ops.fused_blocks import BLOCK
+
 BUCKETS = 1 << 16
 MIN_NUMEL = 1 << 14  # below this the torch path is as fast and skips the histogram set-up
 
@@ -175,7 +176,7 @@ def _record_output_stats(
     stats: dict[str, float], fstats: np.ndarray, istats: np.ndarray, n_models: int, elected: bool
 ) -> None:
     """The combine kernels' per-block numbers, summed into the report's keys (those of
-    ``sparsify.combine``): kept entries and their squares per model, sign conflicts, active
+    ``sparse.combine.combine``): kept entries and their squares per model, sign conflicts, active
     coordinates, the elected sign balance, and the squared norms of the output and its delta."""
     f = fstats.sum(0)
     c = istats.sum(0)
@@ -201,7 +202,7 @@ def combine_into(
     consensus: bool,
     stats: dict[str, float],
 ) -> torch.Tensor:
-    """``sparsify.combine`` fused, with entries outside the magnitude band ``keep[i]`` = (lo, hi)
+    """``sparse.combine.combine`` fused, with entries outside the magnitude band ``keep[i]`` = (lo, hi)
     of model i treated as trimmed (lo <= |delta_i| <= hi is kept; NaN is kept)."""
     n_models = delta.shape[0]
     n = base.numel()

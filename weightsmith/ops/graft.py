@@ -23,9 +23,9 @@ from collections.abc import Mapping
 
 import torch
 
-from weightsmith.engine.selection import RadixSelect
 from weightsmith.errors import MergeError
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, register
+from weightsmith.ops.selection import RadixSelect
 
 SIGMOID_BIAS = 10.0  # the reference's default c
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from weightsmith.engine.passes import GlobalStatistics
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, get_method, register
+from weightsmith.ops.statistics import GlobalStatistics
 
 # Default block patterns, tried in order; the first that matches any tensor is used for all.
 # Each names the container of a family's residual blocks explicitly, because a bare ".N." also

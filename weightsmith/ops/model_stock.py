@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, register
-from weightsmith.ops.sparsify import record_inputs, record_output, summarize
+from weightsmith.ops.sparse.report import record_inputs, record_output, summarize
 
 NORM_FLOOR = 1e-6
 SINGULAR = 1e-6

@@ -118,7 +118,7 @@ class MergeMethod:
     compute_dtype: torch.dtype | None = None
     # Called at plan time with every merged tensor and the compute dtype. It raises RecipeError
     # for bad parameters (so errors come before any work), and returns None or a
-    # ``weightsmith.engine.passes.GlobalStatistics``: model-wide statistics that the engine fills
+    # ``weightsmith.ops.statistics.GlobalStatistics``: model-wide statistics that the engine fills
     # by streamed passes over the inputs before the output pass, then hands to ``fn`` as
     # ``inputs.context``. The engine calls it again for a fresh state at each execution.
     prepare: Callable[[list[TensorSpec], torch.dtype], Any] | None = None
@@ -143,6 +143,8 @@ class MergeMethod:
         return self.fn(inputs, **params)
 
 
+# Filled as the modules of ``weightsmith.ops`` are imported; importing this module imports that
+# package first (Python imports a package before its modules), which imports every method.
 _REGISTRY: dict[str, MergeMethod] = {}
 
 
@@ -154,7 +156,6 @@ def register(method: MergeMethod) -> MergeMethod:
 
 
 def get_method(name: str) -> MergeMethod:
-    _load_builtin_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -163,13 +164,7 @@ def get_method(name: str) -> MergeMethod:
 
 
 def methods() -> dict[str, MergeMethod]:
-    _load_builtin_methods()
     return dict(sorted(_REGISTRY.items()))
-
-
-def _load_builtin_methods() -> None:
-    # Importing the package registers every built-in method module exactly once.
-    import weightsmith.ops  # noqa: F401
 
 
 def per_model_column(values: list[float], like: torch.Tensor) -> torch.Tensor:

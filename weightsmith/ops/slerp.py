@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, register
-from weightsmith.ops.sparsify import record_inputs, record_output, summarize
+from weightsmith.ops.sparse.report import record_inputs, record_output, summarize
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8

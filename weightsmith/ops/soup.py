@@ -23,8 +23,8 @@ import torch
 
 from weightsmith.errors import MergeError
 from weightsmith.ops.linear import linear
+from weightsmith.ops.param_checks import check_choice, check_uniform
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.sparsify import check_choice, check_uniform
 
 MODES = ("uniform", "greedy")
 

@@ -32,30 +32,17 @@ from typing import Any
 
 import torch
 
-from weightsmith.engine.passes import GlobalStatistics
-from weightsmith.engine.selection import RadixSelect
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.ops import fused
+from weightsmith.ops.param_checks import check_choice, check_density, check_uniform
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.sparsify import (
-    MagnitudeBand,
-    band_from_statistics,
-    check_choice,
-    check_density,
-    check_finite,
-    check_uniform,
-    common_params,
-    generalized_task_arithmetic,
-    magnitude_band,
-    record_inputs,
-    record_output,
-    record_signs,
-    rescale_l1_,
-    split_tensor_statistics,
-    summarize,
-    task_vectors,
-    trim_magnitude_,
-)
+from weightsmith.ops.selection import RadixSelect
+from weightsmith.ops.sparse.band_statistics import band_from_statistics, split_tensor_statistics
+from weightsmith.ops.sparse.combine import common_params, generalized_task_arithmetic, task_vectors
+from weightsmith.ops.sparse.report import check_finite, record_inputs, record_output, record_signs, summarize
+from weightsmith.ops.sparse.rescale import rescale_l1_
+from weightsmith.ops.sparse.selection import MagnitudeBand, magnitude_band, trim_magnitude_
+from weightsmith.ops.statistics import GlobalStatistics
 
 SCOPES = ("tensor", "model")
 AGGREGATIONS = ("dis-mean", "dis-sum", "dis-max")

@@ -111,7 +111,7 @@ def build(out_dir: str | Path, force: bool = False, quiet: bool = False) -> dict
                 for s, (split, n) in enumerate(SPLITS.items()):
                     rows = generate(task, n, _split_seed(t, s), ood=split == "test_ood")
                     write_jsonl(data / f"{split}.jsonl", rows)
-            common = {"seed": SEED, "max_length": MAX_LENGTH, "quiet": True, "overwrite": True}
+            common = {"seed": SEED, "max_length": MAX_LENGTH, "quiet": quiet, "overwrite": True}
             with stages.stage(f"{name}: linear probe"):
                 finetune(base, out / f"probe-{name}", data / "train.jsonl", "classification",
                          **PROBE, **common)

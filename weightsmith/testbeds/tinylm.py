@@ -123,7 +123,7 @@ def build(out_dir: str | Path, force: bool = False, quiet: bool = False) -> dict
         return {**info, "cached": True}
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(quiet)
-    common = {"seed": SEED, "max_length": MAX_LENGTH, "quiet": True, "overwrite": True}
+    common = {"seed": SEED, "max_length": MAX_LENGTH, "quiet": quiet, "overwrite": True}
     data = out / "data"
     with fixed_threads(THREADS):
         with stages.stage("data"):

@@ -1,0 +1,100 @@
+"""A method's recipe parameters: checked against its schema, then resolved per tensor
+(filters, layer gradients, per-model values, defaults)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from weightsmith.errors import RecipeError
+from weightsmith.ops.registry import REQUIRED, MergeMethod, Param
+from weightsmith.recipe import Recipe, resolve_setting
+
+
+def _convert(param: Param, value: Any, where: str) -> Any:
+    if param.kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise RecipeError(f"{where}: `{param.name}` must be true or false, got {value!r}")
+    if param.kind in (float, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise RecipeError(f"{where}: `{param.name}` must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise RecipeError(f"{where}: `{param.name}` must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise RecipeError(f"{where}: `{param.name}` must be a finite number, got {value!r}")
+        return param.kind(number) if param.kind is int else number
+    return value
+
+
+def check_parameters(recipe: Recipe, method: MergeMethod) -> None:
+    """Unknown or misplaced parameters are errors, not silently ignored."""
+    known = {p.name: p for p in method.params}
+    names = ", ".join(known) or "(none)"
+    for key in recipe.parameters:
+        if key not in known:
+            raise RecipeError(
+                f"parameters.{key}: `{method.name}` has no parameter `{key}`; its parameters: {names}"
+            )
+    for i, spec in enumerate(recipe.models):
+        for key in spec.parameters:
+            if key not in known:
+                raise RecipeError(
+                    f"models[{i}] ({spec.ref}).parameters.{key}: `{method.name}` has no parameter "
+                    f"`{key}`; its parameters: {names}"
+                )
+            if not known[key].per_model:
+                raise RecipeError(
+                    f"models[{i}] ({spec.ref}).parameters.{key}: `{key}` is shared by the whole "
+                    f"merge in `{method.name}`; move it to the top-level `parameters:`"
+                )
+    for p in method.params:
+        if p.per_model and p.required and p.name not in recipe.parameters:
+            for i, spec in enumerate(recipe.models):
+                if p.name not in spec.parameters:
+                    raise RecipeError(
+                        f"models[{i}] ({spec.ref}): `{method.name}` needs `{p.name}` for every "
+                        f"model; add parameters: {{{p.name}: ...}} to it or to the global parameters"
+                    )
+        if not p.per_model and p.required and p.name not in recipe.parameters:
+            raise RecipeError(f"parameters: `{method.name}` needs `{p.name}`")
+
+
+def resolve_params(
+    recipe: Recipe, method: MergeMethod, model_specs: list[Any], name: str, t: float
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in method.params:
+        numeric = p.kind in (int, float)
+        if p.per_model:
+            values = []
+            for spec in model_specs:
+                # As in mergekit: a model's own setting wins, but where none of its filters
+                # matches this tensor the global setting applies, then the default.
+                value = None
+                for scope in (spec.parameters, recipe.parameters):
+                    if p.name in scope:
+                        value = resolve_setting(scope[p.name], name, t, numeric)
+                        if value is not None:
+                            break
+                if value is None:
+                    if p.required:
+                        raise RecipeError(
+                            f"model {spec.ref}: no `{p.name}` applies to tensor {name!r} (no filter "
+                            "matched, here or in the global parameters); add a default entry "
+                            "without a filter"
+                        )
+                    value = p.default
+                values.append(_convert(p, value, f"model {spec.ref}"))
+            out[p.name] = values
+        else:
+            setting = recipe.parameters.get(p.name, REQUIRED)
+            value = REQUIRED if setting is REQUIRED else resolve_setting(setting, name, t, numeric)
+            if value is None or value is REQUIRED:
+                value = p.default
+            out[p.name] = _convert(p, value, "parameters")
+    return out
