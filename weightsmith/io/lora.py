@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from weightsmith.errors import CheckpointError
-from weightsmith.io.checkpoint import Checkpoint, looks_like_hub_id
+from weightsmith.io.checkpoint import REFERENCE_OPENERS, Checkpoint, looks_like_hub_id
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -130,6 +130,15 @@ def open_lora_reference(
         base=base,
         adapter=adapter,
     )
+
+
+def _open_if_lora_reference(
+    ref: str, allow_pickle: bool, search_dirs: tuple[Path, ...]
+) -> LoraCheckpoint | None:
+    """``Checkpoint.open``'s hook: a reference with a ``+`` that is not an existing path."""
+    if "+" not in ref:
+        return None
+    return open_lora_reference(ref, allow_pickle=allow_pickle, search_dirs=search_dirs)
 
 
 def _adapter_folder(ref: str, search_dirs: tuple[Path, ...]) -> tuple[Path, str | None]:
@@ -400,3 +409,6 @@ class LoraCheckpoint(Checkpoint):
     def __repr__(self) -> str:
         n = len(self.adapter.patches) if self.adapter else 0
         return f"LoraCheckpoint({self.ref!r}, {len(self.entries)} tensors, {n} adapted)"
+
+
+REFERENCE_OPENERS.append(_open_if_lora_reference)
