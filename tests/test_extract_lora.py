@@ -145,20 +145,23 @@ def test_randomized_svd_close_to_exact_on_decaying_spectrum() -> None:
 
 def test_gpt2_conv1d_adapter_loads_in_peft(tmp_path: Path) -> None:
     torch.manual_seed(1)
-    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40, n_positions=16)
+    # an untied lm_head: nn.Linear ([out, in]) beside the Conv1D layers ([in, out])
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40, n_positions=16,
+                                     tie_word_embeddings=False)
     model = transformers.GPT2LMHeadModel(config)
     model.save_pretrained(tmp_path / "base")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(2)
     state["transformer.h.0.attn.c_attn.weight"] += _low_rank(g, (16, 48), 2, 0.1)  # [in, out]
     state["transformer.h.0.mlp.c_proj.weight"] += _low_rank(g, (64, 16), 1, 0.1)
+    state["lm_head.weight"] += _low_rank(g, (40, 16), 2, 0.1)
     save_model(tmp_path / "ft", state, json.loads((tmp_path / "base" / "config.json").read_text()), shards=1)
     result = extract_lora(tmp_path / "ft", tmp_path / "base", tmp_path / "ad", rank=2)
     assert result.config["fan_in_fan_out"] is True
     merged = peft.PeftModel.from_pretrained(
         transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "ad"
     ).merge_and_unload().state_dict()
-    for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_proj.weight"):
+    for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_proj.weight", "lm_head.weight"):
         torch.testing.assert_close(merged[key], state[key], rtol=1e-5, atol=1e-6, msg=key)
 
 

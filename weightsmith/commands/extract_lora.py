@@ -27,7 +27,7 @@ import torch
 from weightsmith.errors import MergeError, OutputError, RecipeError, WeightsmithError
 from weightsmith.io.append_writer import AppendingSafetensorsWriter
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONV1D_MODEL_TYPES, PEFT_PREFIX
+from weightsmith.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, is_conv1d
 from weightsmith.io.writer import OutputDir
 from weightsmith.ops.lowrank import relative_error, truncated_svd
 
@@ -130,11 +130,40 @@ def extract_lora(
         raise RecipeError(f"extract-lora: --svd is auto, exact or randomized, got {svd!r}")
     if svd == "randomized" and energy is not None:
         raise RecipeError("extract-lora: --energy needs every singular value; use --svd exact or auto")
-    out_dtype = _DTYPES[dtype]
+    if dtype not in _DTYPES:
+        raise RecipeError(f"extract-lora: --dtype is one of {', '.join(sorted(_DTYPES))}, got {dtype!r}")
     ft = Checkpoint.open(str(fine_tune), allow_pickle=allow_pickle)
     bs = Checkpoint.open(str(base), allow_pickle=allow_pickle)
-    _check_out(Path(out), [ft, bs])
-    conv1d = (bs.config or {}).get("model_type") in CONV1D_MODEL_TYPES
+    try:
+        return _extract(
+            ft, bs, str(base), Path(out), rank, energy, include, exclude, save_modules, save_above_error,
+            embed_lora, svd, dtype, overwrite, log,
+        )
+    finally:
+        ft.close()
+        bs.close()
+
+
+def _extract(
+    ft: Checkpoint,
+    bs: Checkpoint,
+    base: str,
+    out: Path,
+    rank: int | None,
+    energy: float | None,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    save_modules: Sequence[str],
+    save_above_error: float | None,
+    embed_lora: bool,
+    svd: str,
+    dtype: str,
+    overwrite: bool,
+    log: Any,
+) -> ExtractResult:
+    out_dtype = _DTYPES[dtype]
+    _check_out(out, [ft, bs])
+    model_type = (bs.config or {}).get("model_type")
 
     modules: dict[str, list[str]] = {}
     for key in ft.keys():
@@ -177,8 +206,9 @@ def extract_lora(
                     reports.append(_uncaptured(module, keys, ft, bs, embedding))
                     _log(log, reports[-1])
                     continue
+                transposed = embedding or is_conv1d(model_type, module)
                 report, factors = _factor(
-                    module, weight, ft, bs, rank, energy, svd, conv1d or embedding, embedding, out_dtype
+                    module, weight, ft, bs, rank, energy, svd, transposed, embedding, out_dtype
                 )
                 if save_above_error is not None and report.rank and report.relative_error > save_above_error:
                     # not low rank enough: the whole module goes to modules_to_save instead
@@ -209,13 +239,14 @@ def extract_lora(
         except BaseException:
             writer.abort()
             raise
-        config = adapter_config(lora_ranks, saved, str(base), ft, conv1d)
+        conv1d = any(is_conv1d(model_type, m) for m in lora_ranks)
+        config = adapter_config(lora_ranks, saved, base, ft, conv1d)
         folder.write_json(ADAPTER_CONFIG, config)
         folder.write_json(
             REPORT,
             {
-                "fine_tune": str(fine_tune),
-                "base": str(base),
+                "fine_tune": ft.ref,
+                "base": base,
                 "rank": rank,
                 "energy": energy,
                 "svd": svd,
@@ -225,9 +256,7 @@ def extract_lora(
             },
         )
         folder.commit()
-    ft.close()
-    bs.close()
-    return ExtractResult(Path(out), config, reports, size)
+    return ExtractResult(out, config, reports, size)
 
 
 def _uncaptured(

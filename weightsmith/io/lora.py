@@ -36,6 +36,12 @@ PEFT_PREFIX = "base_model.model."
 # square LoRA target there is transposed even when the adapter config says fan_in_fan_out=False,
 # because peft switches it on for Conv1D modules (and off for nn.Linear) whatever the config says.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+CONV1D_MODULE_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})  # their Conv1D layers
+
+
+def is_conv1d(model_type: Any, module: str) -> bool:
+    """Whether ``module`` is a transformers Conv1D layer (weight stored ``[in, out]``)."""
+    return model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_MODULE_NAMES
 
 # adapter_config.json fields that do not change the merged weights (or only select modules,
 # which the saved keys already reflect).
@@ -317,7 +323,7 @@ def plan_patches(adapter: LoraAdapter, base: Checkpoint) -> dict[str, LoraPatch]
         else:  # A [r, in], B [out, r]; delta = B @ A, or its transpose for Conv1D
             out_in, in_out = (b.shape[0], a.shape[1]), (a.shape[1], b.shape[0])
             if out_in == in_out:
-                transposed = model_type in CONV1D_MODEL_TYPES or bool(adapter.config.get("fan_in_fan_out"))
+                transposed = is_conv1d(model_type, module) or bool(adapter.config.get("fan_in_fan_out"))
             else:
                 transposed = w.shape == in_out
             ok = a.shape[0] == r and b.shape[1] == r and w.shape in (out_in, in_out)
