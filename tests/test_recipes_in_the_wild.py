@@ -51,7 +51,6 @@ NOT_YET_SUPPORTED: dict[str, str] = {
     "tokenizer-block-model": "the `tokenizer:` block with a model source (issue 13)",
     "tokenizer-block-empty": "an empty `tokenizer: {}` block (issue 13)",
     "chat_template-named": "named chat templates (chatml, llama3, alpaca) (issue 13)",
-    "lora-ref": "model+lora references (issue 13)",
     "parameters-not-taken": "a parameter the method does not take, warned and ignored (issue 13)",
     "unknown-top-level-key": "an unknown top-level key, warned and ignored (issue 13)",
     "typo-key": "a misspelled top-level key, warned and ignored (issue 13)",
@@ -65,7 +64,7 @@ SUPPORTED = {
     "karcher", "arcee_fusion", "nearswap", "gradient", "filters", "int8_mask", "out_dtype",
     "base-listed-in-models", "no-base", "name-field", "chat_template-auto", "tokenizer_source-base",
     "tokenizer_source-model", "local-path", "quoted-local-paths", "windows-paths", "stage-reference",
-    "yaml-comments", "scientific-notation",
+    "yaml-comments", "scientific-notation", "lora-ref",
 }
 MODEL_KEYS = {"model", "base_model"}
 TOKENIZER_KEYS = {"tokenizer_source", "source"}
