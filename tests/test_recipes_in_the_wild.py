@@ -50,17 +50,17 @@ NOT_YET_SUPPORTED: dict[str, str] = {
     "tokenizer-block-model": "the `tokenizer:` block with a model source (issue 13)",
     "tokenizer-block-empty": "an empty `tokenizer: {}` block (issue 13)",
     "chat_template-named": "named chat templates (chatml, llama3, alpaca) (issue 13)",
-    "lora-ref": "model+lora references (issue 13)",
+    "passthrough": "merge method passthrough (issues 13, 14)",
 }
 # Features weightsmith handles today; every feature in the manifest is in one of the two tables.
 SUPPORTED = {
     "linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-    "breadcrumbs_ties", "model_stock", "gradient", "filters", "int8_mask", "out_dtype",
+    "breadcrumbs_ties", "model_stock", "della", "della_linear", "sce", "nuslerp", "multislerp",
+    "karcher", "arcee_fusion", "nearswap", "gradient", "filters", "int8_mask", "out_dtype",
     "base-listed-in-models", "no-base", "name-field", "chat_template-auto", "tokenizer_source-base",
     "tokenizer_source-model", "local-path", "quoted-local-paths", "windows-paths", "stage-reference",
-    "yaml-comments", "scientific-notation", "multi-document", "parameters-not-taken",
-    "unknown-top-level-key", "typo-key", "normalize-as-number", "passthrough", "della", "della_linear",
-    "sce", "nuslerp", "multislerp", "karcher", "arcee_fusion", "nearswap",
+    "yaml-comments", "scientific-notation", "lora-ref", "multi-document", "parameters-not-taken",
+    "unknown-top-level-key", "typo-key", "normalize-as-number",
 }
 MODEL_KEYS = {"model", "base_model"}
 TOKENIZER_KEYS = {"tokenizer_source", "source"}
