@@ -9,11 +9,12 @@ import pytest
 import torch
 from models import load_folder
 
+from weightsmith.devices import check_device
 from weightsmith.engine import batching
 from weightsmith.engine.device import StagedCpu
 from weightsmith.engine.device_pipeline import DeviceSlots
 from weightsmith.errors import MergeError, RecipeError
-from weightsmith.pipeline import check_device, merge, plan_merge
+from weightsmith.pipeline import merge, plan_merge
 
 PARAMS = {
     "task_arithmetic": {"weight": 0.5},

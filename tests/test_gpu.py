@@ -158,10 +158,11 @@ def test_device_pipeline_writes_the_cpu_bytes(tmp_path, wide_family, method, ker
 
 
 def test_device_memory_budget_on_the_device(tmp_path, wide_family):
+    from weightsmith.devices import check_device
     from weightsmith.engine.device import StagedCpu
     from weightsmith.engine.device_pipeline import DeviceSlots
     from weightsmith.engine.slots import SlotPool
-    from weightsmith.pipeline import check_device, merge, plan_merge
+    from weightsmith.pipeline import merge, plan_merge
 
     assert check_device("auto") == "cuda"
     base, models = wide_family

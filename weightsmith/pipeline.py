@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from weightsmith.data_steps import check_data_blocks, run_data_steps
-from weightsmith.engine.device import KERNELS, STAGED_CPU, resolve_device
+from weightsmith.devices import check_device
 from weightsmith.engine.executor import RunStats, execute
 from weightsmith.engine.plan import MergePlan, build_plan
 from weightsmith.engine.summary import build_summary
@@ -24,6 +24,7 @@ from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
 from weightsmith.io.writer import OutputDir, ShardWriter
+from weightsmith.notices import collecting
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeMethod, get_method
 from weightsmith.output_checks import (
@@ -99,10 +100,18 @@ def plan_merge(
     memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
     random_seed: int | None = None,
     allow_pickle: bool = False,
+    strict: bool = False,
 ) -> MergePlan:
-    """Validate a recipe and build its plan from headers alone (the dry run)."""
+    """Validate a recipe and build its plan from headers alone (the dry run).
+
+    What mergekit silently ignores (unknown fields, parameters the method does not take) gives
+    one warning each, in ``plan.warnings``; ``strict`` makes them errors."""
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+        recipe = load_recipe(recipe, strict=strict)
+    elif strict and not recipe.strict:
+        if recipe.warnings:
+            raise RecipeError(f"{recipe.warnings[0]} (strict: mergekit would ignore it; remove or fix it)")
+        recipe.strict = True
     recipe = normalize_models(recipe)
     checkpoints = open_inputs(recipe, allow_pickle)
     return plan_checkpoints(recipe, checkpoints, memory_budget=memory_budget, random_seed=random_seed)
@@ -144,6 +153,7 @@ def merge(
     progress: bool = False,
     fsync: bool = True,
     resume: bool = False,
+    strict: bool = False,
     kernels: str = "torch",
     device_memory_budget: str | int | None = None,
 ) -> MergeResult:
@@ -152,11 +162,38 @@ def merge(
     ``recipe`` is a YAML path, a YAML string or a dict in mergekit's format. ``resume``
     continues a merge of the same plan (recipe, inputs, shard size, device) into the same
     ``out`` that was killed before it finished, reusing the blocks it wrote once re-checked;
-    the output is byte for byte what an uninterrupted run writes.
+    the output is byte for byte what an uninterrupted run writes. ``strict``: see plan_merge.
+    (``weightsmith.merge`` also runs multi-stage recipes: weightsmith/stages.py.)
     """
+    with collecting():  # a warning repeated by a re-plan (greedy soups) is printed once
+        return _merge(
+            recipe, out, memory_budget, out_shard_size, overwrite, random_seed, device, threads,
+            allow_pickle, progress, fsync, resume, strict, kernels, device_memory_budget,
+        )
+
+
+def _merge(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    out: str | Path,
+    memory_budget: str | int,
+    out_shard_size: str | int,
+    overwrite: bool,
+    random_seed: int | None,
+    device: str,
+    threads: int | None,
+    allow_pickle: bool,
+    progress: bool,
+    fsync: bool,
+    resume: bool,
+    strict: bool,
+    kernels: str = "torch",
+    device_memory_budget: str | int | None = None,
+) -> MergeResult:
     started = time.perf_counter()
     device = check_device(device, kernels)
-    plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
+    plan = plan_merge(
+        recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle, strict=strict
+    )
     check_before_work(plan, out, overwrite)  # before data steps, which may run models for minutes
 
     def replan(changed: Recipe) -> MergePlan:
@@ -530,52 +567,6 @@ def _size(value: str | int, what: str) -> int:
         return parse_size(value)
     except ValueError as e:
         raise RecipeError(f"{what}: {e}") from None
-
-
-def device_summary(plan: MergePlan, device: str, kernels: str, budget: str | int | None) -> dict[str, Any]:
-    """What ``weightsmith plan --device ...`` tells about the device pipeline, from the plan alone."""
-    from weightsmith.engine.batching import Pack, pack_units
-    from weightsmith.engine.device_pipeline import footprint
-    from weightsmith.engine.slots import SlotPool
-    from weightsmith.engine.tasks import SLOTS
-
-    device = check_device(device, kernels)
-    if device == "cpu":
-        return {"device": "cpu"}
-    capacity = SlotPool(plan).capacity
-    _, sizes, scratch = footprint(plan, plan.units, capacity)
-    items = pack_units(plan, plan.units, capacity)
-    packs = [i for i in items if isinstance(i, Pack)]
-    return {
-        "device": device,
-        "kernels": kernels,
-        "device_memory_budget": None if budget is None else _size(budget, "device memory budget"),
-        "device_slot_bytes": sum(sizes),
-        "device_scratch_bytes": scratch,
-        "device_bytes_for_all_slots": SLOTS * sum(sizes) + scratch,
-        "packed_tensors": sum(len(p.units) for p in packs),
-        "packed_launches": len(packs),
-    }
-
-
-def check_device(device: str, kernels: str = "torch") -> str:
-    """The device to run on (``auto`` resolved), refusing what cannot run here."""
-    device = resolve_device(device)
-    if kernels not in KERNELS:
-        raise RecipeError(f"--kernels {kernels!r}: expected one of {', '.join(KERNELS)}")
-    if kernels == "cupy" and device == "cpu":
-        raise RecipeError(
-            "--kernels cupy runs on a GPU: add --device cuda (or --device auto, where there is one)"
-        )
-    if kernels == "cupy" and device != STAGED_CPU:
-        from weightsmith.ops import cuda_fused
-
-        if not cuda_fused.available() or cuda_fused.simulated():
-            raise RecipeError(
-                "--kernels cupy: numba.cuda cannot launch kernels on this GPU (install numba-cuda "
-                "and a CUDA toolkit's libNVVM, or set CUDA_HOME); use --kernels torch"
-            )
-    return device
 
 
 def _progress_bar(plan: MergePlan, enabled: bool) -> Progress | None:

@@ -77,7 +77,10 @@ def run_method(
     if task.seed is not None:
         generator = torch.Generator(device=models.device)
         generator.manual_seed(task.seed)
-    inputs = MergeInputs(name, models, base, generator, context, out=out, aux=aux, kernels=kernels)
+    refs = tuple(plan.checkpoints[s.ckpt].ref for s in task.models)
+    inputs = MergeInputs(
+        name, models, base, generator, context, out=out, aux=aux, kernels=kernels, model_refs=refs
+    )
     try:
         result = plan.method(inputs, **task.params)
     except NonFiniteInput:
