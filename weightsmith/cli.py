@@ -81,6 +81,13 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         is_flag=True,
         help="also read PyTorch .bin pickles (with weights_only=True)",
     )(fn)
+    fn = click.option(
+        "--numerics",
+        type=click.Choice(["weightsmith", "mergekit"]),
+        default=None,
+        help="mergekit: mergekit 0.1.5's arithmetic in the recipe's dtype, to reproduce its output "
+        "bit for bit; default: the recipe's `numerics:`, else weightsmith (float32, ties kept)",
+    )(fn)
     return fn
 
 
@@ -117,6 +124,7 @@ def merge_cmd(
     memory_budget: str,
     random_seed: int | None,
     allow_pickle: bool,
+    numerics: str | None,
 ) -> None:
     """Merge the models named in RECIPE (YAML, mergekit format) into the new folder OUT."""
     from weightsmith.pipeline import merge
@@ -138,6 +146,7 @@ def merge_cmd(
         progress=not quiet,
         fsync=not no_fsync,
         resume=resume,
+        numerics=numerics,
     )
     if not quiet:
         s = result.stats
@@ -201,12 +210,19 @@ def push_cmd(
 @_common_plan_options
 @_friendly
 def plan_cmd(
-    recipe: str, as_json: bool, memory_budget: str, random_seed: int | None, allow_pickle: bool
+    recipe: str,
+    as_json: bool,
+    memory_budget: str,
+    random_seed: int | None,
+    allow_pickle: bool,
+    numerics: str | None,
 ) -> None:
     """Dry run: every output tensor, its inputs and operator, bytes and estimated peak memory."""
     from weightsmith.pipeline import plan_merge
 
-    plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
+    plan = plan_merge(
+        recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle, numerics=numerics
+    )
     refs = [c.ref for c in plan.checkpoints]
     rows = []
     for task in plan.tasks:
@@ -226,6 +242,8 @@ def plan_cmd(
         )
     summary = {
         "merge_method": plan.method.name,
+        "numerics": plan.recipe.numerics,
+        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
         "tensors": len(plan.tasks),
         "bytes_to_read": plan.bytes_to_read,
         "bytes_to_write": plan.bytes_to_write,

@@ -46,15 +46,21 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", metavar="NAME", help="regenerate only these recipes (file stems)"
     )
+    parser.add_argument(
+        "--numerics",
+        action="store_true",
+        help="the --numerics mergekit set: recipes_numerics/ (bf16/fp16 arithmetic) into golden_numerics/",
+    )
     args = parser.parse_args()
     exe = args.mergekit.absolute()
     if not exe.is_file():
         sys.exit(f"{exe}: no mergekit-yaml there (see this script's docstring)")
-    recipes = parity.RECIPES
+    recipes = parity.NUMERICS_RECIPES if args.numerics else parity.RECIPES
+    golden_dir = parity.NUMERICS_GOLDEN if args.numerics else parity.GOLDEN
     if args.only:
         unknown = sorted(set(args.only) - {r.stem for r in recipes})
         if unknown:
-            sys.exit(f"no recipe named {', '.join(unknown)} under {parity.DATA / 'recipes'}")
+            sys.exit(f"no recipe named {', '.join(unknown)} under {recipes[0].parent}")
         recipes = [r for r in recipes if r.stem in args.only]
 
     with tempfile.TemporaryDirectory(prefix="ws-parity-") as tmp:
@@ -67,10 +73,12 @@ def main() -> None:
 
         if args.only and digests != json.loads((parity.DATA / "inputs.json").read_text()).get("sha256"):
             sys.exit("the inputs differ from those of the existing goldens: regenerate them all")
-        parity.GOLDEN.mkdir(parents=True, exist_ok=True)
-        before = {p.stem: p.read_bytes() for p in parity.GOLDEN.glob("*.safetensors")}
+        if args.numerics and digests != json.loads((parity.DATA / "inputs.json").read_text()).get("sha256"):
+            sys.exit("the inputs differ from those of the float32 goldens: regenerate those first")
+        golden_dir.mkdir(parents=True, exist_ok=True)
+        before = {p.stem: p.read_bytes() for p in golden_dir.glob("*.safetensors")}
         if not args.only:
-            for old in parity.GOLDEN.glob("*.safetensors"):
+            for old in golden_dir.glob("*.safetensors"):
                 old.unlink()
         for recipe in recipes:
             raw = parity.materialize(recipe, folders)
@@ -78,7 +86,7 @@ def main() -> None:
             shards = sorted(out.glob("*.safetensors"))
             if len(shards) != 1:
                 sys.exit(f"{recipe.stem}: expected one output shard from mergekit, got {shards}")
-            golden = parity.GOLDEN / f"{recipe.stem}.safetensors"
+            golden = golden_dir / f"{recipe.stem}.safetensors"
             shutil.copyfile(shards[0], golden)
             old = before.get(recipe.stem)
             state = "new" if old is None else "unchanged" if old == golden.read_bytes() else "CHANGED"
@@ -93,7 +101,7 @@ def main() -> None:
         "torch_for_inputs": parity.torch.__version__,
     }
     (parity.DATA / "inputs.json").write_text(json.dumps(spec, indent=2) + "\n")
-    print(f"wrote {len(recipes)} goldens to {parity.GOLDEN}")
+    print(f"wrote {len(recipes)} goldens to {golden_dir}")
 
 
 if __name__ == "__main__":
