@@ -221,7 +221,11 @@ def plan_cmd(
     from weightsmith.pipeline import plan_merge
 
     plan = plan_merge(
-        recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle, numerics=numerics
+        recipe,
+        memory_budget=memory_budget,
+        random_seed=random_seed,
+        allow_pickle=allow_pickle,
+        numerics=numerics,
     )
     refs = [c.ref for c in plan.checkpoints]
     rows = []

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,13 +170,21 @@ def merge(
     """
     started = time.perf_counter()
     plan = plan_merge(
-        recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle, numerics=numerics
+        recipe,
+        memory_budget=memory_budget,
+        random_seed=random_seed,
+        allow_pickle=allow_pickle,
+        numerics=numerics,
     )
     check_before_work(plan, out, overwrite)  # before data steps, which may run models for minutes
 
     def replan(changed: Recipe) -> MergePlan:
         return plan_merge(
-            changed, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle, numerics=numerics
+            changed,
+            memory_budget=memory_budget,
+            random_seed=random_seed,
+            allow_pickle=allow_pickle,
+            numerics=numerics,
         )
 
     # Greedy soups choose their ingredients and Antidote measures feature norms on data first.

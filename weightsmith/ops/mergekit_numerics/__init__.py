@@ -15,4 +15,4 @@ What cannot match, and why: docs/mergekit.md, "Numerics".
 MODE = "mergekit"
 
 # After MODE: the modules import it. Each imports the method modules it varies first.
-from weightsmith.ops.mergekit_numerics import geometry, masked, spheres, task_vectors  # noqa: E402, F401
+from weightsmith.ops.mergekit_numerics import geometry, linear, masked, spheres, task_vectors  # noqa: E402, F401

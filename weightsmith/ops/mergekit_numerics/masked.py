@@ -83,7 +83,9 @@ def ram(inputs: MergeInputs, epsilon: float = 1e-5) -> torch.Tensor:
     return inputs.base + merged.reshape_as(inputs.base)
 
 
-def ramplus_tl(inputs: MergeInputs, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
+def ramplus_tl(
+    inputs: MergeInputs, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
+) -> torch.Tensor:
     assert inputs.base is not None
     flat, nonzero, counts, shared, unique = _ram_masks(_task_vectors(inputs), epsilon)
     rho = (nonzero & shared).sum(dim=1) / (nonzero & unique).sum(dim=1).clamp(min=epsilon)

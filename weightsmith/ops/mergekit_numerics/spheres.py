@@ -123,7 +123,9 @@ def karcher(inputs: MergeInputs, max_iter: int = 10, tol: float = 1e-5) -> torch
         tangent_norm = torch.linalg.vector_norm(tangent.to(work))
         if tangent_norm.item() < tol:
             break
-        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(
+            mean.dtype
+        )
         unit_norm = torch.linalg.vector_norm(mean.to(work))
         if unit_norm.item() > tol:
             mean = (mean / unit_norm).to(mean.dtype)

@@ -134,6 +134,4 @@ _WHOLE_NO_STATS = {**_WHOLE, "scratch_per_element": None}
 register_numerics("task_arithmetic", MODE, partial(_gta, sparsify=None, consensus=False))
 register_numerics("ties", MODE, partial(_gta, sparsify="magnitude", consensus=True), **_WHOLE_NO_STATS)
 register_numerics("breadcrumbs", MODE, partial(_gta, sparsify="band", consensus=False), **_WHOLE_NO_STATS)
-register_numerics(
-    "breadcrumbs_ties", MODE, partial(_gta, sparsify="band", consensus=True), **_WHOLE_NO_STATS
-)
+register_numerics("breadcrumbs_ties", MODE, partial(_gta, sparsify="band", consensus=True), **_WHOLE_NO_STATS)
