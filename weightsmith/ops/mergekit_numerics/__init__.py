@@ -12,7 +12,5 @@ mergekit code is copied (it is LGPL).
 What cannot match, and why: docs/mergekit.md, "Numerics".
 """
 
-MODE = "mergekit"
-
-# After MODE: the modules import it. Each imports the method modules it varies first.
-from weightsmith.ops.mergekit_numerics import geometry, linear, masked, spheres, task_vectors  # noqa: E402, F401
+# Each module imports the method modules it varies first, then registers its variants.
+from weightsmith.ops.mergekit_numerics import geometry, linear, masked, spheres, task_vectors  # noqa: F401

@@ -18,7 +18,7 @@ import torch
 
 import weightsmith.ops.model_stock  # noqa: F401 - registers the methods this module varies
 import weightsmith.ops.slerp  # noqa: F401
-from weightsmith.ops.mergekit_numerics import MODE
+from weightsmith.ops.mergekit_numerics.mode import MODE
 from weightsmith.ops.registry import MergeInputs, register_numerics
 
 DOT_THRESHOLD = 0.9995

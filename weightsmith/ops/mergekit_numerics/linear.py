@@ -13,7 +13,7 @@ import torch
 
 import weightsmith.ops.linear  # noqa: F401 - registers the method this module varies
 from weightsmith.errors import MergeError
-from weightsmith.ops.mergekit_numerics import MODE
+from weightsmith.ops.mergekit_numerics.mode import MODE
 from weightsmith.ops.registry import MergeInputs, register_numerics
 
 

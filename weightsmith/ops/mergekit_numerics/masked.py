@@ -26,7 +26,7 @@ import weightsmith.ops.arcee_fusion  # noqa: F401 - registers the methods this m
 import weightsmith.ops.nearswap  # noqa: F401
 import weightsmith.ops.ram  # noqa: F401
 import weightsmith.ops.sce  # noqa: F401
-from weightsmith.ops.mergekit_numerics import MODE
+from weightsmith.ops.mergekit_numerics.mode import MODE
 from weightsmith.ops.registry import MergeInputs, register_numerics
 
 PROB_EPS = 1e-8

@@ -20,7 +20,7 @@ import weightsmith.ops.karcher  # noqa: F401 - registers the methods this module
 import weightsmith.ops.multislerp  # noqa: F401
 import weightsmith.ops.nuslerp  # noqa: F401
 from weightsmith.errors import MergeError
-from weightsmith.ops.mergekit_numerics import MODE
+from weightsmith.ops.mergekit_numerics.mode import MODE
 from weightsmith.ops.registry import MergeInputs, register_numerics
 
 COLINEAR_EPS = 1e-8

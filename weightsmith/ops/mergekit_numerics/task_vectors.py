@@ -25,7 +25,7 @@ import weightsmith.ops.breadcrumbs  # noqa: F401 - registers the methods this mo
 import weightsmith.ops.task_arithmetic  # noqa: F401
 import weightsmith.ops.ties  # noqa: F401
 from weightsmith.errors import RecipeError
-from weightsmith.ops.mergekit_numerics import MODE
+from weightsmith.ops.mergekit_numerics.mode import MODE
 from weightsmith.ops.registry import MergeInputs, register_numerics
 
 RESCALE_EPS = 1e-7
