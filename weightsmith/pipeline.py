@@ -24,6 +24,7 @@ from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
 from weightsmith.io.writer import OutputDir, ShardWriter
+from weightsmith.notices import collecting
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeMethod, get_method
 from weightsmith.output_checks import (
@@ -108,14 +109,20 @@ def plan_merge(
     memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
     random_seed: int | None = None,
     allow_pickle: bool = False,
+    strict: bool = False,
     numerics: str | None = None,
 ) -> MergePlan:
     """Validate a recipe and build its plan from headers alone (the dry run).
 
-    ``numerics`` overrides the recipe's ``numerics:`` ("weightsmith" or "mergekit"; see
-    docs/mergekit.md, "Numerics")."""
+    What mergekit silently ignores (unknown fields, parameters the method does not take) gives
+    one warning each, in ``plan.warnings``; ``strict`` makes them errors. ``numerics`` overrides
+    the recipe's ``numerics:`` ("weightsmith" or "mergekit"; docs/mergekit.md, "Numerics")."""
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+        recipe = load_recipe(recipe, strict=strict)
+    elif strict and not recipe.strict:
+        if recipe.warnings:
+            raise RecipeError(f"{recipe.warnings[0]} (strict: mergekit would ignore it; remove or fix it)")
+        recipe.strict = True
     recipe = with_numerics(recipe, numerics)
     recipe = normalize_models(recipe)
     checkpoints = open_inputs(recipe, allow_pickle)
@@ -158,6 +165,7 @@ def merge(
     progress: bool = False,
     fsync: bool = True,
     resume: bool = False,
+    strict: bool = False,
     numerics: str | None = None,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
@@ -165,15 +173,40 @@ def merge(
     ``recipe`` is a YAML path, a YAML string or a dict in mergekit's format. ``resume``
     continues a merge of the same plan (recipe, inputs, shard size, device) into the same
     ``out`` that was killed before it finished, reusing the blocks it wrote once re-checked;
-    the output is byte for byte what an uninterrupted run writes. ``numerics="mergekit"``
-    reproduces mergekit 0.1.5's arithmetic (docs/mergekit.md, "Numerics").
+    the output is byte for byte what an uninterrupted run writes. ``strict``: see plan_merge.
+    ``numerics="mergekit"`` reproduces mergekit 0.1.5's arithmetic (docs/mergekit.md, "Numerics").
+    (``weightsmith.merge`` also runs multi-stage recipes: weightsmith/stages.py.)
     """
+    with collecting():  # a warning repeated by a re-plan (greedy soups) is printed once
+        return _merge(
+            recipe, out, memory_budget, out_shard_size, overwrite, random_seed, device, threads,
+            allow_pickle, progress, fsync, resume, strict, numerics,
+        )
+
+
+def _merge(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    out: str | Path,
+    memory_budget: str | int,
+    out_shard_size: str | int,
+    overwrite: bool,
+    random_seed: int | None,
+    device: str,
+    threads: int | None,
+    allow_pickle: bool,
+    progress: bool,
+    fsync: bool,
+    resume: bool,
+    strict: bool,
+    numerics: str | None = None,
+) -> MergeResult:
     started = time.perf_counter()
     plan = plan_merge(
         recipe,
         memory_budget=memory_budget,
         random_seed=random_seed,
         allow_pickle=allow_pickle,
+        strict=strict,
         numerics=numerics,
     )
     check_before_work(plan, out, overwrite)  # before data steps, which may run models for minutes

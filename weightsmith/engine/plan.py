@@ -24,6 +24,7 @@ from weightsmith.engine.passes import describe, prepare_statistics
 from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.notices import collecting
 from weightsmith.ops.registry import MergeMethod, get_method
 from weightsmith.recipe import ModelSpec, Recipe
 
@@ -47,8 +48,22 @@ def build_plan(
     """Build the plan. ``checkpoints`` are base first (if the recipe has one), then models.
 
     ``method`` stands in for the registry's ``recipe.merge_method`` when given (the lazy API's
-    checkpoint expressions are methods of their own, planned the same way).
+    checkpoint expressions are methods of their own, planned the same way). The plan's
+    ``warnings`` are the recipe's and those given while planning.
     """
+    with collecting() as warnings:
+        plan = _build_plan(recipe, checkpoints, memory_budget, random_seed, method)
+    plan.warnings = [*recipe.warnings, *(w for w in warnings if w not in recipe.warnings)]
+    return plan
+
+
+def _build_plan(
+    recipe: Recipe,
+    checkpoints: list[Checkpoint],
+    memory_budget: int,
+    random_seed: int | None,
+    method: MergeMethod | None,
+) -> MergePlan:
     if method is None:
         try:
             method = get_method(recipe.merge_method)

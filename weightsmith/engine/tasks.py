@@ -72,6 +72,9 @@ class MergePlan:
     units: list[WorkUnit] = field(default_factory=list)
     oversize: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # What the recipe asks that mergekit would silently ignore, and other warnings (printed
+    # on stderr as they arise, kept here for the Python API): weightsmith.notices.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def compute_dtype(self) -> torch.dtype:
