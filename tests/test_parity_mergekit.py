@@ -44,6 +44,9 @@ import weightsmith
 DATA = Path(__file__).parent / "data" / "parity"
 RECIPES = sorted((DATA / "recipes").glob("*.yaml"))
 GOLDEN = DATA / "golden"
+# The --numerics mergekit set: the same recipes with dtype bfloat16 / float16 (see README.md).
+NUMERICS_RECIPES = sorted((DATA / "recipes_numerics").glob("*.yaml"))
+NUMERICS_GOLDEN = DATA / "golden_numerics"
 SPEC: dict[str, Any] = json.loads((DATA / "inputs.json").read_text())
 MERGEKIT_ENV = "WEIGHTSMITH_MERGEKIT"
 # Methods that keep the k largest |delta| (or a magnitude band) per tensor, and the share of

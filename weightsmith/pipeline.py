@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -35,7 +36,7 @@ from weightsmith.output_checks import (
     protect,
 )
 from weightsmith.progress import Progress
-from weightsmith.recipe import Recipe, load_recipe
+from weightsmith.recipe import NUMERICS, Recipe, load_recipe
 from weightsmith.units import format_size, parse_size
 from weightsmith.version import __version__
 
@@ -94,6 +95,15 @@ def normalize_models(recipe: Recipe) -> Recipe:
     return recipe
 
 
+def with_numerics(recipe: Recipe, numerics: str | None) -> Recipe:
+    """The recipe with ``numerics`` (from the command line or the API) in place of its own."""
+    if numerics is None or numerics == recipe.numerics:
+        return recipe
+    if numerics not in NUMERICS:
+        raise RecipeError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
+    return dataclasses.replace(recipe, numerics=numerics)
+
+
 def plan_merge(
     recipe: str | Path | dict[str, Any] | Recipe,
     *,
@@ -101,17 +111,20 @@ def plan_merge(
     random_seed: int | None = None,
     allow_pickle: bool = False,
     strict: bool = False,
+    numerics: str | None = None,
 ) -> MergePlan:
     """Validate a recipe and build its plan from headers alone (the dry run).
 
     What mergekit silently ignores (unknown fields, parameters the method does not take) gives
-    one warning each, in ``plan.warnings``; ``strict`` makes them errors."""
+    one warning each, in ``plan.warnings``; ``strict`` makes them errors. ``numerics`` overrides
+    the recipe's ``numerics:`` ("weightsmith" or "mergekit"; docs/mergekit.md, "Numerics")."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, strict=strict)
     elif strict and not recipe.strict:
         if recipe.warnings:
             raise RecipeError(f"{recipe.warnings[0]} (strict: mergekit would ignore it; remove or fix it)")
         recipe.strict = True
+    recipe = with_numerics(recipe, numerics)
     recipe = normalize_models(recipe)
     checkpoints = open_inputs(recipe, allow_pickle)
     return plan_checkpoints(recipe, checkpoints, memory_budget=memory_budget, random_seed=random_seed)
@@ -154,6 +167,7 @@ def merge(
     fsync: bool = True,
     resume: bool = False,
     strict: bool = False,
+    numerics: str | None = None,
     kernels: str = "torch",
     device_memory_budget: str | int | None = None,
 ) -> MergeResult:
@@ -163,12 +177,13 @@ def merge(
     continues a merge of the same plan (recipe, inputs, shard size, device) into the same
     ``out`` that was killed before it finished, reusing the blocks it wrote once re-checked;
     the output is byte for byte what an uninterrupted run writes. ``strict``: see plan_merge.
+    ``numerics="mergekit"`` reproduces mergekit 0.1.5's arithmetic (docs/mergekit.md, "Numerics").
     (``weightsmith.merge`` also runs multi-stage recipes: weightsmith/stages.py.)
     """
     with collecting():  # a warning repeated by a re-plan (greedy soups) is printed once
         return _merge(
             recipe, out, memory_budget, out_shard_size, overwrite, random_seed, device, threads,
-            allow_pickle, progress, fsync, resume, strict, kernels, device_memory_budget,
+            allow_pickle, progress, fsync, resume, strict, numerics, kernels, device_memory_budget,
         )
 
 
@@ -186,19 +201,29 @@ def _merge(
     fsync: bool,
     resume: bool,
     strict: bool,
+    numerics: str | None = None,
     kernels: str = "torch",
     device_memory_budget: str | int | None = None,
 ) -> MergeResult:
     started = time.perf_counter()
     device = check_device(device, kernels)
     plan = plan_merge(
-        recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle, strict=strict
+        recipe,
+        memory_budget=memory_budget,
+        random_seed=random_seed,
+        allow_pickle=allow_pickle,
+        strict=strict,
+        numerics=numerics,
     )
     check_before_work(plan, out, overwrite)  # before data steps, which may run models for minutes
 
     def replan(changed: Recipe) -> MergePlan:
         return plan_merge(
-            changed, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle
+            changed,
+            memory_budget=memory_budget,
+            random_seed=random_seed,
+            allow_pickle=allow_pickle,
+            numerics=numerics,
         )
 
     # Greedy soups choose their ingredients and Antidote measures feature norms on data first.
@@ -218,7 +243,7 @@ def _merge(
         kernels=kernels,
         device_memory_budget=device_memory_budget,
         resume_command=_resume_command(
-            recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle,
+            recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle, numerics,
             kernels, device_memory_budget,
         ),
     )
@@ -232,6 +257,7 @@ def _resume_command(
     random_seed: int | None,
     device: str,
     allow_pickle: bool,
+    numerics: str | None = None,
     kernels: str = "torch",
     device_memory_budget: str | int | None = None,
 ) -> str:
@@ -255,6 +281,8 @@ def _resume_command(
         words += ["--device-memory-budget", str(device_memory_budget)]
     if allow_pickle:
         words.append("--allow-pickle")
+    if numerics is not None:
+        words += ["--numerics", numerics]
     if overwrite:
         words.append("--overwrite")
     return shlex.join([*words, "--resume"])
@@ -275,6 +303,7 @@ def plan_fingerprint(plan: MergePlan, shard_bytes: int, device: str) -> dict[str
                 "recipe": plan.recipe.to_yaml(),
                 "method": plan.method.name,
                 "compute_dtype": str(plan.compute_dtype),
+                "numerics": plan.recipe.numerics,
                 "tasks": [repr(t) for t in plan.tasks],
             }
         ),

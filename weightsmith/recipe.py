@@ -47,7 +47,7 @@ TOP_LEVEL_FIELDS = {
     "models": "list of {model: PATH_OR_HUB_ID, parameters: {...}}",
     "base_model": "the shared base the fine-tunes started from",
     "parameters": "global method parameters",
-    "dtype": "compute dtype hint (weightsmith always computes in float32 or wider)",
+    "dtype": "compute dtype hint (weightsmith computes in float32 or wider, unless numerics: mergekit)",
     "out_dtype": "dtype of the written tensors (default: dtype, else the base's)",
     "tokenizer_source": "'base' or a model path/id whose tokenizer files are copied",
     "vocab_policy": "error | pad | truncate when vocabulary sizes differ",
@@ -57,7 +57,12 @@ TOP_LEVEL_FIELDS = {
     "evaluation": "held-out data that scores candidate merges: {data: JSONL, task, metric, model} "
     "(soup with mode: greedy)",
     "calibration": "data the input model is run on before the merge: {data: JSONL, task} (antidote)",
+    "numerics": "weightsmith (float32 arithmetic, ties at thresholds kept) | mergekit (mergekit "
+    "0.1.5's arithmetic in `dtype`, to reproduce its output bit for bit)",
 }
+# How the arithmetic is done: weightsmith's (float32, every tie at a threshold kept) or
+# mergekit 0.1.5's (the recipe's dtype, its operation order, exactly k selected). docs/mergekit.md.
+NUMERICS = ("weightsmith", "mergekit")
 # Data blocks (evaluation, calibration): the fields each accepts; data and task are required.
 DATA_BLOCK_FIELDS = {
     "evaluation": ("data", "task", "metric", "model", "batch_size", "max_length", "truncate"),
@@ -199,6 +204,7 @@ class Recipe:
     raw: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     text: str | None = None  # the YAML as the user wrote it, comments included
+    numerics: str = "weightsmith"  # one of NUMERICS
     # Under strict, what mergekit silently ignores (unknown fields, parameters the method does
     # not take) is an error; otherwise one warning each, kept here for the plan.
     strict: bool = False
@@ -206,7 +212,11 @@ class Recipe:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        # Arithmetic is never done in 16-bit types, whatever `dtype` says.
+        # weightsmith never does arithmetic in 16-bit types, whatever `dtype` says; mergekit's
+        # numerics do it in `dtype` (float32 when unset: weightsmith has no per-input dtype).
+        if self.numerics == "mergekit" and self.dtype is not None and self.dtype.is_floating_point:
+            if self.dtype.itemsize >= 2:
+                return self.dtype
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     @property
@@ -327,6 +337,7 @@ def _load_recipe(source: str | Path | dict[str, Any], strict: bool, label: str |
         name=raw.get("name"),
         evaluation=_data_block(raw, "evaluation", where),
         calibration=_data_block(raw, "calibration", where),
+        numerics=_choice(raw, "numerics", NUMERICS, where),
         raw=raw,
         source=path,
         text=text,
