@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from weightsmith.errors import RecipeError
+from weightsmith.recipe_slices import ModuleSpec, SliceSpec, parse_modules, parse_slices
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -44,6 +45,8 @@ MAX_RECIPE_NODES = 100_000
 TOP_LEVEL_FIELDS = {
     "merge_method": "name of the merge method (see `weightsmith methods`)",
     "models": "list of {model: PATH_OR_HUB_ID, parameters: {...}}",
+    "slices": "instead of models: [{sources: [{model, layer_range: [a, b], parameters}], parameters}]",
+    "modules": "instead of models: {MODULE: {slices: ... or models: ..., parameters}}",
     "base_model": "the shared base the fine-tunes started from",
     "parameters": "global method parameters",
     "dtype": "compute dtype hint (weightsmith always computes in float32 or wider)",
@@ -63,8 +66,6 @@ DATA_BLOCK_FIELDS = {
     "calibration": ("data", "task", "batch_size", "max_length", "truncate"),
 }
 UNSUPPORTED_FIELDS = {
-    "slices": "layer slicing (frankenmerges) is not supported yet; use `models:`",
-    "modules": "per-module recipes are not supported yet; use `models:`",
     "tokenizer": "the `tokenizer:` block (vocabulary union) is not supported yet; use "
     "tokenizer_source: base or a model, and vocab_policy: pad | truncate",
 }
@@ -191,6 +192,9 @@ class Recipe:
     # Data blocks for methods that run models before merging (validated mappings, or None).
     evaluation: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
+    # The layer-sliced forms (recipe_slices.py); `models` then lists every input they name.
+    slices: list[SliceSpec] | None = None
+    modules: dict[str, ModuleSpec] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     text: str | None = None  # the YAML as the user wrote it, comments included
@@ -252,7 +256,50 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     method = raw.get("merge_method")
     if not isinstance(method, str):
         raise RecipeError(f"{where}: `merge_method` is required (e.g. merge_method: linear)")
-    models_raw = raw.get("models")
+    slices, modules = _layout(raw, where)
+    if slices is None and modules is None:
+        models = _models(raw.get("models"), where)
+    else:
+        models = [ModelSpec(ref) for ref in _referenced(slices, modules, where)]
+    params = _parameters(raw.get("parameters"), f"{where}: parameters")
+    base = raw.get("base_model")
+    for key in ("name", "tokenizer_source"):
+        if key in raw and raw[key] is not None and not isinstance(raw[key], str):
+            raise RecipeError(f"{where}: `{key}` must be a string, got {_short(raw[key])}")
+    recipe = Recipe(
+        merge_method=method,
+        models=models,
+        base_model=_model_ref(base, f"{where}: base_model") if base is not None else None,
+        parameters={k: _check_setting(v, f"{where}: parameters.{k}") for k, v in params.items()},
+        dtype=parse_dtype(raw["dtype"], f"{where}: dtype") if "dtype" in raw else None,
+        out_dtype=parse_dtype(raw["out_dtype"], f"{where}: out_dtype") if "out_dtype" in raw else None,
+        tokenizer_source=raw.get("tokenizer_source"),
+        vocab_policy=_choice(raw, "vocab_policy", ("error", "pad", "truncate"), where),
+        extra_keys=_choice(raw, "extra_keys", ("error", "ignore"), where),
+        name=raw.get("name"),
+        evaluation=_data_block(raw, "evaluation", where),
+        calibration=_data_block(raw, "calibration", where),
+        slices=slices,
+        modules=modules,
+        raw=raw,
+        source=path,
+        text=text,
+    )
+    if recipe.tokenizer_source == "union":
+        raise RecipeError(
+            f"{where}: tokenizer_source: union is not supported yet; use base or a model, "
+            "with vocab_policy: pad"
+        )
+    chat = raw.get("chat_template")
+    if chat not in (None, "auto"):
+        raise RecipeError(
+            f"{where}: chat_template: only `auto` is supported (the tokenizer source's template "
+            "is copied with its tokenizer files)"
+        )
+    return recipe
+
+
+def _models(models_raw: Any, where: str) -> list[ModelSpec]:
     if not isinstance(models_raw, list) or not models_raw:
         raise RecipeError(f"{where}: `models` must be a non-empty list of {{model: PATH}} entries")
     models = []
@@ -276,40 +323,46 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         except RecipeError as e:
             raise RecipeError(f"{e} (model {ref})") from None
         models.append(ModelSpec(ref, checked))
-    params = _parameters(raw.get("parameters"), f"{where}: parameters")
-    base = raw.get("base_model")
-    for key in ("name", "tokenizer_source"):
-        if key in raw and raw[key] is not None and not isinstance(raw[key], str):
-            raise RecipeError(f"{where}: `{key}` must be a string, got {_short(raw[key])}")
-    recipe = Recipe(
-        merge_method=method,
-        models=models,
-        base_model=_model_ref(base, f"{where}: base_model") if base is not None else None,
-        parameters={k: _check_setting(v, f"{where}: parameters.{k}") for k, v in params.items()},
-        dtype=parse_dtype(raw["dtype"], f"{where}: dtype") if "dtype" in raw else None,
-        out_dtype=parse_dtype(raw["out_dtype"], f"{where}: out_dtype") if "out_dtype" in raw else None,
-        tokenizer_source=raw.get("tokenizer_source"),
-        vocab_policy=_choice(raw, "vocab_policy", ("error", "pad", "truncate"), where),
-        extra_keys=_choice(raw, "extra_keys", ("error", "ignore"), where),
-        name=raw.get("name"),
-        evaluation=_data_block(raw, "evaluation", where),
-        calibration=_data_block(raw, "calibration", where),
-        raw=raw,
-        source=path,
-        text=text,
-    )
-    if recipe.tokenizer_source == "union":
-        raise RecipeError(
-            f"{where}: tokenizer_source: union is not supported yet; use base or a model, "
-            "with vocab_policy: pad"
-        )
-    chat = raw.get("chat_template")
-    if chat not in (None, "auto"):
-        raise RecipeError(
-            f"{where}: chat_template: only `auto` is supported (the tokenizer source's template "
-            "is copied with its tokenizer files)"
-        )
-    return recipe
+    return models
+
+
+def _layout(
+    raw: dict[str, Any], where: str
+) -> tuple[list[SliceSpec] | None, dict[str, ModuleSpec] | None]:
+    """Exactly one of models, slices, modules (as mergekit); parse the sliced forms."""
+    given = [k for k in ("models", "slices", "modules") if raw.get(k)]
+    if len(given) > 1:
+        raise RecipeError(f"{where}: give exactly one of `models`, `slices` or `modules`; got {given}")
+
+    def params(value: Any, at: str) -> dict[str, Any]:
+        return {k: _check_setting(v, f"{at}.{k}") for k, v in _parameters(value, at).items()}
+
+    def ref(value: Any, at: str) -> str:
+        return _model_ref(value, at)
+
+    slices = parse_slices(raw["slices"], f"{where}: slices", ref, params) if raw.get("slices") else None
+    modules = parse_modules(raw["modules"], f"{where}: modules", ref, params) if raw.get("modules") else None
+    for module in (modules or {}).values():
+        if module.models_raw is not None:
+            module.models = _models(module.models_raw, f"{where}: modules.{module.name}")
+    return slices, modules
+
+
+def _referenced(
+    slices: list[SliceSpec] | None, modules: dict[str, ModuleSpec] | None, where: str
+) -> list[str]:
+    """Every model a sliced recipe names, in order of first mention (the inputs to open)."""
+    refs: list[str] = []
+    groups = [slices] if slices else []
+    for module in (modules or {}).values():
+        if module.slices:
+            groups.append(module.slices)
+        for spec in module.models or []:
+            refs.append(spec.ref)
+    for group in groups:
+        for piece in group:
+            refs += [s.ref for s in piece.sources] + ([piece.base_model] if piece.base_model else [])
+    return list(dict.fromkeys(refs))
 
 
 def check_expanded_size(raw: Any, where: str, limit: int = MAX_RECIPE_NODES) -> None:

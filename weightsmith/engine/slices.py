@@ -1,0 +1,442 @@
+"""Plans for ``slices:`` and ``modules:`` recipes (mergekit 0.1.5 semantics), from headers alone.
+
+Two cases:
+
+* Equivalent to a ``models:`` recipe (one slice whose every source spans its model's whole
+  depth, LazyMergekit's slerp form; or a module with ``models:``): the recipe is rewritten to
+  that ``models:`` recipe, with the precedence folded in, and planned by ``build_plan``, so
+  the output is byte-identical to the ``models:`` form.
+* Stacking (frankenmerges): output layers are numbered across slices in order; output layer
+  L of a slice is the merge of layer ``start + i`` of each of its sources, renamed to
+  ``layers.L``, with gradients over the slice's own depth (``t = i / (n - 1)``, or 1 for a
+  one-layer slice). Tensors outside the layer stack merge the first slice's sources when they
+  come before the stack (embeddings) and the last slice's after it (final norm, head), at
+  t = 0 with those slices' parameters, as mergekit takes them. Every output tensor is one
+  TensorTask over aligned input tensors, so memory stays bounded as in any merge.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any
+
+from weightsmith.engine.keys import (
+    LAYER_COUNT_KEYS,
+    LAYER_PATTERN,
+    _align_shapes,
+    _num_layers,
+    _sort_key,
+    is_float,
+    layer_index,
+)
+from weightsmith.engine.parameters import check_parameters, resolve_params
+from weightsmith.engine.passes import describe, prepare_statistics
+from weightsmith.engine.plan import _seed_for, build_plan
+from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
+from weightsmith.errors import MergeError, RecipeError
+from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.ops.registry import MergeMethod, get_method
+from weightsmith.recipe import Conditional, ModelSpec, Recipe
+from weightsmith.recipe_slices import SliceSpec
+
+# Non-layer tensors that come before the layer stack (merged from the first slice).
+PRE_STACK = re.compile(r"embed|wte|wpe|word_embeddings|patch_embed|position_embedding")
+# Config keys that are never per-layer lists, whatever their length.
+NOT_PER_LAYER = {"architectures", "auto_map"}
+
+
+def is_sliced(recipe: Recipe) -> bool:
+    return recipe.slices is not None or recipe.modules is not None
+
+
+def chain(*settings: Any) -> Any:
+    """One setting equivalent to trying ``settings`` in order (None = absent): the first that
+    resolves to a value wins. Only a filter list can resolve to nothing (no filter matches), so
+    a scalar or gradient ends the chain, and a filter list gets the rest as a fallback entry."""
+    present = [s for s in settings if s is not None]
+    if not present:
+        return None
+    head, rest = present[0], present[1:]
+    if not rest or not _is_filters(head):
+        return head
+    tail = chain(*rest)
+    return [*head, *(tail if _is_filters(tail) else [Conditional(None, tail)])]
+
+
+def _is_filters(setting: Any) -> bool:
+    return isinstance(setting, list) and bool(setting) and isinstance(setting[0], Conditional)
+
+
+def build_sliced_plan(
+    recipe: Recipe,
+    checkpoints: list[Checkpoint],
+    *,
+    memory_budget: int,
+    random_seed: int | None = None,
+    method: MergeMethod | None = None,
+) -> MergePlan:
+    """``checkpoints`` are opened as for any recipe: the base (if any), then ``recipe.models``
+    (for a sliced recipe, every model it names, in order of first mention)."""
+    if method is None:
+        try:
+            method = get_method(recipe.merge_method)
+        except KeyError as e:
+            raise RecipeError(str(e.args[0])) from None
+    refs = ([recipe.base_model] if recipe.base_model is not None else []) + [m.ref for m in recipe.models]
+    by_ref: dict[str, int] = {}
+    for i, ref in enumerate(refs):
+        by_ref.setdefault(ref, i)
+    module_params: dict[str, Any] = {}
+    slices = recipe.slices
+    if recipe.modules is not None:
+        if len(recipe.modules) != 1:
+            names = ", ".join(recipe.modules)
+            raise RecipeError(
+                f"modules: {names}: recipes with more than one module (a VLM's text and vision "
+                "towers) are not supported yet; merge with one module, or with `models:`"
+            )
+        module = next(iter(recipe.modules.values()))
+        module_params = module.parameters
+        if module.models is not None:
+            return _as_models_plan(
+                recipe,
+                method,
+                checkpoints,
+                by_ref,
+                module.models,
+                {},
+                module_params,
+                memory_budget,
+                random_seed,
+            )
+        slices = module.slices
+    assert slices is not None
+    if _is_full_range(slices, recipe, checkpoints, by_ref):
+        piece = slices[0]
+        specs = [ModelSpec(s.ref, s.parameters) for s in piece.sources]
+        return _as_models_plan(
+            recipe,
+            method,
+            checkpoints,
+            by_ref,
+            specs,
+            piece.parameters,
+            module_params,
+            memory_budget,
+            random_seed,
+        )
+    return _stacked_plan(
+        recipe, method, checkpoints, by_ref, slices, module_params, memory_budget, random_seed
+    )
+
+
+def _is_full_range(
+    slices: list[SliceSpec], recipe: Recipe, checkpoints: list[Checkpoint], by_ref: dict[str, int]
+) -> bool:
+    if len(slices) != 1 or slices[0].base_model not in (None, recipe.base_model):
+        return False
+    return all(s.layer_range == (0, _num_layers(checkpoints[by_ref[s.ref]])) for s in slices[0].sources)
+
+
+def _view(
+    recipe: Recipe,
+    method: MergeMethod,
+    specs: list[ModelSpec],
+    slice_params: dict[str, Any],
+    module_params: dict[str, Any],
+    where: str,
+) -> Recipe:
+    """A models-recipe view whose two-level parameters (model, global) carry the precedence
+    source > slice > module > global."""
+    known = {p.name: p for p in method.params}
+    for scope, at in ((slice_params, f"{where}.parameters"), (module_params, "module parameters")):
+        for key in scope:
+            if key not in known:
+                raise RecipeError(
+                    f"{at}.{key}: `{method.name}` has no parameter `{key}`; its parameters: "
+                    f"{', '.join(known) or '(none)'}"
+                )
+    per_model = [p.name for p in method.params if p.per_model]
+    models = [
+        ModelSpec(
+            s.ref,
+            {
+                **s.parameters,
+                **{
+                    k: v
+                    for k in per_model
+                    if (v := chain(s.parameters.get(k), slice_params.get(k), module_params.get(k)))
+                    is not None
+                },
+            },
+        )
+        for s in specs
+    ]
+    names = set(recipe.parameters) | set(slice_params) | set(module_params)
+    shared = {k: chain(slice_params.get(k), module_params.get(k), recipe.parameters.get(k)) for k in names}
+    view = replace(recipe, models=models, parameters=shared, slices=None, modules=None)
+    check_parameters(view, method)
+    return view
+
+
+def _as_models_plan(
+    recipe: Recipe,
+    method: MergeMethod,
+    checkpoints: list[Checkpoint],
+    by_ref: dict[str, int],
+    specs: list[ModelSpec],
+    slice_params: dict[str, Any],
+    module_params: dict[str, Any],
+    memory_budget: int,
+    random_seed: int | None,
+) -> MergePlan:
+    view = _view(recipe, method, specs, slice_params, module_params, "slices[0]")
+    listed = {m.ref for m in view.models}
+    if recipe.base_model is not None and method.base != "unused":
+        # As normalize_models does for a models: recipe: the base among the models is the base.
+        view.models = [m for m in view.models if m.ref != recipe.base_model]
+        if not view.models:
+            raise RecipeError("the slice lists only the base model; add the fine-tuned models")
+    elif recipe.base_model is not None and recipe.base_model not in listed:
+        # mergekit merges only a slice's sources: a base no source names is not an input.
+        view.base_model = None
+    ordered = ([view.base_model] if view.base_model is not None else []) + [m.ref for m in view.models]
+    return build_plan(
+        view,
+        [checkpoints[by_ref[r]] for r in ordered],
+        memory_budget=memory_budget,
+        random_seed=random_seed,
+        method=method,
+    )
+
+
+def _stacked_plan(
+    recipe: Recipe,
+    method: MergeMethod,
+    checkpoints: list[Checkpoint],
+    by_ref: dict[str, int],
+    slices: list[SliceSpec],
+    module_params: dict[str, Any],
+    memory_budget: int,
+    random_seed: int | None,
+) -> MergePlan:
+    pieces = [
+        _SlicePlan(recipe, method, checkpoints, by_ref, k, s, module_params) for k, s in enumerate(slices)
+    ]
+    ref_index = by_ref[recipe.base_model] if recipe.base_model is not None else pieces[0].first
+    tasks: list[TensorTask] = []
+    layer_sources: list[tuple[int, int]] = []  # output layer -> (checkpoint, input layer)
+    out_layer = 0
+    for piece in pieces:
+        for i in range(piece.spec.length):
+            t = i / (piece.spec.length - 1) if piece.spec.length > 1 else 1.0
+            tasks += piece.layer_tasks(i, out_layer, t, random_seed)
+            layer_sources.append((piece.first, piece.spec.sources[0].layer_range[0] + i))
+            out_layer += 1
+    pre = [n for n in pieces[0].outside_names() if PRE_STACK.search(n)]
+    post = [n for n in pieces[-1].outside_names() if not PRE_STACK.search(n)]
+    tasks = (
+        [pieces[0].outside_task(n, random_seed) for n in pre]
+        + tasks
+        + [pieces[-1].outside_task(n, random_seed) for n in post]
+    )
+    widest = max(pieces, key=lambda p: len(p.models))
+    base_index = (
+        by_ref[recipe.base_model] if recipe.base_model is not None and method.base != "unused" else None
+    )
+    plan = MergePlan(
+        recipe,
+        method,
+        checkpoints,
+        base_index,
+        [src.ckpt for src in widest.models],
+        ref_index,
+        tasks,
+        memory_budget,
+        out_layer,
+        notes=["layer map (output <- model:input layers):", *layer_map(pieces)],
+    )
+    plan.config_updates = config_updates(checkpoints, ref_index, layer_sources)
+    split_units(plan)
+    note = describe(prepare_statistics(plan))
+    if note:
+        plan.notes.append(note)
+    return plan
+
+
+class _SlicePlan:
+    """One slice's inputs: its base and model sources, its parameter view, its tensor names."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        method: MergeMethod,
+        checkpoints: list[Checkpoint],
+        by_ref: dict[str, int],
+        k: int,
+        spec: SliceSpec,
+        module_params: dict[str, Any],
+    ) -> None:
+        self.recipe, self.method, self.checkpoints, self.spec = recipe, method, checkpoints, spec
+        self.where = f"slices[{k}]"
+        base = spec.base_model or recipe.base_model
+        if method.base == "unused":
+            base = None
+        sources = list(spec.sources)
+        self.base = None
+        if base is not None:
+            among = [s for s in sources if s.ref == base]
+            if among:
+                self.base = among[0]
+                sources = [s for s in sources if s.ref != base]
+            elif method.base == "required":
+                raise RecipeError(
+                    f"{self.where}: base_model {base} is not among the slice's sources; `{method.name}` "
+                    "needs it: add it as a source with the same layer_range length"
+                )
+        n = len(sources)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            most = f" and at most {method.max_models}" if method.max_models is not None else ""
+            raise RecipeError(
+                f"{self.where}: `{method.name}` takes at least {method.min_models}{most} model(s) "
+                f"besides the base per slice; this slice has {n} ({', '.join(s.ref for s in sources)})"
+            )
+        self.sources = sources
+        self.view = _view(
+            recipe,
+            method,
+            [ModelSpec(s.ref, s.parameters) for s in sources],
+            spec.parameters,
+            module_params,
+            self.where,
+        )
+        self.models = [Source(by_ref[s.ref], "") for s in sources]
+        self.base_ckpt = by_ref[self.base.ref] if self.base is not None else None
+        # The checkpoint whose tensor names and dtypes the slice's outputs follow.
+        self.first = self.base_ckpt if self.base_ckpt is not None else self.models[0].ckpt
+
+    def outside_names(self) -> list[str]:
+        keys = self.checkpoints[self.first].keys()
+        return sorted((k for k in keys if layer_index(k) is None), key=_sort_key)
+
+    def layer_tasks(self, i: int, out_layer: int, t: float, seed: int | None) -> list[TensorTask]:
+        ref_src = self.base or self.sources[0]
+        ref_layer = ref_src.layer_range[0] + i
+        ref_ckpt = self.checkpoints[self.first]
+        names = sorted((k for k in ref_ckpt.keys() if layer_index(k) == ref_layer), key=_sort_key)
+        if not names:
+            raise MergeError(
+                f"model {ref_ckpt.ref!r} ({ref_ckpt.root}): has no layer {ref_layer} "
+                f"({self.where}: layer_range {list(ref_src.layer_range)}); it has "
+                f"{_num_layers(ref_ckpt)} layers"
+            )
+        tasks = []
+        for name in names:
+            keys = [_with_layer(name, s.layer_range[0] + i) for s in self.sources]
+            base_key = _with_layer(name, self.base.layer_range[0] + i) if self.base else None
+            tasks.append(self._task(name, _with_layer(name, out_layer), keys, base_key, t, seed))
+        return tasks
+
+    def outside_task(self, name: str, seed: int | None) -> TensorTask:
+        return self._task(name, name, [name] * len(self.sources), name if self.base else None, 0.0, seed)
+
+    def _task(
+        self, ref_name: str, out_name: str, keys: list[str], base_key: str | None, t: float, seed: int | None
+    ) -> TensorTask:
+        ckpts = self.checkpoints
+        sources = [Source(m.ckpt, key) for m, key in zip(self.models, keys)]
+        base_src = (
+            Source(self.base_ckpt, base_key) if base_key is not None and self.base_ckpt is not None else None
+        )
+        for src in [*sources, *([base_src] if base_src else [])]:
+            if src.key not in ckpts[src.ckpt]:
+                raise MergeError(
+                    f"model {ckpts[src.ckpt].ref!r} ({ckpts[src.ckpt].root}): has no tensor {src.key!r}, "
+                    f"which {self.where} needs for output tensor {out_name!r}; the slice's sources "
+                    "must share one architecture and have the layers their layer_range names"
+                )
+        ref_entry = ckpts[self.first].entry(ref_name)
+        if not is_float(ref_entry.dtype):
+            copy_src = base_src or sources[0]
+            return TensorTask(out_name, ref_entry.shape, ref_entry.dtype, "copy", [], copy_src)
+        shape, sources, base_src = _align_shapes(
+            self.recipe, ckpts, ref_name, ref_entry.shape, sources, base_src
+        )
+        params = resolve_params(self.view, self.method, self.view.models, out_name, t)
+        out_dtype = self.recipe.out_dtype or self.recipe.dtype or ref_entry.dtype
+        task_seed = _seed_for(seed or 0, out_name) if self.method.uses_randomness else None
+        return TensorTask(out_name, shape, out_dtype, "merge", sources, base_src, params, t, task_seed)
+
+
+def _with_layer(name: str, index: int) -> str:
+    """``name`` with its layer number replaced by ``index``."""
+    m = LAYER_PATTERN.search(name)
+    assert m is not None
+    return name[: m.start(1)] + str(index) + name[m.end(1) :]
+
+
+def layer_map(pieces: list[_SlicePlan]) -> list[str]:
+    """One line per slice, consecutive slices that continue one model's range joined:
+    ``0-7 <- model-a:0-7 + model-b:8-15``."""
+    rows: list[tuple[int, int, list[tuple[str, int, int]]]] = []
+    start = 0
+    for piece in pieces:
+        n = piece.spec.length
+        srcs = [(s.ref, s.layer_range[0], s.layer_range[1]) for s in piece.spec.sources]
+        if rows:
+            o0, o1, prev = rows[-1]
+            if [r for r, _, _ in prev] == [r for r, _, _ in srcs] and all(
+                p[2] == s[1] for p, s in zip(prev, srcs)
+            ):
+                rows[-1] = (o0, o1 + n, [(r, a, s[2]) for (r, a, _), s in zip(prev, srcs)])
+                start += n
+                continue
+        rows.append((start, start + n, srcs))
+        start += n
+    return [
+        f"  {_span(o0, o1)} <- " + " + ".join(f"{ref}:{_span(a, b)}" for ref, a, b in srcs)
+        for o0, o1, srcs in rows
+    ]
+
+
+def _span(a: int, b: int) -> str:
+    return str(a) if b - a == 1 else f"{a}-{b - 1}"
+
+
+def config_updates(
+    checkpoints: list[Checkpoint], ref_index: int, layer_sources: list[tuple[int, int]]
+) -> dict[str, Any]:
+    """The output config's layer count, and its per-layer lists (``layer_types`` and the like:
+    any list as long as the stack) rebuilt from each output layer's source model and layer."""
+    config = checkpoints[ref_index].config or {}
+    updates: dict[str, Any] = {}
+    for scope_key, scope in ((None, config), ("text_config", config.get("text_config"))):
+        if not isinstance(scope, dict):
+            continue
+        changed: dict[str, Any] = {}
+        for key in LAYER_COUNT_KEYS:
+            if isinstance(scope.get(key), int):
+                changed[key] = len(layer_sources)
+        n_ref = next((scope[k] for k in LAYER_COUNT_KEYS if isinstance(scope.get(k), int)), None)
+        for key, value in scope.items():
+            if key in NOT_PER_LAYER or not isinstance(value, list) or n_ref is None or len(value) != n_ref:
+                continue
+            rebuilt = []
+            for ckpt, layer in layer_sources:
+                src_cfg = checkpoints[ckpt].config or {}
+                src_scope = src_cfg if scope_key is None else src_cfg.get(scope_key) or {}
+                src_list = src_scope.get(key)
+                rebuilt.append(
+                    src_list[layer]
+                    if isinstance(src_list, list) and layer < len(src_list)
+                    else value[min(layer, len(value) - 1)]
+                )
+            changed[key] = rebuilt
+        if not changed:
+            continue
+        if scope_key is None:
+            updates.update(changed)
+        else:
+            updates[scope_key] = {**scope, **changed}
+    return updates
