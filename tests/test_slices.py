@@ -259,7 +259,7 @@ def test_recipe_shape_errors(six):
                 ],
             }
         )
-    with pytest.raises(RecipeError, match="more than one module"):
+    with pytest.raises(RecipeError, match="knows no modules of architecture 'LlamaForCausalLM'"):
         plan_merge(
             {
                 "merge_method": "linear",
@@ -297,3 +297,76 @@ def test_frankenmerge_stays_within_a_tiny_memory_budget(six, tmp_path):
     result = merge(recipe, tmp_path / "f", overwrite=True, memory_budget=budget)
     assert json.loads((result.out / "config.json").read_text())["num_hidden_layers"] == 12
     assert result.stats.bytes_written >= model_bytes
+
+
+VLM_CONFIG = {
+    "architectures": ["Mistral3ForConditionalGeneration"],
+    "model_type": "mistral3",
+    "text_config": {"model_type": "mistral", "num_hidden_layers": 4, "hidden_size": 8},
+    "vision_config": {"model_type": "pixtral", "num_hidden_layers": 3, "hidden_size": 4},
+}
+
+
+def _vlm_state(seed: int) -> dict[str, torch.Tensor]:
+    """A Mistral3-shaped tiny VLM: language_model.*, vision_tower.*, multi_modal_projector.*."""
+    g = torch.Generator().manual_seed(seed)
+    state = {
+        "language_model.model.embed_tokens.weight": (16, 8),
+        "language_model.model.norm.weight": (8,),
+        "language_model.lm_head.weight": (16, 8),
+        "vision_tower.patch_conv.weight": (4, 3),
+        "vision_tower.ln_pre.weight": (4,),
+        "multi_modal_projector.linear_1.weight": (8, 4),
+    }
+    for i in range(4):
+        state[f"language_model.model.layers.{i}.mlp.up_proj.weight"] = (8, 8)
+    for i in range(3):
+        state[f"vision_tower.transformer.layers.{i}.ffn_norm.weight"] = (4,)
+    return {k: torch.randn(shape, generator=g) for k, shape in state.items()}
+
+
+def test_two_modules_text_and_vision(tmp_path):
+    a = save_model(tmp_path / "vlm_a", _vlm_state(1), VLM_CONFIG, shards=1)
+    b = save_model(tmp_path / "vlm_b", _vlm_state(2), VLM_CONFIG, shards=1)
+    recipe = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "parameters": {"weight": 1.0},
+        "modules": {
+            # the text decoder: stacked, 6 layers
+            "text_decoder": {
+                "slices": [
+                    {"sources": [{"model": str(a), "layer_range": [0, 4]}]},
+                    {"sources": [{"model": str(b), "layer_range": [2, 4]}]},
+                ]
+            },
+            # the vision tower: an average of both, its own module weight
+            "vision_tower": {"models": [{"model": str(a)}, {"model": str(b)}], "parameters": {"weight": 0.5}},
+            "multi_modal_projector": {"models": [{"model": str(b)}]},
+        },
+    }
+    out, config, result = _run(recipe, tmp_path / "vlm")
+    sa, sb = load_folder(a), load_folder(b)
+    assert config["text_config"]["num_hidden_layers"] == 6
+    assert config["vision_config"]["num_hidden_layers"] == 3
+    up = "language_model.model.layers.{}.mlp.up_proj.weight"
+    for i, (src, j) in enumerate([(sa, 0), (sa, 1), (sa, 2), (sa, 3), (sb, 2), (sb, 3)]):
+        assert torch.equal(out[up.format(i)], src[up.format(j)]), i
+    assert torch.equal(
+        out["language_model.model.embed_tokens.weight"], sa["language_model.model.embed_tokens.weight"]
+    )
+    assert torch.equal(out["language_model.lm_head.weight"], sb["language_model.lm_head.weight"])
+    for k in sa:
+        if k.startswith("vision_tower."):
+            assert torch.allclose(out[k], (sa[k] + sb[k]) / 2), k
+    assert torch.equal(
+        out["multi_modal_projector.linear_1.weight"], sb["multi_modal_projector.linear_1.weight"]
+    )
+    assert len(out) == 3 + 6 + 2 + 3 + 1  # text: 3 outside + 6 layers; vision: 2 + 3; projector
+    with pytest.raises(RecipeError, match="list multi_modal_projector too"):
+        plan_merge(
+            {
+                **recipe,
+                "modules": {k: v for k, v in recipe["modules"].items() if k != "multi_modal_projector"},
+            }
+        )

@@ -15,8 +15,8 @@ import torch
 
 from weightsmith.data_steps import check_data_blocks, run_data_steps
 from weightsmith.engine.executor import RunStats, execute
+from weightsmith.engine.modules import build_sliced_plan, is_sliced
 from weightsmith.engine.plan import MergePlan, build_plan
-from weightsmith.engine.slices import build_sliced_plan, is_sliced
 from weightsmith.engine.summary import build_summary
 from weightsmith.engine.tasks import budget_that_fits, over_budget
 from weightsmith.errors import MergeError, OutputError, RecipeError

@@ -18,12 +18,11 @@ Two cases:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from weightsmith.engine.keys import (
-    LAYER_COUNT_KEYS,
-    LAYER_PATTERN,
     _align_shapes,
     _num_layers,
     _sort_key,
@@ -33,89 +32,36 @@ from weightsmith.engine.keys import (
 from weightsmith.engine.parameters import check_parameters, resolve_params
 from weightsmith.engine.passes import describe, prepare_statistics
 from weightsmith.engine.plan import _seed_for, build_plan
+from weightsmith.engine.slice_layout import DEFAULT_SCOPES, _with_layer, chain, config_updates, layer_map
 from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.ops.registry import MergeMethod, get_method
-from weightsmith.recipe import Conditional, ModelSpec, Recipe
+from weightsmith.ops.registry import MergeMethod
+from weightsmith.recipe import ModelSpec, Recipe
 from weightsmith.recipe_slices import SliceSpec
 
 # Non-layer tensors that come before the layer stack (merged from the first slice).
 PRE_STACK = re.compile(r"embed|wte|wpe|word_embeddings|patch_embed|position_embedding")
-# Config keys that are never per-layer lists, whatever their length.
-NOT_PER_LAYER = {"architectures", "auto_map"}
 
 
-def is_sliced(recipe: Recipe) -> bool:
-    return recipe.slices is not None or recipe.modules is not None
-
-
-def chain(*settings: Any) -> Any:
-    """One setting equivalent to trying ``settings`` in order (None = absent): the first that
-    resolves to a value wins. Only a filter list can resolve to nothing (no filter matches), so
-    a scalar or gradient ends the chain, and a filter list gets the rest as a fallback entry."""
-    present = [s for s in settings if s is not None]
-    if not present:
-        return None
-    head, rest = present[0], present[1:]
-    if not rest or not _is_filters(head):
-        return head
-    tail = chain(*rest)
-    return [*head, *(tail if _is_filters(tail) else [Conditional(None, tail)])]
-
-
-def _is_filters(setting: Any) -> bool:
-    return isinstance(setting, list) and bool(setting) and isinstance(setting[0], Conditional)
-
-
-def build_sliced_plan(
+def plan_slices(
     recipe: Recipe,
+    method: MergeMethod,
     checkpoints: list[Checkpoint],
-    *,
+    by_ref: dict[str, int],
+    slices: list[SliceSpec],
+    module_params: dict[str, Any],
     memory_budget: int,
-    random_seed: int | None = None,
-    method: MergeMethod | None = None,
+    random_seed: int | None,
+    keep: Callable[[str], bool] = lambda name: True,
+    scopes: tuple[tuple[str | None, tuple[str, ...]], ...] = DEFAULT_SCOPES,
 ) -> MergePlan:
-    """``checkpoints`` are opened as for any recipe: the base (if any), then ``recipe.models``
-    (for a sliced recipe, every model it names, in order of first mention)."""
-    if method is None:
-        try:
-            method = get_method(recipe.merge_method)
-        except KeyError as e:
-            raise RecipeError(str(e.args[0])) from None
-    refs = ([recipe.base_model] if recipe.base_model is not None else []) + [m.ref for m in recipe.models]
-    by_ref: dict[str, int] = {}
-    for i, ref in enumerate(refs):
-        by_ref.setdefault(ref, i)
-    module_params: dict[str, Any] = {}
-    slices = recipe.slices
-    if recipe.modules is not None:
-        if len(recipe.modules) != 1:
-            names = ", ".join(recipe.modules)
-            raise RecipeError(
-                f"modules: {names}: recipes with more than one module (a VLM's text and vision "
-                "towers) are not supported yet; merge with one module, or with `models:`"
-            )
-        module = next(iter(recipe.modules.values()))
-        module_params = module.parameters
-        if module.models is not None:
-            return _as_models_plan(
-                recipe,
-                method,
-                checkpoints,
-                by_ref,
-                module.models,
-                {},
-                module_params,
-                memory_budget,
-                random_seed,
-            )
-        slices = module.slices
-    assert slices is not None
+    """One module's slices: the equivalent models: plan when the slices are one full-range
+    slice, else a stacked plan. ``keep`` picks the module's tensors, ``scopes`` its config."""
     if _is_full_range(slices, recipe, checkpoints, by_ref):
         piece = slices[0]
         specs = [ModelSpec(s.ref, s.parameters) for s in piece.sources]
-        return _as_models_plan(
+        return plan_as_models(
             recipe,
             method,
             checkpoints,
@@ -127,7 +73,16 @@ def build_sliced_plan(
             random_seed,
         )
     return _stacked_plan(
-        recipe, method, checkpoints, by_ref, slices, module_params, memory_budget, random_seed
+        recipe,
+        method,
+        checkpoints,
+        by_ref,
+        slices,
+        module_params,
+        memory_budget,
+        random_seed,
+        keep,
+        scopes,
     )
 
 
@@ -180,7 +135,7 @@ def _view(
     return view
 
 
-def _as_models_plan(
+def plan_as_models(
     recipe: Recipe,
     method: MergeMethod,
     checkpoints: list[Checkpoint],
@@ -220,9 +175,12 @@ def _stacked_plan(
     module_params: dict[str, Any],
     memory_budget: int,
     random_seed: int | None,
+    keep: Callable[[str], bool],
+    scopes: tuple[tuple[str | None, tuple[str, ...]], ...],
 ) -> MergePlan:
     pieces = [
-        _SlicePlan(recipe, method, checkpoints, by_ref, k, s, module_params) for k, s in enumerate(slices)
+        _SlicePlan(recipe, method, checkpoints, by_ref, k, s, module_params, keep)
+        for k, s in enumerate(slices)
     ]
     ref_index = by_ref[recipe.base_model] if recipe.base_model is not None else pieces[0].first
     tasks: list[TensorTask] = []
@@ -255,9 +213,9 @@ def _stacked_plan(
         tasks,
         memory_budget,
         out_layer,
-        notes=["layer map (output <- model:input layers):", *layer_map(pieces)],
+        notes=["layer map (output <- model:input layers):", *layer_map(slices)],
     )
-    plan.config_updates = config_updates(checkpoints, ref_index, layer_sources)
+    plan.config_updates = config_updates(checkpoints, ref_index, layer_sources, scopes)
     split_units(plan)
     note = describe(prepare_statistics(plan))
     if note:
@@ -277,7 +235,9 @@ class _SlicePlan:
         k: int,
         spec: SliceSpec,
         module_params: dict[str, Any],
+        keep: Callable[[str], bool],
     ) -> None:
+        self.keep = keep
         self.recipe, self.method, self.checkpoints, self.spec = recipe, method, checkpoints, spec
         self.where = f"slices[{k}]"
         base = spec.base_model or recipe.base_model
@@ -318,13 +278,15 @@ class _SlicePlan:
 
     def outside_names(self) -> list[str]:
         keys = self.checkpoints[self.first].keys()
-        return sorted((k for k in keys if layer_index(k) is None), key=_sort_key)
+        return sorted((k for k in keys if layer_index(k) is None and self.keep(k)), key=_sort_key)
 
     def layer_tasks(self, i: int, out_layer: int, t: float, seed: int | None) -> list[TensorTask]:
         ref_src = self.base or self.sources[0]
         ref_layer = ref_src.layer_range[0] + i
         ref_ckpt = self.checkpoints[self.first]
-        names = sorted((k for k in ref_ckpt.keys() if layer_index(k) == ref_layer), key=_sort_key)
+        names = sorted(
+            (k for k in ref_ckpt.keys() if layer_index(k) == ref_layer and self.keep(k)), key=_sort_key
+        )
         if not names:
             raise MergeError(
                 f"model {ref_ckpt.ref!r} ({ref_ckpt.root}): has no layer {ref_layer} "
@@ -367,76 +329,3 @@ class _SlicePlan:
         out_dtype = self.recipe.out_dtype or self.recipe.dtype or ref_entry.dtype
         task_seed = _seed_for(seed or 0, out_name) if self.method.uses_randomness else None
         return TensorTask(out_name, shape, out_dtype, "merge", sources, base_src, params, t, task_seed)
-
-
-def _with_layer(name: str, index: int) -> str:
-    """``name`` with its layer number replaced by ``index``."""
-    m = LAYER_PATTERN.search(name)
-    assert m is not None
-    return name[: m.start(1)] + str(index) + name[m.end(1) :]
-
-
-def layer_map(pieces: list[_SlicePlan]) -> list[str]:
-    """One line per slice, consecutive slices that continue one model's range joined:
-    ``0-7 <- model-a:0-7 + model-b:8-15``."""
-    rows: list[tuple[int, int, list[tuple[str, int, int]]]] = []
-    start = 0
-    for piece in pieces:
-        n = piece.spec.length
-        srcs = [(s.ref, s.layer_range[0], s.layer_range[1]) for s in piece.spec.sources]
-        if rows:
-            o0, o1, prev = rows[-1]
-            if [r for r, _, _ in prev] == [r for r, _, _ in srcs] and all(
-                p[2] == s[1] for p, s in zip(prev, srcs)
-            ):
-                rows[-1] = (o0, o1 + n, [(r, a, s[2]) for (r, a, _), s in zip(prev, srcs)])
-                start += n
-                continue
-        rows.append((start, start + n, srcs))
-        start += n
-    return [
-        f"  {_span(o0, o1)} <- " + " + ".join(f"{ref}:{_span(a, b)}" for ref, a, b in srcs)
-        for o0, o1, srcs in rows
-    ]
-
-
-def _span(a: int, b: int) -> str:
-    return str(a) if b - a == 1 else f"{a}-{b - 1}"
-
-
-def config_updates(
-    checkpoints: list[Checkpoint], ref_index: int, layer_sources: list[tuple[int, int]]
-) -> dict[str, Any]:
-    """The output config's layer count, and its per-layer lists (``layer_types`` and the like:
-    any list as long as the stack) rebuilt from each output layer's source model and layer."""
-    config = checkpoints[ref_index].config or {}
-    updates: dict[str, Any] = {}
-    for scope_key, scope in ((None, config), ("text_config", config.get("text_config"))):
-        if not isinstance(scope, dict):
-            continue
-        changed: dict[str, Any] = {}
-        for key in LAYER_COUNT_KEYS:
-            if isinstance(scope.get(key), int):
-                changed[key] = len(layer_sources)
-        n_ref = next((scope[k] for k in LAYER_COUNT_KEYS if isinstance(scope.get(k), int)), None)
-        for key, value in scope.items():
-            if key in NOT_PER_LAYER or not isinstance(value, list) or n_ref is None or len(value) != n_ref:
-                continue
-            rebuilt = []
-            for ckpt, layer in layer_sources:
-                src_cfg = checkpoints[ckpt].config or {}
-                src_scope = src_cfg if scope_key is None else src_cfg.get(scope_key) or {}
-                src_list = src_scope.get(key)
-                rebuilt.append(
-                    src_list[layer]
-                    if isinstance(src_list, list) and layer < len(src_list)
-                    else value[min(layer, len(value) - 1)]
-                )
-            changed[key] = rebuilt
-        if not changed:
-            continue
-        if scope_key is None:
-            updates.update(changed)
-        else:
-            updates[scope_key] = {**scope, **changed}
-    return updates
