@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from weightsmith.errors import RecipeError
-from weightsmith.recipe_slices import ModuleSpec, SliceSpec, parse_modules, parse_slices
+from weightsmith.recipe_slices import ModuleSpec, SliceSpec, parse_layout, referenced_models
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -256,11 +256,11 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     method = raw.get("merge_method")
     if not isinstance(method, str):
         raise RecipeError(f"{where}: `merge_method` is required (e.g. merge_method: linear)")
-    slices, modules = _layout(raw, where)
+    slices, modules = parse_layout(raw, where, _model_ref, _checked_parameters, _models)
     if slices is None and modules is None:
         models = _models(raw.get("models"), where)
     else:
-        models = [ModelSpec(ref) for ref in _referenced(slices, modules, where)]
+        models = [ModelSpec(ref) for ref in referenced_models(slices, modules)]
     params = _parameters(raw.get("parameters"), f"{where}: parameters")
     base = raw.get("base_model")
     for key in ("name", "tokenizer_source"):
@@ -326,45 +326,6 @@ def _models(models_raw: Any, where: str) -> list[ModelSpec]:
     return models
 
 
-def _layout(
-    raw: dict[str, Any], where: str
-) -> tuple[list[SliceSpec] | None, dict[str, ModuleSpec] | None]:
-    """Exactly one of models, slices, modules (as mergekit); parse the sliced forms."""
-    given = [k for k in ("models", "slices", "modules") if raw.get(k)]
-    if len(given) > 1:
-        raise RecipeError(f"{where}: give exactly one of `models`, `slices` or `modules`; got {given}")
-
-    def params(value: Any, at: str) -> dict[str, Any]:
-        return {k: _check_setting(v, f"{at}.{k}") for k, v in _parameters(value, at).items()}
-
-    def ref(value: Any, at: str) -> str:
-        return _model_ref(value, at)
-
-    slices = parse_slices(raw["slices"], f"{where}: slices", ref, params) if raw.get("slices") else None
-    modules = parse_modules(raw["modules"], f"{where}: modules", ref, params) if raw.get("modules") else None
-    for module in (modules or {}).values():
-        if module.models_raw is not None:
-            module.models = _models(module.models_raw, f"{where}: modules.{module.name}")
-    return slices, modules
-
-
-def _referenced(
-    slices: list[SliceSpec] | None, modules: dict[str, ModuleSpec] | None, where: str
-) -> list[str]:
-    """Every model a sliced recipe names, in order of first mention (the inputs to open)."""
-    refs: list[str] = []
-    groups = [slices] if slices else []
-    for module in (modules or {}).values():
-        if module.slices:
-            groups.append(module.slices)
-        for spec in module.models or []:
-            refs.append(spec.ref)
-    for group in groups:
-        for piece in group:
-            refs += [s.ref for s in piece.sources] + ([piece.base_model] if piece.base_model else [])
-    return list(dict.fromkeys(refs))
-
-
 def check_expanded_size(raw: Any, where: str, limit: int = MAX_RECIPE_NODES) -> None:
     """Refuse a recipe with more than ``limit`` values once YAML aliases are expanded.
 
@@ -415,6 +376,11 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     if odd:
         raise RecipeError(f"{where}: parameter names must be strings, got {odd[0]!r}")
     return value
+
+
+def _checked_parameters(value: Any, where: str) -> dict[str, Any]:
+    """A ``parameters:`` mapping with every setting checked."""
+    return {k: _check_setting(v, f"{where}.{k}") for k, v in _parameters(value, where).items()}
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -143,3 +143,39 @@ def _no_unknown(raw: dict[str, Any], allowed: set[str], at: str, hint: str) -> N
     unknown = sorted(set(raw) - allowed, key=str)
     if unknown:
         raise RecipeError(f"{at}: unknown field(s) {unknown}; {hint}")
+
+
+def parse_layout(
+    raw: dict[str, Any], where: str, model_ref: Checker, parameters: Checker, models: Checker
+) -> tuple[list[SliceSpec] | None, dict[str, ModuleSpec] | None]:
+    """Exactly one of models, slices, modules (as mergekit); parse the sliced forms. The
+    checkers are the recipe loader's (a model reference, a parameters mapping, a models list)."""
+    given = [k for k in ("models", "slices", "modules") if raw.get(k)]
+    if len(given) > 1:
+        raise RecipeError(f"{where}: give exactly one of `models`, `slices` or `modules`; got {given}")
+    slices = (
+        parse_slices(raw["slices"], f"{where}: slices", model_ref, parameters) if raw.get("slices") else None
+    )
+    modules = (
+        parse_modules(raw["modules"], f"{where}: modules", model_ref, parameters)
+        if raw.get("modules")
+        else None
+    )
+    for module in (modules or {}).values():
+        if module.models_raw is not None:
+            module.models = models(module.models_raw, f"{where}: modules.{module.name}")
+    return slices, modules
+
+
+def referenced_models(slices: list[SliceSpec] | None, modules: dict[str, ModuleSpec] | None) -> list[str]:
+    """Every model a sliced recipe names, in order of first mention (the inputs to open)."""
+    refs: list[str] = []
+    groups = [slices] if slices else []
+    for module in (modules or {}).values():
+        if module.slices:
+            groups.append(module.slices)
+        refs += [spec.ref for spec in module.models or []]
+    for group in groups:
+        for piece in group:
+            refs += [s.ref for s in piece.sources] + ([piece.base_model] if piece.base_model else [])
+    return list(dict.fromkeys(refs))
