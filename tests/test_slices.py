@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -370,3 +372,40 @@ def test_two_modules_text_and_vision(tmp_path):
                 "modules": {k: v for k, v in recipe["modules"].items() if k != "multi_modal_projector"},
             }
         )
+
+
+@pytest.mark.slow  # a child process merging 40 MB: ~100 s on two busy cores
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_frankenmerge_peak_memory_measured_under_budget(tmp_path):
+    """Measured as tests/test_memory_budget.py measures it (peak RSS growth of a child
+    process): a 10-layer stack of two 4-layer models, 4 MB tensors, under an 8 MiB budget."""
+    from test_memory_budget import CHILD, _model
+
+    rows = 2048  # 5 tensors x 2048 x 1024 bf16 = 21 MB per model
+    a, b = _model(tmp_path / "a", 1, rows), _model(tmp_path / "b", 2, rows)
+
+    def stack(x, y):
+        return {"merge_method": "linear", "dtype": "float32", "out_dtype": "bfloat16",
+                "parameters": {"weight": 0.5},
+                "slices": [{"sources": [{"model": str(x), "layer_range": [0, 3]},
+                                        {"model": str(y), "layer_range": [1, 4]}]},
+                           {"sources": [{"model": str(y), "layer_range": [0, 4]}]},
+                           {"sources": [{"model": str(x), "layer_range": [1, 4]},
+                                        {"model": str(y), "layer_range": [0, 3]}]}]}
+
+    (tmp_path / "r.yaml").write_text(json.dumps(stack(a, b)))
+    ta, tb = _model(tmp_path / "ta", 1, 64), _model(tmp_path / "tb", 2, 64)
+    (tmp_path / "warm.yaml").write_text(json.dumps(stack(ta, tb)))
+    budget = 8 * 2**20
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "r.yaml"), str(tmp_path / "out"), str(budget),
+         str(tmp_path / "warm.yaml"), str(tmp_path / "warm")],
+        capture_output=True, text=True, check=True,
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    written = sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
+    assert written > 5 * budget  # the output is several times the budget
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 10
+    growth = figures["peak"] - figures["baseline"]
+    print(f"frankenmerge: peak RSS growth {growth / 2**20:.1f} MiB under a {budget / 2**20:.0f} MiB budget")
+    assert growth <= budget, figures
