@@ -409,3 +409,18 @@ def test_frankenmerge_peak_memory_measured_under_budget(tmp_path):
     growth = figures["peak"] - figures["baseline"]
     print(f"frankenmerge: peak RSS growth {growth / 2**20:.1f} MiB under a {budget / 2**20:.0f} MiB budget")
     assert growth <= budget, figures
+
+
+def test_sources_take_revisions_and_are_opened_once():
+    from weightsmith.recipe import load_recipe
+
+    recipe = load_recipe({
+        "merge_method": "slerp", "base_model": "org/base@v2",
+        "slices": [{"sources": [{"model": "org/base@v2", "layer_range": [0, 2]},
+                                {"model": {"model": {"path": "org/ft", "revision": "abc123"}},
+                                 "layer_range": [0, 2]}]},
+                   {"sources": [{"model": "org/base@v2", "layer_range": [2, 4]},
+                                {"model": "org/ft@abc123", "layer_range": [1, 3]}]}],
+    })
+    assert [m.ref for m in recipe.models] == ["org/base@v2", "org/ft@abc123"]
+    assert recipe.slices[0].sources[1].ref == "org/ft@abc123"
