@@ -424,3 +424,17 @@ def test_sources_take_revisions_and_are_opened_once():
     })
     assert [m.ref for m in recipe.models] == ["org/base@v2", "org/ft@abc123"]
     assert recipe.slices[0].sources[1].ref == "org/ft@abc123"
+
+
+def test_per_model_filters_match_the_input_tensor_name(six, tmp_path):
+    """As mergekit: a source's filter sees its own tensor name (layers.2 of the input is
+    output layer 0 here); shared parameters see the output name."""
+    _, a, _ = six
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "out_dtype": "float32",
+              "slices": [{"sources": [{"model": str(a), "layer_range": [2, 4],
+                                       "parameters": {"scale": [{"filter": "layers.2.", "value": 0.0},
+                                                                {"value": 1.0}]}}]}]}
+    out, _, _ = _run(recipe, tmp_path / "f")
+    sa = load_folder(a)
+    assert not _layer(out, 0, "mlp.up_proj.weight").any()
+    assert torch.equal(_layer(out, 1, "mlp.up_proj.weight"), _layer(sa, 3, "mlp.up_proj.weight").float())

@@ -325,7 +325,10 @@ class _SlicePlan:
         shape, sources, base_src = _align_shapes(
             self.recipe, ckpts, ref_name, ref_entry.shape, sources, base_src
         )
-        params = resolve_params(self.view, self.method, self.view.models, out_name, t)
+        # Per-model filters match each input's own name (mergekit), shared ones the output's.
+        params = resolve_params(
+            self.view, self.method, self.view.models, out_name, t, [s.key for s in sources]
+        )
         out_dtype = self.recipe.out_dtype or self.recipe.dtype or ref_entry.dtype
         task_seed = _seed_for(seed or 0, out_name) if self.method.uses_randomness else None
         return TensorTask(out_name, shape, out_dtype, "merge", sources, base_src, params, t, task_seed)
