@@ -438,3 +438,20 @@ def test_per_model_filters_match_the_input_tensor_name(six, tmp_path):
     sa = load_folder(a)
     assert not _layer(out, 0, "mlp.up_proj.weight").any()
     assert torch.equal(_layer(out, 1, "mlp.up_proj.weight"), _layer(sa, 3, "mlp.up_proj.weight").float())
+
+
+def test_a_slice_of_the_base_alone_gives_the_base(six, tmp_path):
+    """mergekit accepts a slice whose one source is the base (the task vector is zero): the
+    output is the base, for the full-range and the stacked form."""
+    base, _, _ = six
+    for rng in ([0, 6], [1, 3]):
+        recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
+                  "parameters": {"normalize": False},
+                  "slices": [{"sources": [{"model": str(base), "layer_range": rng,
+                                           "parameters": {"weight": 1.0}}]}]}
+        out, config, _ = _run(recipe, tmp_path / f"b{rng[0]}")
+        sb = load_folder(base)
+        assert config["num_hidden_layers"] == rng[1] - rng[0]
+        for i in range(rng[1] - rng[0]):
+            for key in LAYER_KEYS:
+                assert torch.equal(_layer(out, i, key), _layer(sb, rng[0] + i, key)), (rng, i, key)

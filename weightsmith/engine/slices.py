@@ -150,9 +150,9 @@ def plan_as_models(
     listed = {m.ref for m in view.models}
     if recipe.base_model is not None and method.base != "unused":
         # As normalize_models does for a models: recipe: the base among the models is the base.
-        view.models = [m for m in view.models if m.ref != recipe.base_model]
-        if not view.models:
-            raise RecipeError("the slice lists only the base model; add the fine-tuned models")
+        # A slice of the base alone (a LoRA applied to it, say) keeps it as its one model: its
+        # task vector is zero, so the output is the base, as in mergekit.
+        view.models = [m for m in view.models if m.ref != recipe.base_model] or view.models
     elif recipe.base_model is not None and recipe.base_model not in listed:
         # mergekit merges only a slice's sources: a base no source names is not an input.
         view.base_model = None
@@ -255,6 +255,8 @@ class _SlicePlan:
                     f"{self.where}: base_model {base} is not among the slice's sources; `{method.name}` "
                     "needs it: add it as a source with the same layer_range length"
                 )
+        if not sources and self.base is not None:
+            sources = [self.base]  # the base alone: a zero task vector, the output is the base
         n = len(sources)
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
             most = f" and at most {method.max_models}" if method.max_models is not None else ""
