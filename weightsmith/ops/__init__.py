@@ -14,6 +14,7 @@ from weightsmith.ops import (  # noqa: F401
     task_arithmetic,
     ties,
     transfer,
+    tsv,
     wise_ft,
 )
 from weightsmith.ops.registry import (  # noqa: F401
