@@ -6,6 +6,7 @@ from weightsmith.ops import (  # noqa: F401
     breadcrumbs,
     dare,
     graft,
+    iso,
     linear,
     lines,
     model_stock,
