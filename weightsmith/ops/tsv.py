@@ -81,7 +81,12 @@ def tsv_delta(tau: torch.Tensor, rank_fraction: float = 0.0) -> torch.Tensor:
     n_tasks, m, n = tau.shape
     r = task_rank(min(m, n), n_tasks, rank_fraction)
     dtype = svd_dtype(tau)
-    us, ss, vs = [], [], []
+    # The kept pieces go straight into preallocated U and V (a list and a cat would hold them
+    # twice at the peak).
+    u_cat = torch.empty(m, n_tasks * r, dtype=dtype, device=tau.device)
+    v_cat = torch.empty(n, n_tasks * r, dtype=dtype, device=tau.device)
+    s_cat = torch.empty(n_tasks * r, dtype=dtype, device=tau.device)
+    filled = 0
     for t in range(n_tasks):
         # One task's full thin SVD at a time; only its top r directions are kept, and of those
         # only the ones with a nonzero singular value: the directions LAPACK picks for a zero
@@ -89,18 +94,18 @@ def tsv_delta(tau: torch.Tensor, rank_fraction: float = 0.0) -> torch.Tensor:
         # orthogonalisation (a rank-16 LoRA delta, or a task at weight 0).
         u, s, vh = torch.linalg.svd(tau[t].to(dtype), full_matrices=False)
         keep = min(r, numerical_rank(s, (m, n)))
-        us.append(u[:, :keep].clone())
-        ss.append(s[:keep].clone())
-        vs.append(vh[:keep].T.clone())
+        u_cat[:, filled:filled + keep] = u[:, :keep]
+        v_cat[:, filled:filled + keep] = vh[:keep].T
+        s_cat[filled:filled + keep] = s[:keep]
+        filled += keep
         del u, s, vh
-    s_cat = torch.cat(ss)
-    if s_cat.numel() == 0:
+    if filled == 0:
         return torch.zeros(m, n, dtype=tau.dtype, device=tau.device)
-    u_orth = polar_factor(torch.cat(us, 1))
-    del us
-    v_orth = polar_factor(torch.cat(vs, 1))
-    del vs
-    return (u_orth.mul_(s_cat) @ v_orth.T).to(tau.dtype)
+    u_orth = polar_factor(u_cat[:, :filled]).mul_(s_cat[:filled])
+    del u_cat
+    v_orth = polar_factor(v_cat[:, :filled])
+    del v_cat
+    return (u_orth @ v_orth.T).to(tau.dtype)
 
 
 def tsv(
@@ -135,9 +140,10 @@ def check_rank_fraction(tensors: list[TensorSpec], dtype: torch.dtype) -> None:
 
 
 def svd_scratch(n_models: int, dtype: torch.dtype) -> int:
-    """Bytes per element of one matrix: the kept U and V pieces (up to 2 copies), one LAPACK
-    SVD (its copy of the input, U, V^T and a workspace of about 4 copies), and the product."""
-    return 10 * max(torch.finfo(dtype).bits // 8, 4)
+    """Bytes per element of one matrix besides the engine's slot: the kept U and V pieces and
+    one LAPACK SVD at a time (its copy of the input, U, V^T and workspace). Peak RSS growth
+    measured on 1024 x 1024 float32 with 2 and 4 tasks: 12.3 and 9.3 copies; 14 declared."""
+    return 14 * max(torch.finfo(dtype).bits // 8, 4)
 
 
 register(
