@@ -87,7 +87,8 @@ def test_space_applies_paths_gradients_and_defaults() -> None:
                          "parameters.density": {"bounds": [0.0, 1.0], "points": 3}})
     assert space.names == ["models[1].parameters.weight", "parameters.lambda", "parameters.density[0]",
                            "parameters.density[1]", "parameters.density[2]"]
-    recipe = {"merge_method": "ties", "models": [{"model": "a"}, {"model": "b", "parameters": {"weight": 0.5}}]}
+    models = [{"model": "a"}, {"model": "b", "parameters": {"weight": 0.5}}]
+    recipe = {"merge_method": "ties", "models": models}
     out = space.apply(recipe, [0.5, 1.0, 0.0, 0.25, 1.0])
     assert out["models"][1]["parameters"]["weight"] == 1.0
     assert out["parameters"] == {"lambda": 1.2, "density": [0.0, 0.25, 1.0]}
@@ -193,8 +194,9 @@ def test_search_command_writes_outputs_and_merges_the_best(family, tmp_path: Pat
     recipe.write_text(yaml.safe_dump(linear_recipe(family)))
     space = tmp_path / "space.yaml"
     space.write_text("models[0].parameters.weight: [0, 1]\nmodels[1].parameters.weight: [0, 1]\n")
-    args = ["search", str(recipe), "--space", str(space), "--eval", str(family["val"]), "--task", "classification",
-            "--trials", "5", "--workdir", str(tmp_path / "work"), "--popsize", "4", "--quiet"]
+    args = ["search", str(recipe), "--space", str(space), "--eval", str(family["val"]),
+            "--task", "classification", "--trials", "5", "--workdir", str(tmp_path / "work"),
+            "--popsize", "4", "--quiet"]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "best")])
     assert result.exit_code == 0, result.output
     work = tmp_path / "work"
@@ -213,3 +215,30 @@ def test_search_command_writes_outputs_and_merges_the_best(family, tmp_path: Pat
     resumed = CliRunner().invoke(main, [*args, "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((work / "trials.json").read_text()) == table
+
+
+def test_one_dimensional_space_and_lower_is_better(family, tmp_path: Path) -> None:
+    from weightsmith.search.objective import Objective
+    from weightsmith.search.optimizer import search
+
+    recipe = linear_recipe(family)
+    space = Space.parse({"models[0].parameters.weight": [0, 1]})
+    objective = Objective(recipe, family["val"], "classification", metric="loss")
+    assert not objective.higher_is_better
+    result = search(space, recipe, objective, trials=5, log_path=tmp_path / "t.jsonl",
+                    higher_is_better=False, popsize=4)
+    assert result.best_trial.score == min(t.score for t in result.trials)
+    assert result.best_trial.score < result.trials[0].score
+
+
+def test_control_task_is_a_weighted_scalarisation(family) -> None:
+    from weightsmith.search.objective import Objective
+
+    recipe = linear_recipe(family)
+    both = Objective(recipe, family["val"], "classification", metric="loss",
+                     control=family["held_out"], control_weight=0.25)(recipe)
+    control_alone = Objective(recipe, family["held_out"], "classification", metric="loss")(recipe)
+    assert both.control == control_alone.target and both.control != both.target
+    assert both.value == pytest.approx(0.75 * both.target + 0.25 * both.control)
+    with pytest.raises(RecipeError, match="control-weight"):
+        Objective(recipe, family["val"], "classification", control=family["held_out"], control_weight=2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,19 +136,20 @@ def search(
                "verbose": -9, "verb_log": 0, "verb_disp": 0}
     if popsize:
         options["popsize"] = popsize
-    dims = len(space.dimensions)
-    es = cma.CMAEvolutionStrategy(space.default(recipe), sigma, options) if dims > 1 else None
-    rng = np.random.default_rng(seed)
+    x0 = space.default(recipe)
+    # cma 4.5 fails in 1-D with bounds (tell() raises): a 1-D space gets an inert second
+    # coordinate, which the objective never sees.
+    inert = len(x0) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        es = cma.CMAEvolutionStrategy(x0 + [0.5] if inert else x0, sigma, options)
     while len(done) < trials:
-        if es is None:  # cma needs two dimensions or more: a 1-D space is sampled uniformly
-            run([float(rng.uniform())])
-            continue
         asked = es.ask()
         told = []
         for x in asked:
             if len(done) >= trials:
                 break
-            value = run(list(x))
+            value = run(list(x[:1] if inert else x))
             told.append(sign * value if not math.isnan(value) else math.inf)
         if len(told) == len(asked):
             es.tell(asked, told)
