@@ -316,12 +316,46 @@ def assert_same(got: Any, ref: Any, where: str = "") -> None:
         assert got == ref, f"{where}: {got!r} != {ref!r}"
 
 
+def serialize_simulated_shared_arrays() -> None:
+    """numba's simulator allocates a block's ``cuda.shared.array`` lazily on first use, keyed by
+    the calling line, with a check-then-set on a dict that the block's threads race through:
+    two threads can each allocate and keep their own uninitialised copy, so a block reduction
+    reads garbage (seen as a 4.6e18 "kept" count under load). A GPU has no such race. This is
+    the simulator's own method with the check and the set under one lock."""
+    import threading
+
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+
+    if getattr(kernelapi.FakeCUDAShared.array, "serialized", False):
+        return
+    lock = threading.Lock()
+    unlocked = kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype):
+        if shape == 0:  # dynamic shared memory: one buffer, no race
+            return unlocked(self, shape, dtype)
+        if isinstance(dtype, kernelapi.types.Type):
+            dtype = kernelapi.numpy_support.as_dtype(dtype)
+        caller = (sys._getframe(1).f_code.co_filename, sys._getframe(1).f_lineno)
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = self._allocations[caller] = np.empty(shape, dtype)
+        return res
+
+    array.serialized = True
+    kernelapi.FakeCUDAShared.array = array
+
+
 def main(argv: list[str]) -> None:
     from weightsmith.ops import cuda_fused
 
     if not cuda_fused.simulated() and not torch.cuda.is_available():
         raise SystemExit("neither NUMBA_ENABLE_CUDASIM=1 nor a CUDA device")
     device = "cpu" if cuda_fused.simulated() else "cuda"
+    if cuda_fused.simulated():
+        serialize_simulated_shared_arrays()
     cuda_fused.LAUNCH = cuda_fused.Launch(chunk=CHUNK)
     # The simulator runs each CUDA thread as a Python thread and polls them at every
     # syncthreads: a short GIL switch interval makes those hand-offs cheap.
