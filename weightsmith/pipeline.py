@@ -33,6 +33,7 @@ from weightsmith.output_checks import (
     protect,
 )
 from weightsmith.progress import Progress
+from weightsmith.tokenizer_output import plan_vocabulary, write_tokenizer
 from weightsmith.recipe import Recipe, load_recipe
 from weightsmith.units import format_size, parse_size
 from weightsmith.version import __version__
@@ -123,6 +124,7 @@ def plan_checkpoints(
         memory_budget=_size(memory_budget, "memory budget"),
         random_seed=random_seed,
         method=method,
+        vocab=plan_vocabulary(recipe, checkpoints),
     )
     # evaluation:/calibration: blocks are checked here, before any model runs.
     check_data_blocks(plan)
@@ -379,7 +381,7 @@ def protected_inputs(plan: MergePlan) -> list[Protected]:
         label = f"input model {ckpt.ref!r}" if i < n_inputs else f"checkpoint {ckpt.ref!r} a parameter names"
         out += _checkpoint_paths(label, ckpt, recipe.search_dirs)
     source = recipe.tokenizer_source
-    if source not in (None, "base") and not any(c.ref == source for c in plan.checkpoints):
+    if source not in (None, "base", "union") and not any(c.ref == source for c in plan.checkpoints):
         out.append(protect(f"tokenizer source {source!r}", _tokenizer_root(plan), folder=True))
     if recipe.source is not None:
         out.append(protect("recipe file", recipe.source, folder=False))
@@ -445,10 +447,7 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         if rows is not None and "vocab_size" in config:
             config["vocab_size"] = rows
         folder.write_json("config.json", config)
-    tok_root = _tokenizer_root(plan)
-    for fname in TOKENIZER_FILES:
-        if (tok_root / fname).is_file():
-            folder.copy_file(tok_root / fname)
+    write_tokenizer(recipe, plan.vocab, _tokenizer_root(plan), folder, TOKENIZER_FILES)
     for fname in TAG_ALONG_FILES:
         if (ref.root / fname).is_file():
             folder.copy_file(ref.root / fname)
@@ -490,7 +489,7 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
 def _tokenizer_root(plan: MergePlan) -> Path:
     source = plan.recipe.tokenizer_source
     ref = plan.checkpoints[plan.ref_index]
-    if source in (None, "base"):
+    if source in (None, "base", "union"):
         return ref.root
     for ckpt in plan.checkpoints:
         if ckpt.ref == source:

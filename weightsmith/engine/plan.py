@@ -22,6 +22,7 @@ from weightsmith.engine.keys import (
 from weightsmith.engine.parameters import check_parameters, resolve_params
 from weightsmith.engine.passes import describe, prepare_statistics
 from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
+from weightsmith.engine.vocab_rows import fill_bytes, gather_sources
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.ops.registry import MergeMethod, get_method
@@ -43,11 +44,13 @@ def build_plan(
     memory_budget: int,
     random_seed: int | None = None,
     method: MergeMethod | None = None,
+    vocab: Any = None,
 ) -> MergePlan:
     """Build the plan. ``checkpoints`` are base first (if the recipe has one), then models.
 
     ``method`` stands in for the registry's ``recipe.merge_method`` when given (the lazy API's
-    checkpoint expressions are methods of their own, planned the same way).
+    checkpoint expressions are methods of their own, planned the same way). ``vocab`` (an
+    ``io/tokenizer_build.VocabAlignment``) maps the vocabulary tensors' rows to a merged tokenizer.
     """
     if method is None:
         try:
@@ -133,7 +136,8 @@ def build_plan(
             _check_same_kind(checkpoints, ref_index, name, idx, key)
             sources.append(Source(idx, key))
         base_src = Source(0, name) if base_index is not None else None
-        shape, sources, base_src = _align_shapes(
+        gathered = vocab and gather_sources(vocab, checkpoints, name, ref_entry.shape, sources, base_src)
+        shape, sources, base_src = gathered or _align_shapes(
             recipe, checkpoints, name, ref_entry.shape, sources, base_src
         )
         idx = layer_index(name)
@@ -171,7 +175,14 @@ def build_plan(
         memory_budget,
         num_layers,
         notes=notes,
+        vocab=vocab,
     )
+    if vocab is not None:
+        plan.notes += vocab.notes
+        plan.fill_bytes = sum(
+            fill_bytes(t.models[0].gather, t.numel // t.shape[0], len(t.models) + 1, 8)
+            for t in tasks if t.models and t.models[0].gather is not None
+        )
     split_units(plan)
     # The method checks its parameters over all tensors now, before any work starts, and says
     # whether it needs model-wide statistics passes (engine/passes.py).
