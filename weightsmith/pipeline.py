@@ -33,8 +33,8 @@ from weightsmith.output_checks import (
     protect,
 )
 from weightsmith.progress import Progress
-from weightsmith.tokenizer_output import plan_vocabulary, write_tokenizer
 from weightsmith.recipe import Recipe, load_recipe
+from weightsmith.tokenizer_output import plan_vocabulary, write_tokenizer
 from weightsmith.units import format_size, parse_size
 from weightsmith.version import __version__
 

@@ -397,9 +397,10 @@ def _tokenizer_block(raw: dict[str, Any], where: str) -> dict[str, Any] | None:
     """`tokenizer_source` and the `tokenizer:` block as one normalised spec (None: neither)."""
     block, source = raw.get("tokenizer"), raw.get("tokenizer_source")
     if block is None:
-        return None if source is None else {
-            "source": _source_ref(source, f"{where}: tokenizer_source"), "tokens": {}, "pad_to_multiple_of": None
-        }
+        if source is None:
+            return None
+        ref = _source_ref(source, f"{where}: tokenizer_source")
+        return {"source": ref, "tokens": {}, "pad_to_multiple_of": None}
     if source is not None:
         raise RecipeError(f"{where}: give `tokenizer_source` or a `tokenizer:` block, not both")
     if not isinstance(block, dict) or set(block) - {"source", "tokens", "pad_to_multiple_of"}:
@@ -410,7 +411,9 @@ def _tokenizer_block(raw: dict[str, Any], where: str) -> dict[str, Any] | None:
     tokens_raw = block.get("tokens") or {}
     if not isinstance(tokens_raw, dict):
         raise RecipeError(f"{where}: tokenizer.tokens maps each token to {{source: ..., force: ...}}")
-    tokens = {str(tok): _token_rule(rule, f"{where}: tokenizer.tokens[{tok!r}]") for tok, rule in tokens_raw.items()}
+    tokens = {
+        str(tok): _token_rule(rule, f"{where}: tokenizer.tokens[{tok!r}]") for tok, rule in tokens_raw.items()
+    }
     return {"source": _source_ref(block.get("source", "union"), f"{where}: tokenizer.source"),
             "tokens": tokens, "pad_to_multiple_of": pad}
 

@@ -39,15 +39,18 @@ def plan_vocabulary(recipe: Recipe, checkpoints: list[Checkpoint]) -> VocabAlign
     if simple and not all(_has_tokenizer(checkpoints[i]) for i in involved):
         return None  # no tokenizers to align by: files copied, vocab_policy decides the rows
     alignment = build_alignment(checkpoints, involved, base, spec, source_ckpt)
-    if simple and all(
-        alignment.is_identity(i, alignment.input_rows[i]) for i in involved
-    ):
+    if simple and all(alignment.is_identity(i, alignment.input_rows[i]) for i in involved):
         return None
     return alignment
 
 
-def write_tokenizer(recipe: Recipe, alignment: VocabAlignment | None, tok_root: Path, folder: OutputDir,
-                    files: tuple[str, ...]) -> None:
+def write_tokenizer(
+    recipe: Recipe,
+    alignment: VocabAlignment | None,
+    tok_root: Path,
+    folder: OutputDir,
+    files: tuple[str, ...],
+) -> None:
     """Tokenizer files into the output: the merged tokenizer when one was built, else the
     source's files copied; then the recipe's chat template, if it names one."""
     if alignment is not None:

@@ -64,10 +64,7 @@ def gather_sources(
     if all(alignment.is_identity(s.ckpt, checkpoints[s.ckpt].entry(s.key).shape[0]) for s in every):
         return None
     by_ckpt = {s.ckpt: s for s in every}
-    defs = [
-        None if fill is None else tuple((by_ckpt[i], row) for i, row in fill)
-        for fill in alignment.fills
-    ]
+    defs = [None if fill is None else tuple((by_ckpt[i], row) for i, row in fill) for fill in alignment.fills]
     fills = TaskFills(defs, alignment.vocab_len)
     fixed = [Source(s.ckpt, s.key, gather=RowGather(alignment.row_maps[s.ckpt], fills)) for s in every]
     out_shape = (alignment.rows, *shape[1:])
@@ -129,7 +126,9 @@ def _fill(checkpoints: list[Checkpoint], src: Source, k: int, dtype: torch.dtype
         return fills.cache[key]
 
 
-def _mean_row(checkpoints: list[Checkpoint], pairs: tuple[tuple[Source, int], ...], dtype: torch.dtype) -> torch.Tensor:
+def _mean_row(
+    checkpoints: list[Checkpoint], pairs: tuple[tuple[Source, int], ...], dtype: torch.dtype
+) -> torch.Tensor:
     rows = [checkpoints[s.ckpt].read(s.key, (r, r + 1))[0].to(dtype) for s, r in pairs]
     if not rows:
         return torch.zeros((), dtype=dtype)  # broadcast by copy_ into the row

@@ -90,8 +90,7 @@ def _stripped(tokenizer: Any, size: int, ckpt: Checkpoint) -> Any:
     for tok in unused:
         spec["model"]["vocab"].pop(tok, None)
     spec["model"]["merges"] = [
-        m for m in spec["model"]["merges"]
-        if not set(m.split(" ") if isinstance(m, str) else m) & unused
+        m for m in spec["model"]["merges"] if not set(m.split(" ") if isinstance(m, str) else m) & unused
     ]
     tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
     return tokenizer
@@ -180,7 +179,9 @@ def build_alignment(
     pad = spec.get("pad_to_multiple_of")
     rows = -(-vocab_len // pad) * pad if pad else vocab_len
     if sorted(vocab.values()) != list(range(vocab_len)):
-        raise RecipeError(f"tokenizer source {source!r}: the output vocabulary's ids are not 0..{vocab_len - 1}")
+        raise RecipeError(
+            f"tokenizer source {source!r}: the output vocabulary's ids are not 0..{vocab_len - 1}"
+        )
     models = list(toks)
     perm = {i: _permutation(vocab, toks[i].get_vocab(), sizes[i]) for i in models}
     fills: list[Fill] = []
@@ -194,7 +195,9 @@ def build_alignment(
         fill = _fill_for(word, tid, rule, models, perm, base, checkpoints, toks, involved)
         shared[tid] = len(fills)
         fills.append(fill)
-    notes = [f"token {w!r} is in no model: zero row" for w, t in order if t in shared and fills[shared[t]] == ()]
+    notes = [
+        f"token {w!r} is in no model: zero row" for w, t in order if t in shared and fills[shared[t]] == ()
+    ]
     pad_fill = len(fills)
     if rows > vocab_len:
         fills.append(None)
