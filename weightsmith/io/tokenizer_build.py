@@ -213,6 +213,12 @@ def build_alignment(
     for idx in involved:
         first = firsts[checkpoints[idx].ref]
         row_maps[idx], sizes[idx] = row_maps[first], sizes[first]
+    lacking = sum(1 for f in fills if f is not None)
+    notes.insert(
+        0,
+        f"tokenizer ({source}): {vocab_len} tokens, {rows} embedding rows; {lacking} token(s) some "
+        "input lacks (or forced) get one shared row",
+    )
     return VocabAlignment(out, vocab_len, rows, row_maps, fills, sizes, notes)
 
 
