@@ -48,20 +48,33 @@ def test_named_template_is_written_into_tokenizer_config(pair, tmp_path):
     assert not (out / "chat_template.jinja").exists()  # it would win over tokenizer_config.json
     tok = AutoTokenizer.from_pretrained(str(out))
     text = tok.apply_chat_template(CONVERSATION[1:3], tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>user\nw5 w6<|im_end|>\n<|im_start|>assistant\nw7<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>user\nw5 w6<|im_end|>\n<|im_start|>assistant\nw7<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("alpaca", "<s>be brief\n\n### Instruction:\nw5 w6\n\n### Response:\nw7</s>\n\n### Instruction:\nw8\n\n"
-         "### Response:\n"),
-        ("llama3", "<s><|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|><|start_header_id|>user"
-         "<|end_header_id|>\n\nw5 w6<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nw7<|eot_id|>"
-         "<|start_header_id|>user<|end_header_id|>\n\nw8<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+        (
+            "alpaca",
+            "<s>be brief\n\n### Instruction:\nw5 w6\n\n### Response:\nw7</s>\n\n### Instruction:\nw8\n\n"
+            "### Response:\n",
+        ),
+        (
+            "llama3",
+            "<s><|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|><|start_header_id|>user"
+            "<|end_header_id|>\n\nw5 w6<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+            "w7<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nw8<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ),
         ("mistral", "<s>[INST] be brief\n\nw5 w6 [/INST]w7</s>[INST] w8 [/INST]"),
-        ("exaone", "[|system|]be brief[|endofturn|]\n[|user|]w5 w6\n[|assistant|]w7[|endofturn|]\n[|user|]w8\n"
-         "[|assistant|]"),
+        (
+            "exaone",
+            "[|system|]be brief[|endofturn|]\n[|user|]w5 w6\n[|assistant|]w7[|endofturn|]\n[|user|]w8\n"
+            "[|assistant|]",
+        ),
     ],
 )
 def test_each_named_template_renders_its_format(name, expected, pair):

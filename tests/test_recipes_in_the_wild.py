@@ -43,7 +43,6 @@ NOT_YET_SUPPORTED: dict[str, str] = {
     "base-as-slice-source": "the base listed as a slice source (issue 13)",
     "modules": "`modules:` (issue 13)",
     "multi-document": "multi-document (mergekit-multi) recipes (issue 13)",
-    "lora-ref": "model+lora references (issue 13)",
     "parameters-not-taken": "a parameter the method does not take, warned and ignored (issue 13)",
     "unknown-top-level-key": "an unknown top-level key, warned and ignored (issue 13)",
     "typo-key": "a misspelled top-level key, warned and ignored (issue 13)",
@@ -53,16 +52,13 @@ NOT_YET_SUPPORTED: dict[str, str] = {
 # Features weightsmith handles today; every feature in the manifest is in one of the two tables.
 SUPPORTED = {
     "linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-    "breadcrumbs_ties", "model_stock", "gradient", "filters", "int8_mask", "out_dtype",
+    "breadcrumbs_ties", "model_stock", "della", "della_linear", "sce", "nuslerp", "multislerp",
+    "karcher", "arcee_fusion", "nearswap", "gradient", "filters", "int8_mask", "out_dtype",
     "base-listed-in-models", "no-base", "name-field", "chat_template-auto", "tokenizer_source-base",
     "tokenizer_source-model", "local-path", "quoted-local-paths", "windows-paths", "stage-reference",
-    "yaml-comments", "scientific-notation", "tokenizer_source-union", "tokenizer_source-model-prefix",
-    "tokenizer-block-base", "tokenizer-block-union", "tokenizer-block-model", "tokenizer-block-empty",
-    "chat_template-named", "della", "della_linear", "sce", "nuslerp", "multislerp", "arcee_fusion",
-    "nearswap",
-    # 037 asks karcher for max_iter 20000 at tol 1e-9, which float32 never reaches on random
-    # weights (mergekit 0.1.5: 477 s on these checkpoints): it stops at float32 resolution.
-    "karcher",
+    "yaml-comments", "scientific-notation", "lora-ref", "tokenizer_source-union",
+    "tokenizer_source-model-prefix", "tokenizer-block-base", "tokenizer-block-union",
+    "tokenizer-block-model", "tokenizer-block-empty", "chat_template-named",
 }
 MODEL_KEYS = {"model", "base_model"}
 TOKENIZER_KEYS = {"tokenizer_source", "source"}

@@ -369,17 +369,23 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def _model_ref(value: Any, where: str) -> str:
-    if isinstance(value, dict):  # mergekit's object form {model: {path, revision}}
+    if isinstance(value, dict):  # mergekit's object form {model: {path, revision}, lora: {...}}
         inner = value.get("model", value)
         if isinstance(inner, dict) and "path" in inner:
-            rev = inner.get("revision")
-            if not isinstance(inner["path"], str) or not (rev is None or isinstance(rev, str)):
-                raise RecipeError(f"{where}: `path` and `revision` must be strings")
-            return f"{inner['path']}@{rev}" if rev else str(inner["path"])
+            ref = _path_at_revision(inner, where)
+            lora = value.get("lora")
+            if isinstance(lora, dict) and "path" in lora:
+                ref += "+" + _path_at_revision(lora, f"{where}.lora")
+            return ref
     if not isinstance(value, str) or not value.strip():
         raise RecipeError(f"{where}: expected a local path or a Hub id like org/name")
-    if "+" in value and not Path(value).exists():
-        raise RecipeError(f"{where}: LoRA references (model+lora) are not supported yet")
+    if "+" in value and not Path(value).exists():  # BASE+ADAPTER (LoRA): opened by Checkpoint.open
+        parts = value.split("+")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise RecipeError(
+                f"{where}: {value!r}: a LoRA reference is BASE+ADAPTER with exactly one '+' (each side "
+                "a local folder or a Hub id, optionally @revision)"
+            )
     return value
 
 
@@ -438,6 +444,13 @@ def _token_rule(rule: Any, where: str) -> dict[str, Any]:
     if src is None or isinstance(src, dict) and "kind" in src:
         raise RecipeError(f"{where}: `source` is a model, {{kind: zero}} or {{kind: model_token, ...}}")
     return {"kind": "model", "model": _model_ref(src, where), "force": force}
+
+
+def _path_at_revision(spec: dict[str, Any], where: str) -> str:
+    rev = spec.get("revision")
+    if not isinstance(spec["path"], str) or not (rev is None or isinstance(rev, str)):
+        raise RecipeError(f"{where}: `path` and `revision` must be strings")
+    return f"{spec['path']}@{rev}" if rev else spec["path"]
 
 
 def _data_block(raw: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:

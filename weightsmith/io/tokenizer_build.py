@@ -196,7 +196,9 @@ def build_alignment(
         shared[tid] = len(fills)
         fills.append(fill)
     notes = [
-        f"token {w!r} is in no model: zero row" for w, t in order if t in shared and fills[shared[t]] == ()
+        f"token {w!r} is in no model: zero row"
+        for w, t in order
+        if t in shared and fills[shared[t]] == () and w not in rules
     ]
     pad_fill = len(fills)
     if rows > vocab_len:
