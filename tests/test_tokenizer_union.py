@@ -213,3 +213,13 @@ def test_model_prefix_spelling_is_read_with_a_warning(family, tmp_path, capsys):
         AutoTokenizer.from_pretrained(str(out)).get_vocab()
         == AutoTokenizer.from_pretrained(str(family["ft_b"])).get_vocab()
     )
+
+
+def test_plan_repr_is_the_same_every_run(family, tmp_path):
+    """The resume journal fingerprints the tasks' reprs: row gathers print a digest of their
+    maps, never object addresses or cached rows."""
+    (tmp_path / "r.yaml").write_text(recipe_text(DATA / "block-rules-ties.yaml", family["base"].parent))
+    one, two = (weightsmith.plan_merge(tmp_path / "r.yaml") for _ in range(2))
+    head = next(t for t in one.tasks if t.name == "lm_head.weight")
+    assert "RowGather(rows=72, sha256=" in repr(head) and " at 0x" not in repr(head)
+    assert [repr(t) for t in one.tasks] == [repr(t) for t in two.tasks]

@@ -11,6 +11,7 @@ model's aligned rows) is summed over the tensor block by block.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +33,8 @@ class TaskFills:
 
     defs: list[tuple[tuple[Source, int], ...] | None]
     vocab_len: int
-    cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    lock: threading.RLock = field(default_factory=threading.RLock)  # padding rows read fills
+    cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)  # padding rows read fills
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +43,11 @@ class RowGather:
 
     rows: tuple[int, ...]
     fills: TaskFills
+
+    def __repr__(self) -> str:
+        # Compact and the same every run: the resume fingerprint hashes the tasks' reprs.
+        what = repr((self.rows, self.fills.defs, self.fills.vocab_len)).encode()
+        return f"RowGather(rows={len(self.rows)}, sha256={hashlib.sha256(what).hexdigest()[:16]})"
 
 
 def gather_sources(
