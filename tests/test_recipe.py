@@ -54,8 +54,6 @@ out_dtype: float16
     [
         ("merge_method: linear\nmodels: []\n", "`models` must be a non-empty list"),
         ("models: [{model: a}]\n", "`merge_method` is required"),
-        ("merge_method: linear\nmodels: [{model: a}]\nbogus: 1\n", "unknown field `bogus`"),
-        ("merge_method: linear\nmodels: [{model: a, weight: 1}]\n", "unknown field(s) ['weight']"),
         ("merge_method: linear\nmodels: [{model: a}]\ndtype: int3\n", "unknown dtype 'int3'"),
         ("merge_method: linear\nmodels: [{model: a}]\nslices: []\n", "layer slicing"),
         ("merge_method: linear\nmodels: [{model: a}]\nvocab_policy: grow\n", "vocab_policy"),

@@ -42,11 +42,6 @@ NOT_YET_SUPPORTED: dict[str, str] = {
     "source-parameters": "per-slice-source `parameters:` (issue 13)",
     "base-as-slice-source": "the base listed as a slice source (issue 13)",
     "modules": "`modules:` (issue 13)",
-    "multi-document": "multi-document (mergekit-multi) recipes (issue 13)",
-    "parameters-not-taken": "a parameter the method does not take, warned and ignored (issue 13)",
-    "unknown-top-level-key": "an unknown top-level key, warned and ignored (issue 13)",
-    "typo-key": "a misspelled top-level key, warned and ignored (issue 13)",
-    "normalize-as-number": "a number for a boolean (normalize: 1.0), read as mergekit does (issue 13)",
     "passthrough": "merge method passthrough (issues 13, 14)",
 }
 # Features weightsmith handles today; every feature in the manifest is in one of the two tables.
@@ -56,7 +51,8 @@ SUPPORTED = {
     "karcher", "arcee_fusion", "nearswap", "gradient", "filters", "int8_mask", "out_dtype",
     "base-listed-in-models", "no-base", "name-field", "chat_template-auto", "tokenizer_source-base",
     "tokenizer_source-model", "local-path", "quoted-local-paths", "windows-paths", "stage-reference",
-    "yaml-comments", "scientific-notation", "lora-ref", "tokenizer_source-union",
+    "yaml-comments", "scientific-notation", "lora-ref", "multi-document", "parameters-not-taken",
+    "unknown-top-level-key", "typo-key", "normalize-as-number", "tokenizer_source-union",
     "tokenizer_source-model-prefix", "tokenizer-block-base", "tokenizer-block-union",
     "tokenizer-block-model", "tokenizer-block-empty", "chat_template-named",
 }

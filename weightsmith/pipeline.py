@@ -23,6 +23,7 @@ from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
 from weightsmith.io.writer import OutputDir, ShardWriter
+from weightsmith.notices import collecting
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeMethod, get_method
 from weightsmith.output_checks import (
@@ -99,10 +100,18 @@ def plan_merge(
     memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
     random_seed: int | None = None,
     allow_pickle: bool = False,
+    strict: bool = False,
 ) -> MergePlan:
-    """Validate a recipe and build its plan from headers alone (the dry run)."""
+    """Validate a recipe and build its plan from headers alone (the dry run).
+
+    What mergekit silently ignores (unknown fields, parameters the method does not take) gives
+    one warning each, in ``plan.warnings``; ``strict`` makes them errors."""
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+        recipe = load_recipe(recipe, strict=strict)
+    elif strict and not recipe.strict:
+        if recipe.warnings:
+            raise RecipeError(f"{recipe.warnings[0]} (strict: mergekit would ignore it; remove or fix it)")
+        recipe.strict = True
     recipe = normalize_models(recipe)
     checkpoints = open_inputs(recipe, allow_pickle)
     return plan_checkpoints(recipe, checkpoints, memory_budget=memory_budget, random_seed=random_seed)
@@ -145,16 +154,42 @@ def merge(
     progress: bool = False,
     fsync: bool = True,
     resume: bool = False,
+    strict: bool = False,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
 
     ``recipe`` is a YAML path, a YAML string or a dict in mergekit's format. ``resume``
     continues a merge of the same plan (recipe, inputs, shard size, device) into the same
     ``out`` that was killed before it finished, reusing the blocks it wrote once re-checked;
-    the output is byte for byte what an uninterrupted run writes.
+    the output is byte for byte what an uninterrupted run writes. ``strict``: see plan_merge.
+    (``weightsmith.merge`` also runs multi-stage recipes: weightsmith/stages.py.)
     """
+    with collecting():  # a warning repeated by a re-plan (greedy soups) is printed once
+        return _merge(
+            recipe, out, memory_budget, out_shard_size, overwrite, random_seed, device, threads,
+            allow_pickle, progress, fsync, resume, strict,
+        )
+
+
+def _merge(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    out: str | Path,
+    memory_budget: str | int,
+    out_shard_size: str | int,
+    overwrite: bool,
+    random_seed: int | None,
+    device: str,
+    threads: int | None,
+    allow_pickle: bool,
+    progress: bool,
+    fsync: bool,
+    resume: bool,
+    strict: bool,
+) -> MergeResult:
     started = time.perf_counter()
-    plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
+    plan = plan_merge(
+        recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle, strict=strict
+    )
     check_before_work(plan, out, overwrite)  # before data steps, which may run models for minutes
 
     def replan(changed: Recipe) -> MergePlan:

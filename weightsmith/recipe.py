@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 import yaml
 
 from weightsmith.errors import RecipeError
+from weightsmith.notices import collecting, did_you_mean, lenient, warn
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -69,6 +69,13 @@ UNSUPPORTED_FIELDS = {
     "modules": "per-module recipes are not supported yet; use `models:`",
 }
 MODEL_FIELDS = {"model", "parameters"}
+# Fields of a block that recipes sometimes put at the top level, where mergekit ignores them.
+NESTED_FIELDS = {
+    "pad_to_multiple_of": "the `tokenizer:` block",
+    "tokens": "the `tokenizer:` block",
+    "layer_range": "a slice's `sources:`",
+    "sources": "a `slices:` entry",
+}
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ def _check_finite(value: Any, where: str) -> None:
         raise RecipeError(f"{where}: {value!r} is not a finite number; give a finite value")
 
 
-def _check_setting(value: Any, where: str) -> Any:
+def _check_setting(value: Any, where: str, strict: bool = False) -> Any:
     """Validate a parameter setting's shape once, at load time."""
     if isinstance(value, (bool, int, float, str)):
         _check_finite(value, where)
@@ -113,16 +120,13 @@ def _check_setting(value: Any, where: str) -> Any:
         for i, entry in enumerate(value):
             if not isinstance(entry, dict) or "value" not in entry:
                 raise RecipeError(f"{where}[{i}]: expected {{filter: substring, value: ...}}, got {entry!r}")
-            unknown = set(entry) - {"filter", "value"}
-            if unknown:
-                raise RecipeError(
-                    f"{where}[{i}]: unknown field(s) {sorted(unknown)}; "
-                    "a conditional has only `filter` and `value`"
-                )
+            for key in sorted(set(entry) - {"filter", "value"}, key=str):
+                hint = did_you_mean(str(key), ("filter", "value")) or " (a conditional has filter and value)"
+                lenient(f"{where}[{i}]: `{key}` is not a conditional field{hint}", strict)
             filt = entry.get("filter")
             if filt is not None and not isinstance(filt, str):
                 raise RecipeError(f"{where}[{i}].filter: must be a string, got {filt!r}")
-            conds.append(Conditional(filt, _check_setting(entry["value"], f"{where}[{i}].value")))
+            conds.append(Conditional(filt, _check_setting(entry["value"], f"{where}[{i}].value", strict)))
         return conds
     raise RecipeError(f"{where}: cannot use {value!r} as a parameter value")
 
@@ -197,6 +201,10 @@ class Recipe:
     raw: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     text: str | None = None  # the YAML as the user wrote it, comments included
+    # Under strict, what mergekit silently ignores (unknown fields, parameters the method does
+    # not take) is an error; otherwise one warning each, kept here for the plan.
+    strict: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -223,26 +231,54 @@ class Recipe:
         return yaml.safe_dump(self.raw, sort_keys=False)
 
 
-def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
-    """Load and validate a recipe from a YAML file path, a YAML string or a dict."""
+def load_recipe(
+    source: str | Path | dict[str, Any], *, strict: bool = False, where: str | None = None
+) -> Recipe:
+    """Load and validate a recipe from a YAML file path, a YAML string or a dict.
+
+    Fields mergekit ignores (an unknown top-level key, a typo) give one warning each, kept in
+    ``Recipe.warnings``; ``strict`` makes them errors; ``where`` names the recipe in messages
+    (default: its file). A multi-document (multi-stage) recipe
+    is refused here: ``weightsmith.merge`` and ``weightsmith.stages`` run those.
+    """
+    with collecting() as warnings:
+        recipe = _load_recipe(source, strict, where)
+    recipe.warnings = warnings
+    return recipe
+
+
+def read_recipe_source(source: str | Path) -> tuple[Path | None, str]:
+    """The recipe's file (if ``source`` names one) and its text."""
+    text = str(source)
+    if "\n" not in text and Path(text).exists():
+        return Path(text), Path(text).read_text()
+    if "\n" not in text and text.endswith((".yaml", ".yml")):
+        raise RecipeError(f"recipe file {text!r} does not exist")
+    return None, text
+
+
+def _load_recipe(source: str | Path | dict[str, Any], strict: bool, label: str | None) -> Recipe:
     path: Path | None = None
     text: str | None = None
     if isinstance(source, dict):
         raw = copy.deepcopy(source)
     else:
-        text = str(source)
-        if "\n" not in text and Path(text).exists():
-            path = Path(text)
-            text = path.read_text()
-        elif "\n" not in text and text.endswith((".yaml", ".yml")):
-            raise RecipeError(f"recipe file {text!r} does not exist")
+        path, text = read_recipe_source(source)
         try:
             raw = yaml.safe_load(text)
+        except yaml.composer.ComposerError as e:
+            if "single document" not in str(e):
+                raise RecipeError(f"{path or 'recipe'}: not valid YAML: {e}") from e
+            raise RecipeError(
+                f"{path or 'recipe'}: holds several YAML documents (`---`), a multi-stage recipe; "
+                "run it with `weightsmith merge` / `weightsmith plan` or weightsmith.merge(), "
+                "which run its stages in order"
+            ) from None
         except yaml.YAMLError as e:
             raise RecipeError(f"{path or 'recipe'}: not valid YAML: {e}") from e
         except RecursionError:
             raise RecipeError(f"{path or 'recipe'}: nested too deeply to be a recipe") from None
-    where = str(path) if path else "recipe"
+    where = label or (str(path) if path else "recipe")
     check_expanded_size(raw, where)
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a mapping with merge_method, models, ...")
@@ -250,8 +286,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         if key in UNSUPPORTED_FIELDS:
             raise RecipeError(f"{where}: `{key}`: {UNSUPPORTED_FIELDS[key]}")
         if key not in TOP_LEVEL_FIELDS:
-            fields = ", ".join(TOP_LEVEL_FIELDS)
-            raise RecipeError(f"{where}: unknown field `{key}`; recipe fields are: {fields}")
+            lenient(f"{where}: {_unknown_field(key)}", strict)
     method = raw.get("merge_method")
     if not isinstance(method, str):
         raise RecipeError(f"{where}: `merge_method` is required (e.g. merge_method: linear)")
@@ -263,21 +298,18 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
-            raise RecipeError(f"{where}: models[{i}] needs a `model:` path or Hub id")
-        unknown = set(entry) - MODEL_FIELDS
-        if unknown:
-            raise RecipeError(
-                f"{where}: models[{i}] has unknown field(s) {sorted(unknown)}; an entry has "
-                "`model` and `parameters` (did you mean to put them under parameters:?)"
-            )
+            raise RecipeError(f"{where}: models[{i}] ({_short(entry)}) needs a `model:` path or Hub id")
         ref = _model_ref(entry["model"], f"{where}: models[{i}].model")
-        params = _parameters(entry.get("parameters"), f"{where}: models[{i}].parameters")
-        try:
-            checked = {
-                k: _check_setting(v, f"{where}: models[{i}].parameters.{k}") for k, v in params.items()
-            }
-        except RecipeError as e:
-            raise RecipeError(f"{e} (model {ref})") from None
+        for key in sorted(set(entry) - MODEL_FIELDS, key=str):
+            hint = did_you_mean(str(key), MODEL_FIELDS) or (
+                " (an entry has `model` and `parameters`: put parameters under `parameters:`)"
+            )
+            lenient(f"{where}: models[{i}] ({ref}): `{key}` is not a model entry field{hint}", strict)
+        params = _parameters(entry.get("parameters"), f"{where}: models[{i}] ({ref}).parameters")
+        checked = {
+            k: _check_setting(v, f"{where}: models[{i}] ({ref}).parameters.{k}", strict)
+            for k, v in params.items()
+        }
         models.append(ModelSpec(ref, checked))
     params = _parameters(raw.get("parameters"), f"{where}: parameters")
     base = raw.get("base_model")
@@ -288,7 +320,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         merge_method=method,
         models=models,
         base_model=_model_ref(base, f"{where}: base_model") if base is not None else None,
-        parameters={k: _check_setting(v, f"{where}: parameters.{k}") for k, v in params.items()},
+        parameters={k: _check_setting(v, f"{where}: parameters.{k}", strict) for k, v in params.items()},
         dtype=parse_dtype(raw["dtype"], f"{where}: dtype") if "dtype" in raw else None,
         out_dtype=parse_dtype(raw["out_dtype"], f"{where}: out_dtype") if "out_dtype" in raw else None,
         tokenizer_source=raw.get("tokenizer_source"),
@@ -300,6 +332,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         raw=raw,
         source=path,
         text=text,
+        strict=strict,
     )
     recipe.tokenizer = _tokenizer_block(raw, where)
     if recipe.tokenizer is not None:
@@ -309,6 +342,15 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         raise RecipeError(f"{where}: `chat_template` must be auto, a template name or Jinja text")
     recipe.chat_template = chat
     return recipe
+
+
+def _unknown_field(key: Any) -> str:
+    """What to say about a top-level key that is not a recipe field."""
+    text = f"`{key}` is not a recipe field"
+    if key in NESTED_FIELDS:
+        return f"{text} (it belongs in {NESTED_FIELDS[key]})"
+    hint = did_you_mean(str(key), [*TOP_LEVEL_FIELDS, *UNSUPPORTED_FIELDS])
+    return text + (hint or " (a method's parameters go under `parameters:`)")
 
 
 def check_expanded_size(raw: Any, where: str, limit: int = MAX_RECIPE_NODES) -> None:
@@ -395,7 +437,7 @@ def _source_ref(value: Any, where: str) -> str:
     ref = _model_ref(value, where)
     if ref.startswith("model:") and not Path(ref).exists():
         ref = ref.removeprefix("model:").strip()
-        print(f"warning: {where}: `model:{ref}` is the old spelling; read as {ref}", file=sys.stderr)
+        warn(f"{where}: `model:{ref}` is the old spelling; read as {ref}")
     return ref
 
 

@@ -25,6 +25,7 @@ from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
 from weightsmith.engine.vocab_rows import fill_bytes, gather_sources
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.notices import collecting
 from weightsmith.ops.registry import MergeMethod, get_method
 from weightsmith.recipe import ModelSpec, Recipe
 
@@ -50,8 +51,23 @@ def build_plan(
 
     ``method`` stands in for the registry's ``recipe.merge_method`` when given (the lazy API's
     checkpoint expressions are methods of their own, planned the same way). ``vocab`` (an
-    ``io/tokenizer_build.VocabAlignment``) maps the vocabulary tensors' rows to a merged tokenizer.
+    ``io/tokenizer_build.VocabAlignment``) maps the vocabulary tensors' rows to a merged
+    tokenizer. The plan's ``warnings`` are the recipe's and those given while planning.
     """
+    with collecting() as warnings:
+        plan = _build_plan(recipe, checkpoints, memory_budget, random_seed, method, vocab)
+    plan.warnings = [*recipe.warnings, *(w for w in warnings if w not in recipe.warnings)]
+    return plan
+
+
+def _build_plan(
+    recipe: Recipe,
+    checkpoints: list[Checkpoint],
+    memory_budget: int,
+    random_seed: int | None,
+    method: MergeMethod | None,
+    vocab: Any,
+) -> MergePlan:
     if method is None:
         try:
             method = get_method(recipe.merge_method)

@@ -76,6 +76,9 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     vocab: Any = None  # io/tokenizer_build.VocabAlignment when the recipe builds a tokenizer
     fill_bytes: int = 0  # vocabulary fill rows kept for the run (engine/vocab_rows.py)
+    # What the recipe asks that mergekit would silently ignore, and other warnings (printed
+    # on stderr as they arise, kept here for the Python API): weightsmith.notices.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def compute_dtype(self) -> torch.dtype:

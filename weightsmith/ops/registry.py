@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import torch
 
+from weightsmith.notices import did_you_mean
+
 REQUIRED: Any = object()
 
 
@@ -64,6 +66,8 @@ class MergeInputs:
     # Tensors of checkpoint-valued parameters (see ``Param.checkpoint``), in the compute dtype;
     # None where that checkpoint has no such tensor.
     aux: dict[str, Any] = field(default_factory=dict)
+    # The models' references in the order of ``models``, for messages (may be empty).
+    model_refs: tuple[str, ...] = ()
 
     def output_buffer(self) -> torch.Tensor:
         """The engine's reusable output buffer, or a fresh one (uninitialized)."""
@@ -83,6 +87,12 @@ class TensorSpec:
     # it: ``prepare`` must return statistics that give the method this tensor's numbers (see
     # ``MergeMethod.splits_with_statistics``).
     split: bool = False
+    # The input models' references in recipe order (the base excluded), so a method's messages
+    # name the model, not its position: see ``model_label``.
+    models: tuple[str, ...] = ()
+
+    def model_label(self, i: int) -> str:
+        return f"model {self.models[i]!r}" if i < len(self.models) else f"model {i}"
 
 
 @dataclass(frozen=True)
@@ -160,7 +170,8 @@ def get_method(name: str) -> MergeMethod:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown merge_method {name!r}; known methods: {known}") from None
+        hint = did_you_mean(str(name), _REGISTRY)
+        raise KeyError(f"unknown merge_method {name!r}{hint or ';'} known methods: {known}") from None
 
 
 def methods() -> dict[str, MergeMethod]:
