@@ -35,14 +35,6 @@ MANIFEST = yaml.safe_load((CORPUS / "manifest.yaml").read_text())["recipes"]
 # Recipe features weightsmith does not support yet -> what is missing (and the issue that
 # tracks it). Delete a row when its feature lands.
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "slices-full": "`slices:` with one full-range slice (issue 13)",
-    "slices-stacking": "`slices:` layer stacking (issue 13)",
-    "slices-partial": "`slices:` with partial layer_range (issue 13)",
-    "slice-parameters": "per-slice `parameters:` (issue 13)",
-    "source-parameters": "per-slice-source `parameters:` (issue 13)",
-    "base-as-slice-source": "the base listed as a slice source (issue 13)",
-    "modules": "`modules:` (issue 13)",
-    "passthrough": "merge method passthrough (issues 13, 14)",
 }
 # Features weightsmith handles today; every feature in the manifest is in one of the two tables.
 SUPPORTED = {
@@ -52,9 +44,10 @@ SUPPORTED = {
     "base-listed-in-models", "no-base", "name-field", "chat_template-auto", "tokenizer_source-base",
     "tokenizer_source-model", "local-path", "quoted-local-paths", "windows-paths", "stage-reference",
     "yaml-comments", "scientific-notation", "lora-ref", "multi-document", "parameters-not-taken",
-    "unknown-top-level-key", "typo-key", "normalize-as-number", "tokenizer_source-union",
-    "tokenizer_source-model-prefix", "tokenizer-block-base", "tokenizer-block-union",
-    "tokenizer-block-model", "tokenizer-block-empty", "chat_template-named",
+    "unknown-top-level-key", "typo-key", "normalize-as-number", "slices-full", "slices-stacking",
+    "slices-partial", "slice-parameters", "source-parameters", "base-as-slice-source", "modules",
+    "passthrough", "tokenizer_source-union", "tokenizer_source-model-prefix", "tokenizer-block-base",
+    "tokenizer-block-union", "tokenizer-block-model", "tokenizer-block-empty", "chat_template-named",
 }
 MODEL_KEYS = {"model", "base_model"}
 TOKENIZER_KEYS = {"tokenizer_source", "source"}

@@ -82,6 +82,13 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         help="also read PyTorch .bin pickles (with weights_only=True)",
     )(fn)
     fn = click.option(
+        "--numerics",
+        type=click.Choice(["weightsmith", "mergekit"]),
+        default=None,
+        help="mergekit: mergekit 0.1.5's arithmetic in the recipe's dtype, to reproduce its output "
+        "bit for bit; default: the recipe's `numerics:`, else weightsmith (float32, ties kept)",
+    )(fn)
+    fn = click.option(
         "--strict",
         is_flag=True,
         help="errors, not warnings, for what mergekit ignores (unknown fields, parameters a "
@@ -136,6 +143,7 @@ def merge_cmd(
     memory_budget: str,
     random_seed: int | None,
     allow_pickle: bool,
+    numerics: str | None,
     strict: bool,
     stage: str | None,
     stage_cache: str | None,
@@ -163,6 +171,7 @@ def merge_cmd(
         progress=not quiet,
         fsync=not no_fsync,
         resume=resume,
+        numerics=numerics,
         strict=strict,
         stage=stage,
         stage_cache=stage_cache,
@@ -235,6 +244,7 @@ def plan_cmd(
     memory_budget: str,
     random_seed: int | None,
     allow_pickle: bool,
+    numerics: str | None,
     strict: bool,
     stage: str | None,
     stage_cache: str | None,
@@ -246,7 +256,12 @@ def plan_cmd(
     from weightsmith.pipeline import plan_merge
     from weightsmith.stages import is_multi_stage
 
-    options = {"memory_budget": memory_budget, "random_seed": random_seed, "allow_pickle": allow_pickle}
+    options = {
+        "memory_budget": memory_budget,
+        "random_seed": random_seed,
+        "allow_pickle": allow_pickle,
+        "numerics": numerics,
+    }
     stages: list[dict[str, Any]] = []
     if is_multi_stage(recipe):
         plan = _plan_stages(recipe, stage, stage_cache, strict, options, stages, echo=not as_json)
@@ -275,6 +290,8 @@ def plan_cmd(
         )
     summary = {
         "merge_method": plan.method.name,
+        "numerics": plan.recipe.numerics,
+        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
         "tensors": len(plan.tasks),
         "bytes_to_read": plan.bytes_to_read,
         "bytes_to_write": plan.bytes_to_write,

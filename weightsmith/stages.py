@@ -316,6 +316,7 @@ def _run_intermediate(
         memory_budget=options.get("memory_budget", pipeline.DEFAULT_MEMORY_BUDGET),
         random_seed=options.get("random_seed"),
         allow_pickle=options.get("allow_pickle", False),
+        numerics=options.get("numerics"),
     )
     shard_bytes = parse_size(options.get("out_shard_size", pipeline.DEFAULT_SHARD_SIZE))
     key = pipeline.plan_fingerprint(plan, shard_bytes, options.get("device", "cpu"))["fingerprint"]

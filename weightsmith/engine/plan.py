@@ -73,6 +73,8 @@ def _build_plan(
             method = get_method(recipe.merge_method)
         except KeyError as e:
             raise RecipeError(str(e.args[0])) from None
+    # The engine knows only the mode's name: the method says how it computes under it.
+    method = method.for_numerics(recipe.numerics)
     check_parameters(recipe, method)
     has_base = recipe.base_model is not None and method.base != "unused"
     if method.base == "required" and not has_base:
@@ -111,6 +113,7 @@ def _build_plan(
     ref_ckpt = checkpoints[ref_index]
     num_layers = _num_layers(ref_ckpt)
     aux_refs = _open_aux_checkpoints(recipe, method, specs, checkpoints)
+    result_dtype = method.result_dtype(recipe.compute_dtype) if method.result_dtype else None
     tasks: list[TensorTask] = []
     used: list[set[str]] = [set() for _ in checkpoints]
     prefixes = {
@@ -161,7 +164,7 @@ def _build_plan(
         if idx is not None and num_layers:
             t = idx / (num_layers - 1) if num_layers > 1 else 1.0
         params = resolve_params(recipe, method, specs, name, t)
-        out_dtype = recipe.out_dtype or recipe.dtype or ref_entry.dtype
+        out_dtype = recipe.out_dtype or result_dtype or recipe.dtype or ref_entry.dtype
         seed = _seed_for(random_seed or 0, name) if method.uses_randomness else None
         aux = {
             pname: _aux_sources(recipe, checkpoints, name, shape, refs, prefixes, method, pname)

@@ -7,7 +7,7 @@ device, and never knows how the engine batched its inputs. The engine never know
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -126,6 +126,10 @@ class MergeMethod:
     uses_randomness: bool = False
     # A wider arithmetic dtype the method's reference uses (fine-tuning transfer: float64).
     compute_dtype: torch.dtype | None = None
+    # The dtype of the method's result, from the compute dtype, where it is not the compute
+    # dtype; written when the recipe sets no out_dtype (mergekit's arcee_fusion mixes in a
+    # float32 mask, so its bf16 merge returns and writes float32).
+    result_dtype: Callable[[torch.dtype], torch.dtype] | None = None
     # Called at plan time with every merged tensor and the compute dtype. It raises RecipeError
     # for bad parameters (so errors come before any work), and returns None or a
     # ``weightsmith.ops.statistics.GlobalStatistics``: model-wide statistics that the engine fills
@@ -136,6 +140,14 @@ class MergeMethod:
     # recipe order and the global statistics' result into merge_report.json's ``summary``;
     # its ``lines`` (if any) are what ``weightsmith merge`` prints.
     summarize: Callable[[dict[str, float], list[str], Any], dict[str, Any]] | None = None
+    # Other numerics of the same method (``numerics: mergekit``: mergekit 0.1.5's arithmetic):
+    # mode -> the method as that mode runs it. Filled by ``register_numerics``.
+    numerics: dict[str, MergeMethod] = field(default_factory=dict)
+
+    def for_numerics(self, mode: str) -> MergeMethod:
+        """This method as ``numerics: mode`` runs it. A method without its own variant for the
+        mode runs unchanged, in the mode's compute dtype (the engine passes that dtype)."""
+        return self.numerics.get(mode, self)
 
     def splittable(self, params: dict[str, Any]) -> bool:
         """Whether a tensor with these resolved parameters may be merged in row blocks alone."""
@@ -163,6 +175,18 @@ def register(method: MergeMethod) -> MergeMethod:
         raise ValueError(f"merge method {method.name!r} is registered twice")
     _REGISTRY[method.name] = method
     return method
+
+
+def register_numerics(name: str, mode: str, fn: Callable[..., torch.Tensor], **changes: Any) -> MergeMethod:
+    """Register ``fn`` as method ``name``'s function under ``numerics: mode``. ``changes``
+    replace other fields for that mode (a variant that needs whole tensors says
+    ``elementwise=False, splits_with_statistics=False, prepare=None``)."""
+    method = get_method(name)
+    if mode in method.numerics:
+        raise ValueError(f"merge method {name!r} has numerics {mode!r} registered twice")
+    variant = replace(method, fn=fn, numerics={}, **changes)
+    _REGISTRY[name] = replace(method, numerics={**method.numerics, mode: variant})
+    return variant
 
 
 def get_method(name: str) -> MergeMethod:
