@@ -72,10 +72,7 @@ DATA_BLOCK_FIELDS = {
     "evaluation": ("data", "task", "metric", "model", "batch_size", "max_length", "truncate"),
     "calibration": ("data", "task", "batch_size", "max_length", "truncate"),
 }
-UNSUPPORTED_FIELDS = {
-    "slices": "layer slicing (frankenmerges) is not supported yet; use `models:`",
-    "modules": "per-module recipes are not supported yet; use `models:`",
-}
+UNSUPPORTED_FIELDS: dict[str, str] = {}
 MODEL_FIELDS = {"model", "parameters"}
 # Fields of a block that recipes sometimes put at the top level, where mergekit ignores them.
 NESTED_FIELDS = {
