@@ -20,6 +20,7 @@ from weightsmith.engine.modules import build_sliced_plan, is_sliced
 from weightsmith.engine.plan import MergePlan, build_plan
 from weightsmith.engine.summary import build_summary
 from weightsmith.engine.tasks import budget_that_fits, over_budget
+from weightsmith.engine.vocab_rows import apply_alignment
 from weightsmith.errors import MergeError, OutputError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
@@ -144,14 +145,19 @@ def plan_checkpoints(
 ) -> MergePlan:
     """The one way a merge is planned: ``weightsmith merge``/``plan``, ``merge()`` and the lazy
     API's ``save`` all come through here (``method`` stands in for the recipe's, see build_plan)."""
-    plan = (build_sliced_plan if is_sliced(recipe) else build_plan)(
-        recipe,
-        checkpoints,
-        memory_budget=_size(memory_budget, "memory budget"),
-        random_seed=random_seed,
-        method=method,
-        vocab=plan_vocabulary(recipe, checkpoints),
-    )
+    vocab = plan_vocabulary(recipe, checkpoints)
+    if is_sliced(recipe):
+        plan = build_sliced_plan(
+            recipe, checkpoints, memory_budget=_size(memory_budget, "memory budget"),
+            random_seed=random_seed, method=method,
+        )
+        if vocab is not None:
+            apply_alignment(plan, vocab)
+    else:
+        plan = build_plan(
+            recipe, checkpoints, memory_budget=_size(memory_budget, "memory budget"),
+            random_seed=random_seed, method=method, vocab=vocab,
+        )
     # evaluation:/calibration: blocks are checked here, before any model runs.
     check_data_blocks(plan)
     return plan

@@ -157,3 +157,32 @@ def _padding_row(checkpoints: list[Checkpoint], src: Source, dtype: torch.dtype)
         read_gathered(checkpoints, src, (start, stop), part, None)
         total += part.to(torch.float64).sum(dim=0)
     return (total / n).to(dtype)
+
+
+def apply_alignment(plan: Any, alignment: Any) -> None:
+    """Give an already built plan (a sliced or per-module recipe's) its row gathers: every
+    merge task over a vocabulary tensor gets them, then the units are cut again."""
+    from weightsmith.engine.tasks import split_units
+    from weightsmith.errors import MergeError
+
+    plan.vocab = alignment
+    plan.notes += alignment.notes
+    for task in plan.tasks:
+        if task.kind != "merge" or not task.models:
+            if task.kind == "copy" and task.base is not None and VOCAB_NAME.search(task.name):
+                ckpt = plan.checkpoints[task.base.ckpt]
+                rows = ckpt.entry(task.base.key).shape[0] if task.shape else 0
+                if task.base.ckpt in alignment.row_maps and not alignment.is_identity(task.base.ckpt, rows):
+                    raise MergeError(
+                        f"tensor {task.name!r} is copied from {ckpt.ref!r}, whose vocabulary the "
+                        "tokenizer merge realigns; merge it from the slices' models instead"
+                    )
+            continue
+        gathered = gather_sources(alignment, plan.checkpoints, task.name, task.shape, task.models, task.base)
+        if gathered is None:
+            continue
+        task.shape, task.models, task.base = gathered
+        row_numel = task.numel // task.shape[0]
+        plan.fill_bytes += fill_bytes(task.models[0].gather, row_numel, len(task.models) + 1, 8)
+    plan.units, plan.oversize = [], []
+    split_units(plan)
