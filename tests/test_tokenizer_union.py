@@ -223,3 +223,23 @@ def test_plan_repr_is_the_same_every_run(family, tmp_path):
     head = next(t for t in one.tasks if t.name == "lm_head.weight")
     assert "RowGather(rows=72, sha256=" in repr(head) and " at 0x" not in repr(head)
     assert [repr(t) for t in one.tasks] == [repr(t) for t in two.tasks]
+
+
+def test_a_sliced_recipe_gets_the_row_gathers(family):
+    """A passthrough stack plans its vocabulary tensors through the same alignment."""
+    plan = weightsmith.plan_merge(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(family["ft_a"]), "layer_range": [0, 1]}]},
+                {"sources": [{"model": str(family["ft_a"]), "layer_range": [0, 2]}]},
+            ],
+            "dtype": "float32",
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 8},
+        }
+    )
+    vocab_tasks = [t for t in plan.tasks if t.name in VOCAB_TENSORS]
+    assert len(vocab_tasks) == 2
+    for task in vocab_tasks:
+        assert task.shape == (72, 16) and task.models[0].gather is not None
+        assert task.models[0].gather.rows[:67] == tuple(range(67))  # its own rows, then padding

@@ -152,7 +152,7 @@ def plan_checkpoints(
             random_seed=random_seed, method=method,
         )
         if vocab is not None:
-            apply_alignment(plan, vocab)
+            apply_alignment(plan, vocab, checkpoints)
     else:
         plan = build_plan(
             recipe, checkpoints, memory_budget=_size(memory_budget, "memory budget"),

@@ -159,12 +159,22 @@ def _padding_row(checkpoints: list[Checkpoint], src: Source, dtype: torch.dtype)
     return (total / n).to(dtype)
 
 
-def apply_alignment(plan: Any, alignment: Any) -> None:
+def apply_alignment(plan: Any, alignment: Any, opened: list[Checkpoint]) -> None:
     """Give an already built plan (a sliced or per-module recipe's) its row gathers: every
-    merge task over a vocabulary tensor gets them, then the units are cut again."""
+    merge task over a vocabulary tensor gets them, then the units are cut again. ``alignment``
+    is keyed by the index in ``opened``; the plan may hold a subset of them, renumbered."""
+    from dataclasses import replace
+
     from weightsmith.engine.tasks import split_units
     from weightsmith.errors import MergeError
 
+    where = {id(c): i for i, c in enumerate(opened)}
+    index = {j: where[id(c)] for j, c in enumerate(plan.checkpoints) if id(c) in where}
+    alignment = replace(
+        alignment,
+        row_maps={j: alignment.row_maps[i] for j, i in index.items() if i in alignment.row_maps},
+        input_rows={j: alignment.input_rows[i] for j, i in index.items() if i in alignment.input_rows},
+    )
     plan.vocab = alignment
     plan.notes += alignment.notes
     for task in plan.tasks:
