@@ -35,14 +35,6 @@ MANIFEST = yaml.safe_load((CORPUS / "manifest.yaml").read_text())["recipes"]
 # Recipe features weightsmith does not support yet -> what is missing (and the issue that
 # tracks it). Delete a row when its feature lands.
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "tokenizer_source-union": "tokenizer_source: union (issue 13)",
-    # The pre-0.1 spelling; mergekit 0.1.5 fails on it too (it reads `model:<path>` as a repo id).
-    "tokenizer_source-model-prefix": "tokenizer_source: model:<ref> (issue 13)",
-    "tokenizer-block-base": "the `tokenizer:` block (issue 13)",
-    "tokenizer-block-union": "the `tokenizer:` block with source: union (issue 13)",
-    "tokenizer-block-model": "the `tokenizer:` block with a model source (issue 13)",
-    "tokenizer-block-empty": "an empty `tokenizer: {}` block (issue 13)",
-    "chat_template-named": "named chat templates (chatml, llama3, alpaca) (issue 13)",
 }
 # Features weightsmith handles today; every feature in the manifest is in one of the two tables.
 SUPPORTED = {
@@ -54,7 +46,8 @@ SUPPORTED = {
     "yaml-comments", "scientific-notation", "lora-ref", "multi-document", "parameters-not-taken",
     "unknown-top-level-key", "typo-key", "normalize-as-number", "slices-full", "slices-stacking",
     "slices-partial", "slice-parameters", "source-parameters", "base-as-slice-source", "modules",
-    "passthrough",
+    "passthrough", "tokenizer_source-union", "tokenizer_source-model-prefix", "tokenizer-block-base",
+    "tokenizer-block-union", "tokenizer-block-model", "tokenizer-block-empty", "chat_template-named",
 }
 MODEL_KEYS = {"model", "base_model"}
 TOKENIZER_KEYS = {"tokenizer_source", "source"}

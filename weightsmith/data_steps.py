@@ -148,10 +148,11 @@ def _ingredient_loader(plan: MergePlan) -> Callable[[int], Iterator[tuple[str, t
     def load(i: int) -> Iterator[tuple[str, torch.Tensor]]:
         for task in tasks:
             src = task.models[i]
-            if src.rows is not None:
+            if src.rows is not None or src.gather is not None:
                 raise RecipeError(
-                    f"greedy soup: {plan.checkpoints[src.ckpt].ref} has a different vocabulary size; "
-                    "ingredients must share one architecture"
+                    f"greedy soup: {plan.checkpoints[src.ckpt].ref} has a different vocabulary size "
+                    "(or a tokenizer merge realigns its rows); ingredients must share one architecture "
+                    "and tokenizer"
                 )
             tensor = plan.checkpoints[src.ckpt].read(src.key)
             yield task.name, tensor.to(dtype)

@@ -21,6 +21,7 @@ from weightsmith.engine.modules import build_sliced_plan, is_sliced
 from weightsmith.engine.plan import MergePlan, build_plan
 from weightsmith.engine.summary import build_summary
 from weightsmith.engine.tasks import budget_that_fits, over_budget
+from weightsmith.engine.vocab_rows import apply_alignment
 from weightsmith.errors import MergeError, OutputError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
@@ -38,6 +39,7 @@ from weightsmith.output_checks import (
 )
 from weightsmith.progress import Progress
 from weightsmith.recipe import NUMERICS, Recipe, load_recipe
+from weightsmith.tokenizer_output import plan_vocabulary, write_tokenizer
 from weightsmith.units import format_size, parse_size
 from weightsmith.version import __version__
 
@@ -144,13 +146,19 @@ def plan_checkpoints(
 ) -> MergePlan:
     """The one way a merge is planned: ``weightsmith merge``/``plan``, ``merge()`` and the lazy
     API's ``save`` all come through here (``method`` stands in for the recipe's, see build_plan)."""
-    plan = (build_sliced_plan if is_sliced(recipe) else build_plan)(
-        recipe,
-        checkpoints,
-        memory_budget=_size(memory_budget, "memory budget"),
-        random_seed=random_seed,
-        method=method,
-    )
+    vocab = plan_vocabulary(recipe, checkpoints)
+    if is_sliced(recipe):
+        plan = build_sliced_plan(
+            recipe, checkpoints, memory_budget=_size(memory_budget, "memory budget"),
+            random_seed=random_seed, method=method,
+        )
+        if vocab is not None:
+            apply_alignment(plan, vocab, checkpoints)
+    else:
+        plan = build_plan(
+            recipe, checkpoints, memory_budget=_size(memory_budget, "memory budget"),
+            random_seed=random_seed, method=method, vocab=vocab,
+        )
     # evaluation:/calibration: blocks are checked here, before any model runs.
     check_data_blocks(plan)
     return plan
@@ -476,7 +484,7 @@ def protected_inputs(plan: MergePlan) -> list[Protected]:
         label = f"input model {ckpt.ref!r}" if i < n_inputs else f"checkpoint {ckpt.ref!r} a parameter names"
         out += _checkpoint_paths(label, ckpt, recipe.search_dirs)
     source = recipe.tokenizer_source
-    if source not in (None, "base") and not any(c.ref == source for c in plan.checkpoints):
+    if source not in (None, "base", "union") and not any(c.ref == source for c in plan.checkpoints):
         out.append(protect(f"tokenizer source {source!r}", _tokenizer_root(plan), folder=True))
     if recipe.source is not None:
         out.append(protect("recipe file", recipe.source, folder=False))
@@ -545,10 +553,7 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         if rows is not None and "vocab_size" in config:
             config["vocab_size"] = rows
         folder.write_json("config.json", config)
-    tok_root = _tokenizer_root(plan)
-    for fname in TOKENIZER_FILES:
-        if (tok_root / fname).is_file():
-            folder.copy_file(tok_root / fname)
+    write_tokenizer(recipe, plan.vocab, _tokenizer_root(plan), folder, TOKENIZER_FILES)
     for fname in TAG_ALONG_FILES:
         if (ref.root / fname).is_file():
             folder.copy_file(ref.root / fname)
@@ -590,7 +595,7 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
 def _tokenizer_root(plan: MergePlan) -> Path:
     source = plan.recipe.tokenizer_source
     ref = plan.checkpoints[plan.ref_index]
-    if source in (None, "base"):
+    if source in (None, "base", "union"):
         return ref.root
     for ckpt in plan.checkpoints:
         if ckpt.ref == source:

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from weightsmith.errors import RecipeError
-from weightsmith.notices import collecting, did_you_mean, lenient
+from weightsmith.notices import collecting, did_you_mean, lenient, warn
 from weightsmith.recipe_slices import ModuleSpec, SliceSpec, parse_layout, referenced_models
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
@@ -52,11 +52,12 @@ TOP_LEVEL_FIELDS = {
     "parameters": "global method parameters",
     "dtype": "compute dtype hint (weightsmith computes in float32 or wider, unless numerics: mergekit)",
     "out_dtype": "dtype of the written tensors (default: dtype, else the base's)",
-    "tokenizer_source": "'base' or a model path/id whose tokenizer files are copied",
+    "tokenizer_source": "union, base or a model: the output vocabulary (embedding rows aligned)",
+    "tokenizer": "{source: union|base|MODEL, tokens: {TOKEN: {source, force}}, pad_to_multiple_of}",
     "vocab_policy": "error | pad | truncate when vocabulary sizes differ",
     "extra_keys": "error | ignore when an input has tensors the output does not",
     "name": "a name for the merged model (used in the model card)",
-    "chat_template": "accepted for mergekit compatibility: only 'auto' (copy the tokenizer's)",
+    "chat_template": "auto, a named template (alpaca, chatml, llama3, mistral, exaone) or Jinja",
     "evaluation": "held-out data that scores candidate merges: {data: JSONL, task, metric, model} "
     "(soup with mode: greedy)",
     "calibration": "data the input model is run on before the merge: {data: JSONL, task} (antidote)",
@@ -71,10 +72,7 @@ DATA_BLOCK_FIELDS = {
     "evaluation": ("data", "task", "metric", "model", "batch_size", "max_length", "truncate"),
     "calibration": ("data", "task", "batch_size", "max_length", "truncate"),
 }
-UNSUPPORTED_FIELDS = {
-    "tokenizer": "the `tokenizer:` block (vocabulary union) is not supported yet; use "
-    "tokenizer_source: base or a model, and vocab_policy: pad | truncate",
-}
+UNSUPPORTED_FIELDS: dict[str, str] = {}
 MODEL_FIELDS = {"model", "parameters"}
 # Fields of a block that recipes sometimes put at the top level, where mergekit ignores them.
 NESTED_FIELDS = {
@@ -196,6 +194,9 @@ class Recipe:
     dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
     tokenizer_source: str | None = None
+    # The `tokenizer:` block, normalised: {source, tokens: {token: {kind, model, ...}}, pad_to_multiple_of}
+    tokenizer: dict[str, Any] | None = None
+    chat_template: str | None = None
     vocab_policy: str = "error"
     extra_keys: str = "error"
     name: str | None = None
@@ -339,17 +340,13 @@ def _load_recipe(source: str | Path | dict[str, Any], strict: bool, label: str |
         text=text,
         strict=strict,
     )
-    if recipe.tokenizer_source == "union":
-        raise RecipeError(
-            f"{where}: tokenizer_source: union is not supported yet; use base or a model, "
-            "with vocab_policy: pad"
-        )
+    recipe.tokenizer = _tokenizer_block(raw, where)
+    if recipe.tokenizer is not None:
+        recipe.tokenizer_source = recipe.tokenizer["source"]
     chat = raw.get("chat_template")
-    if chat not in (None, "auto"):
-        raise RecipeError(
-            f"{where}: chat_template: only `auto` is supported (the tokenizer source's template "
-            "is copied with its tokenizer files)"
-        )
+    if chat is not None and (not isinstance(chat, str) or not chat.strip()):
+        raise RecipeError(f"{where}: `chat_template` must be auto, a template name or Jinja text")
+    recipe.chat_template = chat
     return recipe
 
 
@@ -467,6 +464,63 @@ def _model_ref(value: Any, where: str) -> str:
                 "a local folder or a Hub id, optionally @revision)"
             )
     return value
+
+
+def _source_ref(value: Any, where: str) -> str:
+    """A tokenizer source: union, base or a model; the pre-0.1 spelling `model:REF` is read as
+    REF (mergekit 0.1.5 fails on it), with one warning line."""
+    ref = _model_ref(value, where)
+    if ref.startswith("model:") and not Path(ref).exists():
+        ref = ref.removeprefix("model:").strip()
+        warn(f"{where}: `model:{ref}` is the old spelling; read as {ref}")
+    return ref
+
+
+def _tokenizer_block(raw: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """`tokenizer_source` and the `tokenizer:` block as one normalised spec (None: neither)."""
+    block, source = raw.get("tokenizer"), raw.get("tokenizer_source")
+    if block is None:
+        if source is None:
+            return None
+        ref = _source_ref(source, f"{where}: tokenizer_source")
+        return {"source": ref, "tokens": {}, "pad_to_multiple_of": None}
+    if source is not None:
+        raise RecipeError(f"{where}: give `tokenizer_source` or a `tokenizer:` block, not both")
+    if not isinstance(block, dict) or set(block) - {"source", "tokens", "pad_to_multiple_of"}:
+        raise RecipeError(f"{where}: `tokenizer` is a mapping with source, tokens, pad_to_multiple_of")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise RecipeError(f"{where}: tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
+    tokens_raw = block.get("tokens") or {}
+    if not isinstance(tokens_raw, dict):
+        raise RecipeError(f"{where}: tokenizer.tokens maps each token to {{source: ..., force: ...}}")
+    tokens = {
+        str(tok): _token_rule(rule, f"{where}: tokenizer.tokens[{tok!r}]") for tok, rule in tokens_raw.items()
+    }
+    return {"source": _source_ref(block.get("source", "union"), f"{where}: tokenizer.source"),
+            "tokens": tokens, "pad_to_multiple_of": pad}
+
+
+def _token_rule(rule: Any, where: str) -> dict[str, Any]:
+    """{kind: model|zero|model_token, model, token_id, token, force} from mergekit's forms."""
+    if not isinstance(rule, dict) or set(rule) - {"source", "force"}:
+        raise RecipeError(f"{where}: a token rule is {{source: MODEL | {{kind: zero}} | ..., force: bool}}")
+    force, src = rule.get("force", False), rule.get("source")
+    if not isinstance(force, bool):
+        raise RecipeError(f"{where}: `force` must be true or false, got {force!r}")
+    if isinstance(src, dict) and src.get("kind") == "zero" and set(src) == {"kind"}:
+        return {"kind": "zero", "force": force}
+    if isinstance(src, dict) and src.get("kind") == "model_token":
+        tid, tok = src.get("token_id"), src.get("token")
+        if set(src) - {"kind", "model", "token_id", "token"} or (tid is None) == (tok is None) or (
+            tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or tid < 0)
+        ):
+            raise RecipeError(f"{where}: model_token takes `model` and one of token_id (>= 0) or token")
+        return {"kind": "model_token", "model": _model_ref(src.get("model"), where), "token_id": tid,
+                "token": tok, "force": force}
+    if src is None or isinstance(src, dict) and "kind" in src:
+        raise RecipeError(f"{where}: `source` is a model, {{kind: zero}} or {{kind: model_token, ...}}")
+    return {"kind": "model", "model": _model_ref(src, where), "force": force}
 
 
 def _path_at_revision(spec: dict[str, Any], where: str) -> str:

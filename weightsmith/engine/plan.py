@@ -22,6 +22,7 @@ from weightsmith.engine.keys import (
 from weightsmith.engine.parameters import check_parameters, resolve_params
 from weightsmith.engine.passes import describe, prepare_statistics
 from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
+from weightsmith.engine.vocab_rows import fill_bytes, gather_sources
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.notices import collecting
@@ -44,15 +45,17 @@ def build_plan(
     memory_budget: int,
     random_seed: int | None = None,
     method: MergeMethod | None = None,
+    vocab: Any = None,
 ) -> MergePlan:
     """Build the plan. ``checkpoints`` are base first (if the recipe has one), then models.
 
     ``method`` stands in for the registry's ``recipe.merge_method`` when given (the lazy API's
-    checkpoint expressions are methods of their own, planned the same way). The plan's
-    ``warnings`` are the recipe's and those given while planning.
+    checkpoint expressions are methods of their own, planned the same way). ``vocab`` (an
+    ``io/tokenizer_build.VocabAlignment``) maps the vocabulary tensors' rows to a merged
+    tokenizer. The plan's ``warnings`` are the recipe's and those given while planning.
     """
     with collecting() as warnings:
-        plan = _build_plan(recipe, checkpoints, memory_budget, random_seed, method)
+        plan = _build_plan(recipe, checkpoints, memory_budget, random_seed, method, vocab)
     plan.warnings = [*recipe.warnings, *(w for w in warnings if w not in recipe.warnings)]
     return plan
 
@@ -63,6 +66,7 @@ def _build_plan(
     memory_budget: int,
     random_seed: int | None,
     method: MergeMethod | None,
+    vocab: Any,
 ) -> MergePlan:
     if method is None:
         try:
@@ -151,7 +155,8 @@ def _build_plan(
             _check_same_kind(checkpoints, ref_index, name, idx, key)
             sources.append(Source(idx, key))
         base_src = Source(0, name) if base_index is not None else None
-        shape, sources, base_src = _align_shapes(
+        gathered = vocab and gather_sources(vocab, checkpoints, name, ref_entry.shape, sources, base_src)
+        shape, sources, base_src = gathered or _align_shapes(
             recipe, checkpoints, name, ref_entry.shape, sources, base_src
         )
         idx = layer_index(name)
@@ -189,7 +194,14 @@ def _build_plan(
         memory_budget,
         num_layers,
         notes=notes,
+        vocab=vocab,
     )
+    if vocab is not None:
+        plan.notes += vocab.notes
+        plan.fill_bytes = sum(
+            fill_bytes(t.models[0].gather, t.numel // t.shape[0], len(t.models) + 1, 8)
+            for t in tasks if t.models and t.models[0].gather is not None
+        )
     split_units(plan)
     # The method checks its parameters over all tensors now, before any work starts, and says
     # whether it needs model-wide statistics passes (engine/passes.py).

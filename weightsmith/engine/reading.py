@@ -18,6 +18,7 @@ import torch
 from weightsmith.engine.run_stats import RunStats
 from weightsmith.engine.slots import Slot, SlotPool, typed, unit_shape
 from weightsmith.engine.tasks import MergePlan, Source, WorkUnit
+from weightsmith.engine.vocab_rows import read_gathered
 
 
 @dataclass
@@ -35,6 +36,9 @@ def _read_input(
     plan: MergePlan, src: Source, unit: WorkUnit, dest: torch.Tensor, raw: torch.Tensor
 ) -> None:
     """Read one input of a unit into ``dest`` (compute dtype), padding or truncating vocab rows."""
+    if src.gather is not None:  # a merged tokenizer: output rows gathered from this input's
+        read_gathered(plan.checkpoints, src, unit.rows or (0, unit.task.shape[0]), dest, raw)
+        return
     ckpt = plan.checkpoints[src.ckpt]
     entry = ckpt.entry(src.key)
     rows = unit.rows

@@ -21,6 +21,8 @@ class Source:
     ckpt: int
     key: str
     rows: int | None = None  # set when vocab_policy pads or truncates this input
+    # engine/vocab_rows.RowGather: output rows mapped to this input's rows (a merged tokenizer)
+    gather: Any = None
 
 
 @dataclass
@@ -72,6 +74,8 @@ class MergePlan:
     units: list[WorkUnit] = field(default_factory=list)
     oversize: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    vocab: Any = None  # io/tokenizer_build.VocabAlignment when the recipe builds a tokenizer
+    fill_bytes: int = 0  # vocabulary fill rows kept for the run (engine/vocab_rows.py)
     # What the recipe asks that mergekit would silently ignore, and other warnings (printed
     # on stderr as they arise, kept here for the Python API): weightsmith.notices.
     warnings: list[str] = field(default_factory=list)
@@ -116,12 +120,12 @@ class MergePlan:
         )
         return SLOTS * slot_bytes * cap + scratch * max(cap, biggest_oversize) + (
             (slot_bytes * biggest_oversize) if biggest_oversize else 0
-        )
+        ) + self.fill_bytes
 
     @property
     def out_vocab_rows(self) -> int | None:
         for task in self.tasks:
-            if any(s.rows is not None for s in [*task.models, task.base] if s):
+            if any(s.rows is not None or s.gather is not None for s in [*task.models, task.base] if s):
                 return task.shape[0]
         return None
 
