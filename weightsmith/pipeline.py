@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,8 @@ TAG_ALONG_FILES = (
 
 DEFAULT_MEMORY_BUDGET = "1.25GB"
 DEFAULT_SHARD_SIZE = "5GB"
+# Where the plan runs: this process (engine/executor.py) or a Ray cluster (engine/ray_executor.py).
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -143,13 +147,16 @@ def merge(
     progress: bool = False,
     fsync: bool = True,
     resume: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
 
     ``recipe`` is a YAML path, a YAML string or a dict in mergekit's format. ``resume``
     continues a merge of the same plan (recipe, inputs, shard size, device) into the same
     ``out`` that was killed before it finished, reusing the blocks it wrote once re-checked;
-    the output is byte for byte what an uninterrupted run writes.
+    the output is byte for byte what an uninterrupted run writes. ``executor="ray"`` runs one
+    task per output shard on a Ray cluster (``ray_address``, else a local one): same bytes.
     """
     started = time.perf_counter()
     plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
@@ -174,6 +181,8 @@ def merge(
         fsync=fsync,
         started=started,
         resume=resume,
+        executor=executor,
+        ray_address=ray_address,
         resume_command=_resume_command(
             recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle
         ),
@@ -251,9 +260,13 @@ def run_plan(
     started: float | None = None,
     resume: bool = False,
     resume_command: str | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> MergeResult:
-    """Execute a plan into a new output folder, atomically (``resume``: see ``merge``)."""
+    """Execute a plan into a new output folder, atomically (``resume``, ``executor``: see ``merge``)."""
     started = started if started is not None else time.perf_counter()
+    if executor not in EXECUTORS:
+        raise RecipeError(f"executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
     check_before_work(plan, out, overwrite)
     # torch's own default (one thread per core) measured best on a quiet 2-core machine (ties
     # 36 s vs 44 s with one thread, linear 6.1 s vs 8.3 s); on a machine busy with other work,
@@ -265,8 +278,14 @@ def run_plan(
         torch.set_num_threads(threads)
         previous_kernel_threads = fused.set_threads(threads)  # the fused kernels' pool too
     try:
+        run = execute
+        if executor == "ray":
+            from weightsmith.engine.ray_executor import execute_on_ray
+
+            run = functools.partial(execute_on_ray, address=ray_address)
         return _run_plan(
-            plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command
+            plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command,
+            run,
         )
     finally:
         torch.set_num_threads(previous)
@@ -285,6 +304,7 @@ def _run_plan(
     started: float,
     resume: bool,
     resume_command: str | None,
+    run: Callable[..., RunStats] = execute,
 ) -> MergeResult:
     shard_bytes = _size(out_shard_size, "out shard size")
     _check_device(device)
@@ -335,7 +355,7 @@ def _run_plan(
                     flush=True,
                 )
             bar = _progress_bar(plan, progress)
-            stats = execute(
+            stats = run(
                 plan,
                 writer,
                 device=device,

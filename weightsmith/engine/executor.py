@@ -102,16 +102,20 @@ def execute(
     device: str = "cpu",
     journal: Journal | None = None,
     reused: dict[UnitKey, Entry] | None = None,
+    statistics: tuple[Any, int, int] | None = None,
 ) -> RunStats:
     """Run every unit of the plan, writing results through ``writer``.
 
     Units in ``reused`` (verified blocks of an interrupted run) are not computed again; their
     journaled statistics stand in. Every block written is recorded in ``journal``.
+    ``statistics`` (context, passes, bytes read) stands in for the statistics passes when they
+    were run elsewhere (a distributed run reduces them over the whole model first).
     """
     keep_big_buffers_on_the_heap()
     try:
         return _execute(
-            plan, writer, progress=progress, device=device, journal=journal, reused=reused or {}
+            plan, writer, progress=progress, device=device, journal=journal, reused=reused or {},
+            statistics=statistics,
         )
     finally:
         release_heap()
@@ -125,12 +129,13 @@ def _execute(
     device: str,
     journal: Journal | None,
     reused: dict[UnitKey, Entry],
+    statistics: tuple[Any, int, int] | None,
 ) -> RunStats:
     stats = RunStats()
     pool = SlotPool(plan)
     # Methods with model-wide statistics stream the inputs first; the result is small. A
     # resumed run computes them again (they read the inputs, never the output).
-    stats.context, stats.global_passes, stats.global_bytes_read = run_global_passes(
+    stats.context, stats.global_passes, stats.global_bytes_read = statistics or run_global_passes(
         plan, pool, device=device
     )
     unit_stats: dict[UnitKey, dict[str, float]] = {key: e.stats for key, e in reused.items() if e.stats}
