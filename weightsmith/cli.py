@@ -81,6 +81,32 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         is_flag=True,
         help="also read PyTorch .bin pickles (with weights_only=True)",
     )(fn)
+    fn = click.option(
+        "--numerics",
+        type=click.Choice(["weightsmith", "mergekit"]),
+        default=None,
+        help="mergekit: mergekit 0.1.5's arithmetic in the recipe's dtype, to reproduce its output "
+        "bit for bit; default: the recipe's `numerics:`, else weightsmith (float32, ties kept)",
+    )(fn)
+    fn = click.option(
+        "--strict",
+        is_flag=True,
+        help="errors, not warnings, for what mergekit ignores (unknown fields, parameters a "
+        "method does not take)",
+    )(fn)
+    fn = click.option(
+        "--stage",
+        metavar="NAME",
+        default=None,
+        help="multi-stage recipes: the stage to produce (default: the unnamed document, else the last)",
+    )(fn)
+    fn = click.option(
+        "--stage-cache",
+        metavar="DIR",
+        default=None,
+        help="multi-stage recipes: where intermediate stages are kept and reused "
+        "(default: .weightsmith-stages beside OUT; for plan, in the working directory)",
+    )(fn)
     return fn
 
 
@@ -131,9 +157,16 @@ def merge_cmd(
     memory_budget: str,
     random_seed: int | None,
     allow_pickle: bool,
+    numerics: str | None,
+    strict: bool,
+    stage: str | None,
+    stage_cache: str | None,
 ) -> None:
-    """Merge the models named in RECIPE (YAML, mergekit format) into the new folder OUT."""
-    from weightsmith.pipeline import merge
+    """Merge the models named in RECIPE (YAML, mergekit format) into the new folder OUT.
+
+    A multi-stage RECIPE (mergekit-multi: `---`-separated documents with `name:`) runs its
+    stages in order, keeping intermediates in --stage-cache and reusing unchanged ones."""
+    from weightsmith.stages import merge
 
     if push_to:
         from weightsmith.io.hub_push import check_can_push
@@ -152,6 +185,11 @@ def merge_cmd(
         progress=not quiet,
         fsync=not no_fsync,
         resume=resume,
+        numerics=numerics,
+        strict=strict,
+        stage=stage,
+        stage_cache=stage_cache,
+        log=(lambda line: None) if quiet else None,
         executor=executor,
         ray_address=ray_address,
     )
@@ -228,11 +266,33 @@ def plan_cmd(
     memory_budget: str,
     random_seed: int | None,
     allow_pickle: bool,
+    numerics: str | None,
+    strict: bool,
+    stage: str | None,
+    stage_cache: str | None,
 ) -> None:
-    """Dry run: every output tensor, its inputs and operator, bytes and estimated peak memory."""
-    from weightsmith.pipeline import plan_merge
+    """Dry run: every output tensor, its inputs and operator, bytes and estimated peak memory.
 
-    plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
+    A multi-stage RECIPE: its stages in order (cached or to run), then the plan of the final
+    stage once its inputs exist."""
+    from weightsmith.pipeline import plan_merge
+    from weightsmith.stages import is_multi_stage
+
+    options = {
+        "memory_budget": memory_budget,
+        "random_seed": random_seed,
+        "allow_pickle": allow_pickle,
+        "numerics": numerics,
+    }
+    stages: list[dict[str, Any]] = []
+    if is_multi_stage(recipe):
+        plan = _plan_stages(recipe, stage, stage_cache, strict, options, stages, echo=not as_json)
+        if plan is None:
+            if as_json:
+                click.echo(json.dumps({"stages": stages}, indent=2, default=str))
+            return
+    else:
+        plan = plan_merge(recipe, strict=strict, **options)
     refs = [c.ref for c in plan.checkpoints]
     rows = []
     for task in plan.tasks:
@@ -252,6 +312,8 @@ def plan_cmd(
         )
     summary = {
         "merge_method": plan.method.name,
+        "numerics": plan.recipe.numerics,
+        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
         "tensors": len(plan.tasks),
         "bytes_to_read": plan.bytes_to_read,
         "bytes_to_write": plan.bytes_to_write,
@@ -260,6 +322,7 @@ def plan_cmd(
         "over_budget_tensors": plan.oversize,
         "notes": plan.notes,
     }
+    summary["warnings"] = plan.warnings
     shards = []
     if executor == "ray":
         from weightsmith.engine.partition import partition
@@ -272,7 +335,8 @@ def plan_cmd(
             for w in shards
         ]
     if as_json:
-        click.echo(json.dumps({"summary": summary, "tensors": rows}, indent=2, default=str))
+        extra = {"stages": stages} if stages else {}
+        click.echo(json.dumps({**extra, "summary": summary, "tensors": rows}, indent=2, default=str))
         return
     for row in rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
@@ -312,6 +376,39 @@ def plan_cmd(
                 "                 merge will refuse: the peak passes the budget; it runs with "
                 f"--memory-budget {budget_option(budget_that_fits(plan))} or more"
             )
+
+
+def _plan_stages(
+    recipe: str,
+    stage: str | None,
+    stage_cache: str | None,
+    strict: bool,
+    options: dict[str, Any],
+    rows: list[dict[str, Any]],
+    echo: bool,
+) -> Any:
+    """Print a multi-stage recipe's stages (filling ``rows``); the final stage's plan or None."""
+    from weightsmith.stages import plan_stages
+
+    planned = plan_stages(recipe, stage=stage, stage_cache=stage_cache, strict=strict, **options)
+    for k, row in enumerate(planned, 1):
+        r = row.recipe
+        final = k == len(planned)
+        state = (
+            "final: written to OUT" if final and row.plan is not None
+            else f"cached in {row.folder}" if row.cached
+            else f"to run, into {row.folder}" if row.folder is not None
+            else "planned once the stages it uses have run"
+        )
+        uses = ", ".join(row.stage.needs) or "-"
+        rows.append({"stage": row.stage.name, "merge_method": r.merge_method, "uses": row.stage.needs,
+                     "models": [m.ref for m in r.models], "state": state})
+        if echo:
+            click.echo(f"stage {k}/{len(planned)} {row.stage.label}: {r.merge_method} of "
+                       f"{len(r.models)} model(s); uses stages: {uses}; {state}")
+    if echo:
+        click.echo("")
+    return planned[-1].plan
 
 
 @main.command("inspect")
