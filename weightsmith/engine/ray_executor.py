@@ -47,6 +47,7 @@ from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.journal import Entry, Journal
 from weightsmith.io.writer import ShardWriter
 from weightsmith.ops.statistics import GlobalStatistics
+from weightsmith.units import format_size
 
 # A task whose worker process dies is run again this many times before the merge fails.
 MAX_RETRIES = 3
@@ -182,6 +183,16 @@ def reduce_statistics(
     return stats.result(), passes, passes * per_pass
 
 
+def _check_nodes_fit(ray: Any, budget: int) -> None:
+    """A task asking for more memory than any node offers would wait forever: say so now."""
+    largest = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if largest and budget > largest:
+        raise MergeError(
+            f"--memory-budget {format_size(budget)} is more than any Ray node offers (largest: "
+            f"{format_size(largest)} of schedulable memory); lower the budget or add bigger nodes"
+        )
+
+
 def _shard_groups_by_writer(plan: MergePlan, writer: ShardWriter) -> list[ShardWork]:
     shard_of = {name: slot.shard for name, slot in writer.slots.items()}
     work = [ShardWork(i, name, []) for i, name in enumerate(writer.names)]
@@ -231,6 +242,7 @@ def _run(
     reused: dict[UnitKey, Entry],
 ) -> RunStats:
     # Workers need no more than the plan's budget each; Ray schedules by it.
+    _check_nodes_fit(ray, plan.memory_budget)
     options = {"max_retries": MAX_RETRIES, "memory": plan.memory_budget}
     merge_task = ray.remote(merge_shard).options(**options)
     collect = ray.remote(collect_shard).options(**options)
