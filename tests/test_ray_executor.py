@@ -14,6 +14,7 @@ from models import make_family
 import weightsmith
 from weightsmith.cli import main
 from weightsmith.engine.ray_executor import DIE_ONCE_ENV, _exact
+from weightsmith.errors import MergeError
 from weightsmith.io.checkpoint import Checkpoint
 
 ray = pytest.importorskip("ray")
@@ -112,6 +113,15 @@ def test_a_worker_killed_mid_merge_is_retried_to_the_same_bytes(cluster, inputs,
     merge_both(recipe("task_arithmetic", base, models), tmp_path, memory_budget="64KB",
                out_shard_size="20KB")
     assert not cluster.exists()  # a worker did die (and its task was run again)
+
+
+@pytest.mark.slow
+def test_a_budget_no_node_offers_is_refused_not_left_waiting(cluster, inputs, tmp_path):
+    base, models = inputs
+    with pytest.raises(MergeError, match="more than any Ray node offers"):
+        weightsmith.merge(recipe("task_arithmetic", base, models), tmp_path / "out", executor="ray",
+                          memory_budget="100TB")
+    assert not (tmp_path / "out").exists()
 
 
 def test_plan_shows_the_partition_by_shard(inputs, tmp_path):
