@@ -80,7 +80,9 @@ def statistic_units(plan: MergePlan, stats: GlobalStatistics | None = None) -> l
     return units
 
 
-def run_global_passes(plan: MergePlan, pool: SlotPool, *, device: str = "cpu") -> tuple[Any, int, int]:
+def run_global_passes(
+    plan: MergePlan, pool: SlotPool, *, device: str = "cpu", kernels: str = "auto"
+) -> tuple[Any, int, int]:
     """Run the method's statistics passes, streaming units through the engine's slots.
 
     Returns what the output pass gets as ``inputs.context``, the number of passes run and the
@@ -100,14 +102,20 @@ def run_global_passes(plan: MergePlan, pool: SlotPool, *, device: str = "cpu") -
                 "this is a bug in the method, please report it"
             )
         total: Any = None
-        for part in unit_partials(plan, units, pool, stats, device=device):
+        for part in unit_partials(plan, units, pool, stats, device=device, kernels=kernels):
             total = part if total is None else stats.combine(total, part)
         stats.absorb(total)
     return stats.result(), passes, passes * per_pass
 
 
 def unit_partials(
-    plan: MergePlan, units: list[WorkUnit], pool: SlotPool, stats: GlobalStatistics, *, device: str = "cpu"
+    plan: MergePlan,
+    units: list[WorkUnit],
+    pool: SlotPool,
+    stats: GlobalStatistics,
+    *,
+    device: str = "cpu",
+    kernels: str = "auto",
 ) -> Iterator[Any]:
     """One statistics pass over ``units``: each unit's partial (``collect``), in order. A
     distributed run streams the units of one output shard per worker through this too."""
@@ -121,7 +129,7 @@ def unit_partials(
                 if device != "cpu":
                     models = models.to(device, non_blocking=True)
                     base = base.to(device, non_blocking=True) if base is not None else None
-                inputs = MergeInputs(unit.task.name, models, base, aux=loaded.aux)
+                inputs = MergeInputs(unit.task.name, models, base, aux=loaded.aux, kernels=kernels)
                 part = stats.collect(inputs, **unit.task.params)
             finally:
                 pool.release(loaded.slot)

@@ -104,6 +104,8 @@ def merge_shard(
     device: str,
     statistics: tuple[Any, int, int] | None,
     reused: dict[UnitKey, Entry],
+    kernels: str = "torch",
+    device_memory_budget: int | None = None,
 ) -> tuple[RunStats, list[Entry], dict[str, int]]:
     """One shard's work, on a worker: the local executor over the shard's sub-plan."""
     writer = ShardWriter.attach(Path(folder), names, slots)
@@ -111,7 +113,7 @@ def merge_shard(
     try:
         stats = execute(
             sub_plan(plan, indices), writer, device=device, journal=recorder,  # type: ignore[arg-type]
-            reused=reused, statistics=statistics,
+            reused=reused, statistics=statistics, kernels=kernels, device_memory_budget=device_memory_budget,
         )
         for fd in writer.fds:
             os.fsync(fd)
@@ -219,14 +221,19 @@ def execute_on_ray(
     device: str = "cpu",
     journal: Journal | None = None,
     reused: dict[UnitKey, Entry] | None = None,
+    kernels: str = "torch",
+    device_memory_budget: int | None = None,
 ) -> RunStats:
-    """``execute``'s contract, on Ray: every unit written through ``writer``'s layout."""
+    """``execute``'s contract, on Ray: every unit written through ``writer``'s layout. The
+    statistics passes run on the CPU; ``device``, ``kernels`` and ``device_memory_budget``
+    apply to each task's output pass."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     try:
-        return _run(ray, plan, writer, progress, device, journal, reused or {})
+        device_options = {"kernels": kernels, "device_memory_budget": device_memory_budget}
+        return _run(ray, plan, writer, progress, device, journal, reused or {}, device_options)
     finally:
         if started_here:
             ray.shutdown()
@@ -240,6 +247,7 @@ def _run(
     device: str,
     journal: Journal | None,
     reused: dict[UnitKey, Entry],
+    device_options: dict[str, Any],
 ) -> RunStats:
     # Workers need no more than the plan's budget each; Ray schedules by it.
     _check_nodes_fit(ray, plan.memory_budget)
@@ -248,14 +256,15 @@ def _run(
     collect = ray.remote(collect_shard).options(**options)
     plan_ref = ray.put(plan)
     shard_of = {name: slot.shard for name, slot in writer.slots.items()}
-    statistics = reduce_statistics(ray, plan, plan_ref, collect, device, shard_of)
+    statistics = reduce_statistics(ray, plan, plan_ref, collect, "cpu", shard_of)
     work = _shard_groups_by_writer(plan, writer)
     pending = {}
     for w in work:
         keys = {(plan.units[i].task.name, plan.units[i].rows) for i in w.units}
         mine = {k: e for k, e in reused.items() if k in keys}
         ref = merge_task.remote(
-            plan_ref, w.units, str(writer.folder), writer.names, writer.slots, device, statistics, mine
+            plan_ref, w.units, str(writer.folder), writer.names, writer.slots, device, statistics, mine,
+            **device_options,
         )
         pending[ref] = w
     results: dict[int, tuple[RunStats, list[Entry], dict[str, int]]] = {}
