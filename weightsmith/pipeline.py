@@ -519,6 +519,9 @@ def _checkpoint_paths(label: str, ckpt: Checkpoint, search_dirs: tuple[Path, ...
     # else (a folder, an index, a Hub snapshot) is a model folder.
     paths = [protect(label, given, folder=False)] if single else [protect(label, ckpt.root, folder=True)]
     paths += [protect(label, ckpt.root / shard, folder=False) for shard in ckpt.shard_files]
+    adapter = getattr(ckpt, "adapter", None)  # BASE+ADAPTER: the adapter folder is an input too
+    if adapter is not None:
+        paths.append(protect(f"{label} (its LoRA adapter)", adapter.root, folder=True))
     return paths
 
 
