@@ -110,6 +110,16 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _executor_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="run here, or one task per output shard on a Ray cluster (pip install 'weightsmith[ray]')",
+    )(fn)
+
+
 def _device_options(fn: Any) -> Any:
     fn = click.option(
         "--device-memory-budget", default=None, metavar="SIZE",
@@ -142,6 +152,8 @@ def _device_options(fn: Any) -> Any:
 @click.option("--no-fsync", is_flag=True, help="skip fsync before the final rename (faster, less safe)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
 @click.option("--push-to", metavar="REPO_ID", default=None, help="after the merge, push OUT to this Hub repo")
+@click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
+@_executor_option
 @_common_plan_options
 @_friendly
 def merge_cmd(
@@ -157,6 +169,8 @@ def merge_cmd(
     no_fsync: bool,
     quiet: bool,
     push_to: str | None,
+    ray_address: str | None,
+    executor: str,
     memory_budget: str,
     random_seed: int | None,
     allow_pickle: bool,
@@ -195,6 +209,8 @@ def merge_cmd(
         log=(lambda line: None) if quiet else None,
         kernels=kernels,
         device_memory_budget=device_memory_budget,
+        executor=executor,
+        ray_address=ray_address,
     )
     if not quiet:
         s = result.stats
@@ -260,12 +276,18 @@ def push_cmd(
 @main.command("plan")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option(
+    "--out-shard-size", default="5GB", show_default=True, help="max bytes per shard (for --executor ray)"
+)
+@_executor_option
 @_device_options
 @_common_plan_options
 @_friendly
 def plan_cmd(
     recipe: str,
     as_json: bool,
+    out_shard_size: str,
+    executor: str,
     device: str,
     kernels: str,
     device_memory_budget: str | None,
@@ -333,6 +355,17 @@ def plan_cmd(
     on_device = device_summary(plan, device, kernels, device_memory_budget)
     if on_device["device"] != "cpu":
         summary["device"] = on_device
+    shards = []
+    if executor == "ray":
+        from weightsmith.engine.partition import partition
+        from weightsmith.units import parse_size
+
+        shards = partition(plan, parse_size(out_shard_size))
+        summary["ray_partition"] = [
+            {"task": w.shard, "shard": w.name, "tensors": len(w.tensors), "units": len(w.units),
+             "bytes_to_read": w.bytes_to_read, "bytes_to_write": w.bytes_to_write}
+            for w in shards
+        ]
     if as_json:
         extra = {"stages": stages} if stages else {}
         click.echo(json.dumps({**extra, "summary": summary, "tensors": rows}, indent=2, default=str))
@@ -367,6 +400,11 @@ def plan_cmd(
         )
     for note in plan.notes:
         click.echo(f"note:            {note}")
+    if shards:
+        from weightsmith.engine.partition import describe_partition
+
+        for line in describe_partition(shards):
+            click.echo(line)
     if plan.oversize:
         click.echo(
             f"over budget:     {len(plan.oversize)} tensor(s) cannot be split by "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,8 @@ TAG_ALONG_FILES = (
 
 DEFAULT_MEMORY_BUDGET = "1.25GB"
 DEFAULT_SHARD_SIZE = "5GB"
+# Where the plan runs: this process (engine/executor.py) or a Ray cluster (engine/ray_executor.py).
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -182,6 +186,8 @@ def merge(
     numerics: str | None = None,
     kernels: str = "torch",
     device_memory_budget: str | int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
 
@@ -191,11 +197,14 @@ def merge(
     the output is byte for byte what an uninterrupted run writes. ``strict``: see plan_merge.
     ``numerics="mergekit"`` reproduces mergekit 0.1.5's arithmetic (docs/mergekit.md, "Numerics").
     (``weightsmith.merge`` also runs multi-stage recipes: weightsmith/stages.py.)
+    ``executor="ray"`` runs one task per output shard on a Ray cluster (``ray_address``, else a
+    local one), docs/distributed.md: the same bytes.
     """
     with collecting():  # a warning repeated by a re-plan (greedy soups) is printed once
         return _merge(
             recipe, out, memory_budget, out_shard_size, overwrite, random_seed, device, threads,
             allow_pickle, progress, fsync, resume, strict, numerics, kernels, device_memory_budget,
+            executor, ray_address,
         )
 
 
@@ -216,6 +225,8 @@ def _merge(
     numerics: str | None = None,
     kernels: str = "torch",
     device_memory_budget: str | int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> MergeResult:
     started = time.perf_counter()
     device = check_device(device, kernels)
@@ -254,6 +265,8 @@ def _merge(
         resume=resume,
         kernels=kernels,
         device_memory_budget=device_memory_budget,
+        executor=executor,
+        ray_address=ray_address,
         resume_command=_resume_command(
             recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle, numerics,
             kernels, device_memory_budget,
@@ -344,13 +357,17 @@ def run_plan(
     resume_command: str | None = None,
     kernels: str = "torch",
     device_memory_budget: str | int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> MergeResult:
-    """Execute a plan into a new output folder, atomically (``resume``: see ``merge``).
+    """Execute a plan into a new output folder, atomically (``resume``, ``executor``: see ``merge``).
 
     ``device``: cpu, cuda[:N], auto (CUDA when present) or cpu-staged (the device pipeline on
     the CPU, for tests); ``kernels`` (torch or cupy) and ``device_memory_budget`` apply to a
-    device (engine/device_pipeline.py)."""
+    device (engine/device_pipeline.py), on each Ray worker with ``executor="ray"``."""
     started = started if started is not None else time.perf_counter()
+    if executor not in EXECUTORS:
+        raise RecipeError(f"executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
     check_before_work(plan, out, overwrite)
     # torch's own default (one thread per core) measured best on a quiet 2-core machine (ties
     # 36 s vs 44 s with one thread, linear 6.1 s vs 8.3 s); on a machine busy with other work,
@@ -366,9 +383,14 @@ def run_plan(
         budget = (
             None if device_memory_budget is None else _size(device_memory_budget, "device memory budget")
         )
+        run = execute
+        if executor == "ray":
+            from weightsmith.engine.ray_executor import execute_on_ray
+
+            run = functools.partial(execute_on_ray, address=ray_address)
         return _run_plan(
             plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command,
-            kernels, budget,
+            kernels, budget, run,
         )
     finally:
         torch.set_num_threads(previous)
@@ -389,6 +411,7 @@ def _run_plan(
     resume_command: str | None,
     kernels: str = "torch",
     device_memory_budget: int | None = None,
+    run: Callable[..., RunStats] = execute,
 ) -> MergeResult:
     shard_bytes = _size(out_shard_size, "out shard size")
     try:
@@ -438,7 +461,7 @@ def _run_plan(
                     flush=True,
                 )
             bar = _progress_bar(plan, progress)
-            stats = execute(
+            stats = run(
                 plan,
                 writer,
                 device=device,

@@ -87,6 +87,7 @@ def execute(
     reused: dict[UnitKey, Entry] | None = None,
     kernels: str = "torch",
     device_memory_budget: int | None = None,
+    statistics: tuple[Any, int, int] | None = None,
 ) -> RunStats:
     """Run every unit of the plan, writing results through ``writer``.
 
@@ -95,13 +96,15 @@ def execute(
     ``device`` other than the CPU (``cuda[:N]``, or the ``cpu-staged`` fake) the units go
     through the device pipeline (engine/device_pipeline.py) with ``kernels`` and
     ``device_memory_budget`` (bytes; default: four fifths of the device's free memory).
+    ``statistics`` (context, passes, bytes read) stands in for the statistics passes when they
+    were run elsewhere (a distributed run reduces them over the whole model first).
     """
     keep_big_buffers_on_the_heap()
     stage = None if device == "cpu" else open_stage(device, device_memory_budget)
     try:
         return _execute(
             plan, writer, progress=progress, device=device, journal=journal, reused=reused or {},
-            stage=stage, kernels=kernels,
+            stage=stage, kernels=kernels, statistics=statistics,
         )
     finally:
         if stage is not None:
@@ -119,12 +122,13 @@ def _execute(
     reused: dict[UnitKey, Entry],
     stage: DeviceStage | None = None,
     kernels: str = "torch",
+    statistics: tuple[Any, int, int] | None = None,
 ) -> RunStats:
     stats = RunStats()
     pool = SlotPool(plan, alloc=stage.pinned if stage is not None else None)
     # Methods with model-wide statistics stream the inputs first; the result is small. A
     # resumed run computes them again (they read the inputs, never the output).
-    stats.context, stats.global_passes, stats.global_bytes_read = run_global_passes(
+    stats.context, stats.global_passes, stats.global_bytes_read = statistics or run_global_passes(
         plan, pool, device=str(stage.compute_device) if stage is not None else "cpu",
         kernels=kernels if stage is not None else "auto",
     )

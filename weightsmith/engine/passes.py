@@ -16,6 +16,7 @@ Tensors that are the same storage (tied embeddings) are visited once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from weightsmith.engine.keys import TIED_ALIASES
@@ -91,7 +92,7 @@ def run_global_passes(
     if stats is None:
         return None, 0, 0
     units = statistic_units(plan, stats)
-    per_pass = sum(_unit_bytes(plan, u) for u in units)
+    per_pass = sum(unit_bytes(plan, u) for u in units)
     passes = 0
     while stats.wants_pass():
         passes += 1
@@ -101,29 +102,44 @@ def run_global_passes(
                 "this is a bug in the method, please report it"
             )
         total: Any = None
-        stream = stream_loaded(plan, units, pool)
-        try:
-            for loaded in stream:
-                unit = loaded.unit
-                try:
-                    models, base = loaded.models, loaded.base
-                    assert models is not None
-                    if device != "cpu":
-                        models = models.to(device, non_blocking=True)
-                        base = base.to(device, non_blocking=True) if base is not None else None
-                    inputs = MergeInputs(unit.task.name, models, base, aux=loaded.aux, kernels=kernels)
-                    part = stats.collect(inputs, **unit.task.params)
-                    total = part if total is None else stats.combine(total, part)
-                finally:
-                    pool.release(loaded.slot)
-                del inputs, models, base, loaded
-        finally:
-            stream.close()
+        for part in unit_partials(plan, units, pool, stats, device=device, kernels=kernels):
+            total = part if total is None else stats.combine(total, part)
         stats.absorb(total)
     return stats.result(), passes, passes * per_pass
 
 
-def _unit_bytes(plan: MergePlan, unit: WorkUnit) -> int:
+def unit_partials(
+    plan: MergePlan,
+    units: list[WorkUnit],
+    pool: SlotPool,
+    stats: GlobalStatistics,
+    *,
+    device: str = "cpu",
+    kernels: str = "auto",
+) -> Iterator[Any]:
+    """One statistics pass over ``units``: each unit's partial (``collect``), in order. A
+    distributed run streams the units of one output shard per worker through this too."""
+    stream = stream_loaded(plan, units, pool)
+    try:
+        for loaded in stream:
+            unit = loaded.unit
+            try:
+                models, base = loaded.models, loaded.base
+                assert models is not None
+                if device != "cpu":
+                    models = models.to(device, non_blocking=True)
+                    base = base.to(device, non_blocking=True) if base is not None else None
+                inputs = MergeInputs(unit.task.name, models, base, aux=loaded.aux, kernels=kernels)
+                part = stats.collect(inputs, **unit.task.params)
+            finally:
+                pool.release(loaded.slot)
+            del inputs, models, base, loaded
+            yield part
+    finally:
+        stream.close()
+
+
+def unit_bytes(plan: MergePlan, unit: WorkUnit) -> int:
     task = unit.task
     total = 0
     for src in [*task.models, *([task.base] if task.base else [])]:
@@ -152,4 +168,6 @@ __all__ = [
     "run_global_passes",
     "statistic_units",
     "tensor_specs",
+    "unit_bytes",
+    "unit_partials",
 ]

@@ -12,7 +12,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +257,22 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled by reference (headers and absolute paths), for workers on other processes
+        or nodes: file descriptors and the lock stay behind and are reopened on first read."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
+        state["root"] = Path(os.path.abspath(self.root))
+        state["entries"] = {
+            name: replace(e, path=os.path.abspath(e.path)) if e.path else e
+            for name, e in self.entries.items()
+        }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fds = {}
+        self._lock = threading.Lock()
 
     def __del__(self) -> None:  # file descriptors are a finite resource
         try:

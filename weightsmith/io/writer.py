@@ -293,6 +293,31 @@ class Slot:
     row_bytes: int
 
 
+Layout = list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+
+def shard_groups(tensors: Layout, max_shard_bytes: int) -> list[Layout]:
+    """The tensors of each output shard, in order: a function of the plan alone, so a
+    distributed run knows which tensors share a shard before anything is written."""
+    groups: list[Layout] = [[]]
+    size = 0
+    for item in tensors:
+        nbytes = _nbytes(item[1], item[2])
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nbytes
+    return groups
+
+
+def shard_names(count: int) -> list[str]:
+    return [
+        "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        for i in range(count)
+    ]
+
+
 class ShardWriter:
     """Writes planned tensors into pre-laid-out safetensors shards.
 
@@ -312,20 +337,8 @@ class ShardWriter:
         out: Path | None = None,
         resume: bool = False,
     ) -> None:
-        groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
-        size = 0
-        for item in tensors:
-            nbytes = _nbytes(item[1], item[2])
-            if groups[-1] and size + nbytes > max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(item)
-            size += nbytes
-        count = len(groups)
-        self.names = [
-            "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            for i in range(count)
-        ]
+        groups = shard_groups(tensors, max_shard_bytes)
+        self.names = shard_names(len(groups))
         self.folder = folder
         self.out = out
         self.slots: dict[str, Slot] = {}
@@ -360,6 +373,27 @@ class ShardWriter:
         except OSError as e:
             self.close()
             raise _disk_error(e, folder, need, out) from e
+
+    @classmethod
+    def attach(
+        cls, folder: Path, names: list[str], slots: dict[str, Slot], out: Path | None = None
+    ) -> ShardWriter:
+        """A writer onto shards another process laid out (a distributed run's workers): the
+        files are opened for writing as they are, never created, truncated or re-laid out."""
+        self = cls.__new__(cls)
+        self.folder, self.out, self.names, self.slots = folder, out, list(names), dict(slots)
+        self.fds, self.written, self.fresh = [], {}, set()
+        self.total_size = sum(s.nbytes for s in self.slots.values())
+        try:
+            for name in self.names:
+                self.fds.append(os.open(folder / name, os.O_WRONLY))
+        except OSError as e:
+            self.close()
+            raise OutputError(
+                f"{folder / name}: cannot open the output shard for writing ({e.strerror}); with "
+                "--executor ray every node must see the output folder's parent at the same path"
+            ) from e
+        return self
 
     def span(self, name: str, rows: tuple[int, int] | None) -> tuple[int, int, int]:
         """(shard index, absolute offset, length) of a tensor or a block of its rows."""

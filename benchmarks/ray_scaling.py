@@ -1,0 +1,85 @@
+"""Local executor vs `--executor ray` with 1 and 2 worker CPUs, on synthetic checkpoints.
+
+    python benchmarks/ray_scaling.py .bench/ray --params 0.05B --models 3 --shard 25MB
+
+Builds (or reuses) the checkpoints with make_checkpoints.py, then merges them with task
+arithmetic and with TIES ``scope: model`` (statistics passes reduced over the cluster),
+locally and on a fresh local Ray cluster per worker count. Cluster start-up is not counted
+(a real cluster is already running); the per-run times include shipping the plan, the tasks'
+start and the workers' imports. Every output is checked byte for byte against the local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import weightsmith  # noqa: E402
+
+
+def same_shards(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    return names == sorted(p.name for p in b.glob("*.safetensors")) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names
+    )
+
+
+def recipes(root: Path, models: int) -> dict[str, dict]:
+    fts = [{"model": str(root / f"ft{i}"), "parameters": {"weight": 0.5, "density": 0.3}}
+           for i in range(models - 1)]
+    common = {"base_model": str(root / "base"), "models": fts, "dtype": "float32", "out_dtype": "bfloat16"}
+    return {
+        "task_arithmetic": {"merge_method": "task_arithmetic", **common},
+        "ties_model": {"merge_method": "ties", "parameters": {"scope": "model"}, **common},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--params", default="0.05B")
+    ap.add_argument("--models", type=int, default=3)
+    ap.add_argument("--shard", default="25MB", help="output shard size: one Ray task per shard")
+    ap.add_argument("--budget", default="256MB", help="memory budget (per worker on Ray)")
+    args = ap.parse_args()
+    import ray
+
+    here = Path(__file__).resolve().parent
+    subprocess.run([sys.executable, str(here / "make_checkpoints.py"), str(args.root), "--params",
+                    args.params, "--models", str(args.models)], check=True)
+    out = args.root / "out"
+    rows = []
+    options = {"memory_budget": args.budget, "out_shard_size": args.shard, "fsync": False, "overwrite": True}
+    for name, recipe in recipes(args.root, args.models).items():
+        started = time.perf_counter()
+        local = weightsmith.merge(recipe, out / f"{name}-local", **options)
+        rows.append({"recipe": name, "executor": "local", "workers": 1,
+                     "seconds": round(time.perf_counter() - started, 2),
+                     "shards": len(set(json.loads((local.out / "model.safetensors.index.json").read_text())
+                                       ["weight_map"].values()))})
+    for workers in (1, 2):
+        ray.init(num_cpus=workers, include_dashboard=False, address="local", log_to_driver=False)
+        try:
+            for name, recipe in recipes(args.root, args.models).items():
+                started = time.perf_counter()
+                result = weightsmith.merge(recipe, out / f"{name}-ray{workers}", executor="ray", **options)
+                seconds = time.perf_counter() - started
+                rows.append({"recipe": name, "executor": "ray", "workers": workers,
+                             "seconds": round(seconds, 2),
+                             "passes": result.stats.global_passes,
+                             "identical": same_shards(result.out, out / f"{name}-local")})
+        finally:
+            ray.shutdown()
+    for row in rows:
+        print(json.dumps(row))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

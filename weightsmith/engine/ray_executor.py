@@ -1,0 +1,311 @@
+"""Runs a MergePlan on a Ray cluster: one task per output shard, the local engine inside each.
+
+The driver has laid the shards out (header written, space reserved) in the temporary output
+folder, as for a local run. Each Ray task gets the plan by reference (checkpoints pickle as
+headers and paths, ``Checkpoint.__getstate__``), opens the inputs itself (shared filesystem or
+each node's Hub cache: no tensor travels through the object store), runs the local executor
+on the sub-plan of its shard under the plan's memory budget, and ``pwrite``s its blocks at the
+offsets the layout fixed. The driver then journals what the workers wrote, and the pipeline
+writes side files and renames the folder into place as for a local run.
+
+Model-wide statistics (ties ``scope: model``, LiNeS ``alpha: auto``) are Ray reductions of the
+same partials the local engine combines: each pass maps over the shards and the driver
+combines in plan order, so the result is the very same number. Integer partials (histograms,
+counts, sign sums) are added on the worker, since integer addition does not depend on order;
+floating ones come back one per unit, so the driver's float sums round exactly as the local
+engine's do. Per-tensor statistics (thresholds of tensors split into row blocks) need only
+their own tensor, all of whose blocks are in one shard: each task runs them itself.
+
+Ray retries a task whose worker dies (``max_retries``); a retry writes the same bytes at the
+same offsets, so the output is unchanged. Ray is imported only here, when asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from weightsmith.engine.executor import UnitKey, execute
+from weightsmith.engine.partition import ShardWork
+from weightsmith.engine.passes import (
+    MAX_PASSES,
+    prepare_statistics,
+    statistic_units,
+    unit_bytes,
+    unit_partials,
+)
+from weightsmith.engine.run_stats import RunStats
+from weightsmith.engine.slots import SlotPool
+from weightsmith.engine.tasks import MergePlan, WorkUnit
+from weightsmith.errors import MergeError, RecipeError
+from weightsmith.io.journal import Entry, Journal
+from weightsmith.io.writer import ShardWriter
+from weightsmith.ops.statistics import GlobalStatistics
+from weightsmith.units import format_size
+
+# A task whose worker process dies is run again this many times before the merge fails.
+MAX_RETRIES = 3
+
+# Test-only: a worker that finds this file removes it and exits right after writing its first
+# block, as a killed node would; Ray's retry must then produce the same output.
+DIE_ONCE_ENV = "WEIGHTSMITH_TEST_RAY_DIE_ONCE"
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise RecipeError(
+            "--executor ray needs Ray: pip install 'weightsmith[ray]' (or pip install 'ray>=2.9')"
+        ) from None
+    return ray
+
+
+def sub_plan(plan: MergePlan, indices: list[int]) -> MergePlan:
+    """The plan restricted to some of its units (one shard's), tasks in plan order."""
+    units = [plan.units[i] for i in indices]
+    tasks, seen = [], set()
+    for unit in units:
+        if id(unit.task) not in seen:
+            seen.add(id(unit.task))
+            tasks.append(unit.task)
+    return replace(plan, tasks=tasks, units=units, notes=[])
+
+
+class _Recorder:
+    """Stands in for the journal on a worker: keeps the entries for the driver to journal."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+
+    def record(self, entry: Entry) -> None:
+        self.entries.append(entry)
+        marker = os.environ.get(DIE_ONCE_ENV)
+        if marker:
+            try:
+                os.remove(marker)
+            except FileNotFoundError:
+                return
+            os._exit(1)
+
+
+def merge_shard(
+    plan: MergePlan,
+    indices: list[int],
+    folder: str,
+    names: list[str],
+    slots: dict[str, Any],
+    device: str,
+    statistics: tuple[Any, int, int] | None,
+    reused: dict[UnitKey, Entry],
+    kernels: str = "torch",
+    device_memory_budget: int | None = None,
+) -> tuple[RunStats, list[Entry], dict[str, int]]:
+    """One shard's work, on a worker: the local executor over the shard's sub-plan."""
+    writer = ShardWriter.attach(Path(folder), names, slots)
+    recorder = _Recorder()
+    try:
+        stats = execute(
+            sub_plan(plan, indices), writer, device=device, journal=recorder,  # type: ignore[arg-type]
+            reused=reused, statistics=statistics, kernels=kernels, device_memory_budget=device_memory_budget,
+        )
+        for fd in writer.fds:
+            os.fsync(fd)
+    finally:
+        writer.close()
+    stats.context = None  # the driver has it (model-wide) or does not need it (per tensor)
+    return stats, recorder.entries, writer.written
+
+
+def _exact(part: Any) -> bool:
+    """Partials whose sum does not depend on the order of addition: integers only."""
+    if part is None or isinstance(part, (bool, int, np.integer)):
+        return True
+    if isinstance(part, (list, tuple)):
+        return all(_exact(p) for p in part)
+    if isinstance(part, dict):
+        return all(_exact(p) for p in part.values())
+    if isinstance(part, torch.Tensor):
+        return not (part.dtype.is_floating_point or part.dtype.is_complex)
+    if isinstance(part, np.ndarray):
+        return part.dtype.kind in "iub"
+    return False
+
+
+def collect_shard(
+    plan: MergePlan, indices: list[int], stats: GlobalStatistics, device: str
+) -> tuple[bool, list[Any]]:
+    """One statistics pass over one shard's units: (reduced, partials). Integer partials are
+    reduced here to one; others are returned one per unit, in plan order."""
+    part_plan = sub_plan(plan, indices)
+    parts = list(unit_partials(part_plan, part_plan.units, SlotPool(part_plan), stats, device=device))
+    if not all(_exact(p) for p in parts):
+        return False, parts
+    total: Any = None
+    for p in parts:
+        total = p if total is None else stats.combine(total, p)
+    return True, [total]
+
+
+def reduce_statistics(
+    ray: Any, plan: MergePlan, plan_ref: Any, collect: Any, device: str, shard_of: dict[str, int]
+) -> tuple[Any, int, int] | None:
+    """Model-wide statistics as Ray reductions, or None when the method has none (or only
+    per-tensor ones, which each shard's task runs itself)."""
+    stats = prepare_statistics(plan)
+    if stats is None or not stats.count_aliases_once:
+        return None
+    units = statistic_units(plan, stats)
+    index = {id(u): i for i, u in enumerate(plan.units)}
+    groups: dict[int, list[int]] = {}
+    for unit in units:  # alias-free units, grouped by shard, plan order kept within each
+        groups.setdefault(shard_of[unit.task.name], []).append(index[id(unit)])
+    per_pass = sum(unit_bytes(plan, u) for u in units)
+    passes = 0
+    while stats.wants_pass():  # (may set the method's phase: ship it after this call)
+        passes += 1
+        if passes > MAX_PASSES:
+            raise MergeError(
+                f"`{plan.method.name}` asked for more than {MAX_PASSES} statistics passes; "
+                "this is a bug in the method, please report it"
+            )
+        stats_ref = ray.put(stats)
+        results = ray.get([collect.remote(plan_ref, groups[k], stats_ref, device) for k in sorted(groups)])
+        total: Any = None
+        for _reduced, parts in results:
+            for part in parts:
+                total = part if total is None else stats.combine(total, part)
+        stats.absorb(total)
+    return stats.result(), passes, passes * per_pass
+
+
+def _check_nodes_fit(ray: Any, budget: int) -> None:
+    """A task asking for more memory than any node offers would wait forever: say so now."""
+    largest = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if largest and budget > largest:
+        raise MergeError(
+            f"--memory-budget {format_size(budget)} is more than any Ray node offers (largest: "
+            f"{format_size(largest)} of schedulable memory); lower the budget or add bigger nodes"
+        )
+
+
+def _shard_groups_by_writer(plan: MergePlan, writer: ShardWriter) -> list[ShardWork]:
+    shard_of = {name: slot.shard for name, slot in writer.slots.items()}
+    work = [ShardWork(i, name, []) for i, name in enumerate(writer.names)]
+    for i, unit in enumerate(plan.units):
+        work[shard_of[unit.task.name]].units.append(i)
+    for w in work:
+        w.bytes_to_write = sum(_unit_out_bytes(plan.units[i]) for i in w.units)
+    return [w for w in work if w.units]
+
+
+def _unit_out_bytes(unit: WorkUnit) -> int:
+    task = unit.task
+    if unit.rows is None or not task.shape:
+        return task.out_bytes
+    return task.out_bytes * (unit.rows[1] - unit.rows[0]) // task.shape[0]
+
+
+def execute_on_ray(
+    plan: MergePlan,
+    writer: ShardWriter,
+    *,
+    address: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    device: str = "cpu",
+    journal: Journal | None = None,
+    reused: dict[UnitKey, Entry] | None = None,
+    kernels: str = "torch",
+    device_memory_budget: int | None = None,
+) -> RunStats:
+    """``execute``'s contract, on Ray: every unit written through ``writer``'s layout. The
+    statistics passes run on the CPU; ``device``, ``kernels`` and ``device_memory_budget``
+    apply to each task's output pass."""
+    ray = import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    try:
+        device_options = {"kernels": kernels, "device_memory_budget": device_memory_budget}
+        return _run(ray, plan, writer, progress, device, journal, reused or {}, device_options)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run(
+    ray: Any,
+    plan: MergePlan,
+    writer: ShardWriter,
+    progress: Callable[[int], None] | None,
+    device: str,
+    journal: Journal | None,
+    reused: dict[UnitKey, Entry],
+    device_options: dict[str, Any],
+) -> RunStats:
+    # Workers need no more than the plan's budget each; Ray schedules by it.
+    _check_nodes_fit(ray, plan.memory_budget)
+    options = {"max_retries": MAX_RETRIES, "memory": plan.memory_budget}
+    merge_task = ray.remote(merge_shard).options(**options)
+    collect = ray.remote(collect_shard).options(**options)
+    plan_ref = ray.put(plan)
+    shard_of = {name: slot.shard for name, slot in writer.slots.items()}
+    statistics = reduce_statistics(ray, plan, plan_ref, collect, "cpu", shard_of)
+    work = _shard_groups_by_writer(plan, writer)
+    pending = {}
+    for w in work:
+        keys = {(plan.units[i].task.name, plan.units[i].rows) for i in w.units}
+        mine = {k: e for k, e in reused.items() if k in keys}
+        ref = merge_task.remote(
+            plan_ref, w.units, str(writer.folder), writer.names, writer.slots, device, statistics, mine,
+            **device_options,
+        )
+        pending[ref] = w
+    results: dict[int, tuple[RunStats, list[Entry], dict[str, int]]] = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        w = pending.pop(done[0])
+        results[w.shard] = ray.get(done[0])
+        if progress:
+            progress(w.bytes_to_write)
+    return _gather(plan, writer, journal, statistics, [results[w.shard] for w in work])
+
+
+def _gather(
+    plan: MergePlan,
+    writer: ShardWriter,
+    journal: Journal | None,
+    statistics: tuple[Any, int, int] | None,
+    results: list[tuple[RunStats, list[Entry], dict[str, int]]],
+) -> RunStats:
+    """One RunStats for the whole merge, as the local executor would report it."""
+    total = RunStats()
+    if statistics is not None:
+        total.context, total.global_passes, total.global_bytes_read = statistics
+    reports: dict[str, dict[str, float]] = {}
+    for stats, entries, written in results:
+        if statistics is None:  # per-tensor passes ran in every task: each read its own inputs
+            total.global_passes = max(total.global_passes, stats.global_passes)
+            total.global_bytes_read += stats.global_bytes_read
+        total.bytes_written += stats.bytes_written
+        total.tensors += stats.tensors
+        total.reused_blocks += stats.reused_blocks
+        total.reused_bytes += stats.reused_bytes
+        reports.update(stats.report)
+        for stage, seconds in stats.timings.items():
+            total.add_time(stage, seconds)
+        for name, nbytes in written.items():
+            writer.written[name] = writer.written.get(name, 0) + nbytes
+        if journal is not None:
+            for entry in entries:
+                journal.record(entry)
+    # In plan order, as the local executor fills it.
+    total.report = {t.name: reports[t.name] for t in plan.tasks if t.name in reports}
+    total.bytes_read = plan.bytes_to_read + total.global_bytes_read
+    return total
