@@ -155,3 +155,4 @@ def test_only_integer_partials_count_as_order_free():
     assert _exact([torch.zeros(3, dtype=torch.int64), None, 5])
     assert not _exact([torch.zeros(3, dtype=torch.int64), 0.5])
     assert not _exact({"a": torch.zeros(2)})
+

@@ -161,6 +161,16 @@ def reduce_statistics(
     stats = prepare_statistics(plan)
     if stats is None or not stats.count_aliases_once:
         return None
+    inner = getattr(stats, "inner", None)
+    if inner is not None and not inner.count_aliases_once:
+        # Model-wide statistics wrapping per-tensor ones (LiNeS over per-tensor TIES with
+        # tensors split into row blocks): the inner thresholds would stay in worker state the
+        # driver never reduces. Refuse rather than merge with thresholds that are not there.
+        raise MergeError(
+            f"`{plan.method.name}` wraps per-tensor statistics ({inner.purpose}) that --executor ray "
+            "cannot reduce yet; run this merge with --executor local, or raise --memory-budget so "
+            "no tensor is split into row blocks"
+        )
     units = statistic_units(plan, stats)
     index = {id(u): i for i, u in enumerate(plan.units)}
     groups: dict[int, list[int]] = {}
