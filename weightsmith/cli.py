@@ -12,9 +12,14 @@ from typing import Any
 
 import click
 
-import weightsmith
 from weightsmith.errors import WeightsmithError
 from weightsmith.units import format_size
+from weightsmith.version import __version__
+
+# Kept here, not imported from the pipeline: `weightsmith --help` must not load torch (the
+# pipeline, the engine and the operators load inside the commands that run them).
+# tests/test_cli_startup.py checks both the import and that this equals the pipeline's value.
+DEFAULT_MEMORY_BUDGET = "1.25GB"
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,7 +63,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(weightsmith.__version__, prog_name="weightsmith")
+@click.version_option(__version__, prog_name="weightsmith")
 def main() -> None:
     """weightsmith: merge fine-tuned checkpoints of one base model, streamed tensor by tensor."""
 
@@ -66,7 +71,7 @@ def main() -> None:
 def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
         "--memory-budget",
-        default=weightsmith.pipeline.DEFAULT_MEMORY_BUDGET,
+        default=DEFAULT_MEMORY_BUDGET,
         show_default=True,
         help="cap on tensor memory in flight (e.g. 512MB, 4GB)",
     )(fn)
