@@ -158,7 +158,7 @@ def build_plan(
                 raise MergeError(
                     f"model {ckpt.ref!r} ({ckpt.root}): {len(extra)} tensor(s) the output does not "
                     f"have: {shown}. Inputs must share one architecture; set `extra_keys: ignore` "
-                    "in the recipe to drop them"
+                    "in the recipe (extra_keys=\"ignore\" in Python's save) to drop them"
                 )
     plan = MergePlan(
         recipe,

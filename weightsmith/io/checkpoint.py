@@ -77,24 +77,42 @@ class Checkpoint:
         for path in candidates:
             if path.exists():
                 return cls._open_local(text, path, allow_pickle)
-        from weightsmith.io.input_hints import build_hint
+        from weightsmith.io.input_hints import build_hint, local_look_alikes, looks_local
 
         # An example input not built yet (listed in an input-commands.txt): a local path that
         # may look like a Hub id ("inputs/minilm-base"); say how to build it.
         command = build_hint(candidates)
-        if looks_like_hub_id(text) and command is None:
+        looked = f"looked in {', '.join(str(p.absolute()) for p in candidates)}"
+        relative = not Path(text).is_absolute()
+        folders = [Path.cwd(), *search_dirs] if relative else []
+        alikes = local_look_alikes(text, folders) if looks_like_hub_id(text) and command is None else []
+        if looks_like_hub_id(text) and command is None and not alikes and not looks_local(text, folders):
             from weightsmith.io.hub import resolve_hub_model
 
-            path, revision = resolve_hub_model(text)
+            try:
+                path, revision = resolve_hub_model(text)
+            except CheckpointError as e:
+                raise CheckpointError(
+                    f"{e} (Read as a Hub id: no local folder {text!r} exists either; {looked}.)"
+                ) from e
             ckpt = cls._open_local(text, path, allow_pickle)
             ckpt.revision = revision
             return ckpt
-        fix = f"build it with: {command}" if command else (
-            "give a local path, a .safetensors file, or a Hub id like org/name"
-        )
-        raise CheckpointError(
-            f"model {text!r}: no such file or folder (looked in {', '.join(map(str, candidates))}); {fix}"
-        )
+        if command:
+            fix = f"build it with: {command}"
+        elif alikes:
+            fix = (
+                f"did you mean {' or '.join(repr(os.path.relpath(p)) for p in alikes)}? "
+                "Relative paths are read from the working directory (and a recipe's folder)"
+            )
+        elif looks_like_hub_id(text):  # and its first folder exists here: a local path
+            fix = (
+                f"read as a local path, not a Hub id, since {Path(text).parts[0]}/ is a folder here; "
+                "check the path"
+            )
+        else:
+            fix = "give a local path, a .safetensors file, or a Hub id like org/name"
+        raise CheckpointError(f"model {text!r}: no such file or folder ({looked}); {fix}")
 
     @classmethod
     def _open_local(cls, ref: str, path: Path, allow_pickle: bool) -> Checkpoint:
