@@ -63,7 +63,7 @@ def test_task_arithmetic_end_to_end_matches_formula(family, tmp_path):
     assert "task_arithmetic" in card and "fingerprint sha256" in card
     # same architecture, same headers: the sampled data still tells the inputs apart
     shards = [s for m in models for s in weightsmith.Checkpoint.open(m).provenance()["shards"]]
-    prints = {s["fingerprint_sha256"] for s in shards}
+    prints = {s["sampled_fingerprint"] for s in shards}
     assert len(prints) == 2 * len(models)
     assert json.loads((out / "merge_report.json").read_text())["tensors"] == len(merged)
     assert result.stats.bytes_written == index["metadata"]["total_size"]

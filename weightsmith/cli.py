@@ -104,6 +104,11 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     "--threads", type=int, default=None, help="compute threads (torch and fused kernels); default: per core"
 )
 @click.option("--no-fsync", is_flag=True, help="skip fsync before the final rename (faster, less safe)")
+@click.option(
+    "--hash-inputs",
+    is_flag=True,
+    help="record the sha256 of every local input shard (reads each in full; default: a sampled fingerprint)",
+)
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
 @click.option("--push-to", metavar="REPO_ID", default=None, help="after the merge, push OUT to this Hub repo")
 @_common_plan_options
@@ -117,6 +122,7 @@ def merge_cmd(
     resume: bool,
     threads: int | None,
     no_fsync: bool,
+    hash_inputs: bool,
     quiet: bool,
     push_to: str | None,
     memory_budget: str,
@@ -143,6 +149,7 @@ def merge_cmd(
         progress=not quiet,
         fsync=not no_fsync,
         resume=resume,
+        hash_inputs=hash_inputs,
     )
     if not quiet:
         s = result.stats

@@ -143,13 +143,15 @@ def merge(
     progress: bool = False,
     fsync: bool = True,
     resume: bool = False,
+    hash_inputs: bool = False,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
 
     ``recipe`` is a YAML path, a YAML string or a dict in mergekit's format. ``resume``
     continues a merge of the same plan (recipe, inputs, shard size, device) into the same
     ``out`` that was killed before it finished, reusing the blocks it wrote once re-checked;
-    the output is byte for byte what an uninterrupted run writes.
+    the output is byte for byte what an uninterrupted run writes. ``hash_inputs`` records the
+    sha256 of every local input shard (a full read of each) instead of a sampled fingerprint.
     """
     started = time.perf_counter()
     plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
@@ -174,6 +176,7 @@ def merge(
         fsync=fsync,
         started=started,
         resume=resume,
+        hash_inputs=hash_inputs,
         resume_command=_resume_command(
             recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle
         ),
@@ -251,8 +254,10 @@ def run_plan(
     started: float | None = None,
     resume: bool = False,
     resume_command: str | None = None,
+    hash_inputs: bool = False,
 ) -> MergeResult:
-    """Execute a plan into a new output folder, atomically (``resume``: see ``merge``)."""
+    """Execute a plan into a new output folder, atomically (``resume``, ``hash_inputs``: see
+    ``merge``)."""
     started = started if started is not None else time.perf_counter()
     check_before_work(plan, out, overwrite)
     # torch's own default (one thread per core) measured best on a quiet 2-core machine (ties
@@ -266,7 +271,8 @@ def run_plan(
         previous_kernel_threads = fused.set_threads(threads)  # the fused kernels' pool too
     try:
         return _run_plan(
-            plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command
+            plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command,
+            hash_inputs,
         )
     finally:
         torch.set_num_threads(previous)
@@ -285,6 +291,7 @@ def _run_plan(
     started: float,
     resume: bool,
     resume_command: str | None,
+    hash_inputs: bool = False,
 ) -> MergeResult:
     shard_bytes = _size(out_shard_size, "out shard size")
     _check_device(device)
@@ -354,7 +361,7 @@ def _run_plan(
         index["metadata"]["weightsmith_version"] = __version__
         folder.write_json("model.safetensors.index.json", index)
         stats.summary = build_summary(plan, stats)
-        write_side_files(plan, folder, stats, time.perf_counter() - started)
+        write_side_files(plan, folder, stats, time.perf_counter() - started, hash_inputs)
         path = folder.commit()
     return MergeResult(path, plan, stats, time.perf_counter() - started)
 
@@ -429,7 +436,9 @@ def budget_option(n: int) -> str:
     return f"{-(-n // 10**6)}MB"
 
 
-def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, seconds: float) -> None:
+def write_side_files(
+    plan: MergePlan, folder: OutputDir, stats: RunStats, seconds: float, hash_inputs: bool = False
+) -> None:
     """config.json, tokenizer, recipe, model card and merge report beside the shards."""
     recipe = plan.recipe
     ref = plan.checkpoints[plan.ref_index]
@@ -438,9 +447,9 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         float_dtypes = [t.out_dtype for t in plan.tasks if t.kind == "merge"]
         if float_dtypes:
             name = str(max(set(float_dtypes), key=float_dtypes.count)).removeprefix("torch.")
-            for key in ("torch_dtype", "dtype"):
-                if key in config or key == "dtype" and "torch_dtype" not in config:
-                    config[key] = name
+            # transformers >= 4.56 reads `dtype`, earlier versions (which pyproject allows)
+            # only `torch_dtype`: write both.
+            config["torch_dtype"] = config["dtype"] = name
         rows = plan.out_vocab_rows
         if rows is not None and "vocab_size" in config:
             config["vocab_size"] = rows
@@ -453,7 +462,7 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         if (ref.root / fname).is_file():
             folder.copy_file(ref.root / fname)
     folder.write_text("weightsmith_recipe.yaml", recipe.to_yaml())
-    inputs = [c.provenance() for c in plan.checkpoints]
+    inputs = [c.provenance(full_hash=hash_inputs) for c in plan.checkpoints]
     name = recipe.name or Path(folder.out).name
     # The license follows the base model (or, without one, the model the output's config follows).
     lic_src = plan.checkpoints[plan.base_index] if plan.base_index is not None else ref
@@ -472,6 +481,11 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         "base_model": recipe.base_model,
         "license": license_ or None,
         "inputs": inputs,
+        "input_hashes": "sha256" if hash_inputs else "sampled_fingerprint",
+        "random_seed": plan.random_seed,
+        "key_mappings": [{"model": ref, "strip": strip, "add": add}
+                         for ref, (strip, add) in plan.key_mappings.items()],
+        "dropped_tensors": plan.dropped,
         "seconds": round(seconds, 3),
         "stage_seconds": {k: round(v, 3) for k, v in stats.timings.items()},
         "bytes_read": stats.bytes_read,

@@ -72,6 +72,12 @@ class MergePlan:
     units: list[WorkUnit] = field(default_factory=list)
     oversize: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Provenance for merge_report.json and the card: the seed random methods draw from
+    # (None: the method uses none), per input ref the key prefix mapping applied
+    # (strip, add), and the input tensors left out of the output (extra_keys: ignore).
+    random_seed: int | None = None
+    key_mappings: dict[str, tuple[str, str]] = field(default_factory=dict)
+    dropped: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -271,14 +271,15 @@ class Checkpoint:
             pass
 
     # ------------------------------------------------------------------ provenance
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self, full_hash: bool = False) -> dict[str, Any]:
         """What identifies these inputs: ref, revision, and per shard its size and a hash.
 
         Hub shards carry their LFS sha256 for free (the cache names blobs by it). Local shards
-        get a fingerprint instead of a full hash, which would re-read gigabytes: the sha256 of
-        the size, the header and 16 blocks of 64 KiB spread evenly over the data. Two
-        fine-tunes of one architecture share a header, so the sampled data is what tells them
-        apart; the model card says which kind of hash it shows.
+        get a ``sampled_fingerprint`` instead of a full hash, which would re-read gigabytes:
+        the sha256 of the size, the header and 16 blocks of 64 KiB spread evenly over the
+        data. It is not the file's sha256 and is never called one. Two fine-tunes of one
+        architecture share a header, so the sampled data is what tells them apart.
+        ``full_hash`` (``--hash-inputs``) reads every local shard for its real ``sha256``.
         """
         shards = []
         for shard in self.shard_files:
@@ -288,8 +289,10 @@ class Checkpoint:
             real = path.resolve()
             if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
                 info["sha256"] = real.name
+            elif full_hash:
+                info["sha256"] = file_sha256(path)
             else:
-                info["fingerprint_sha256"] = _fingerprint(path, size)
+                info["sampled_fingerprint"] = _fingerprint(path, size)
             shards.append(info)
         return {
             "model": self.ref,
@@ -300,6 +303,15 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.ref!r}, {len(self.entries)} tensors, {self.total_bytes} bytes)"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """The sha256 of a whole file, read in 4 MiB chunks (what ``sha256sum`` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fingerprint(path: Path, size: int, blocks: int = 16, block: int = 1 << 16) -> str:
