@@ -338,7 +338,7 @@ def test_cli_merge_plan_inspect_methods(family, tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["merge", str(recipe), str(tmp_path / "out"), "-q"])
     assert res.exit_code == 5 and "already exists" in res.output
-    res = runner.invoke(main, ["plan", str(recipe), "--memory-budget", "8KB"])
+    res = runner.invoke(main, ["plan", str(recipe), "--memory-budget", "8KB", "--verbose"])
     assert res.exit_code == 0, res.output
     assert "model.layers.2.mlp.up_proj.weight [48, 32] bfloat16 <- task_arithmetic" in res.output
     assert "bytes to read" in res.output and "row blocks" in res.output

@@ -209,66 +209,26 @@ def push_cmd(
 
 @main.command("plan")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (every tensor, every digit)")
+@click.option("--verbose", "-v", is_flag=True, help="one line per tensor, not one per parameter setting")
 @_common_plan_options
 @_friendly
 def plan_cmd(
-    recipe: str, as_json: bool, memory_budget: str, random_seed: int | None, allow_pickle: bool
+    recipe: str, as_json: bool, verbose: bool, memory_budget: str, random_seed: int | None, allow_pickle: bool
 ) -> None:
-    """Dry run: every output tensor, its inputs and operator, bytes and estimated peak memory."""
+    """Dry run: what each tensor gets (grouped by parameter setting), bytes and peak memory."""
     from weightsmith.pipeline import plan_merge
+    from weightsmith.plan_report import grouped_lines, summary_lines, tensor_lines
 
     plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
-    refs = [c.ref for c in plan.checkpoints]
-    rows = []
-    for task in plan.tasks:
-        inputs = [f"{refs[s.ckpt]}:{s.key}" for s in task.models]
-        rows.append(
-            {
-                "tensor": task.name,
-                "shape": list(task.shape),
-                "dtype": str(task.out_dtype).removeprefix("torch."),
-                "operator": plan.method.name if task.kind == "merge" else "copy (non-float)",
-                "base": f"{refs[task.base.ckpt]}:{task.base.key}" if task.base else None,
-                "inputs": inputs,
-                "params": task.params,
-                "t": round(task.t, 4),
-                "blocks": sum(1 for u in plan.units if u.task is task),
-            }
-        )
-    summary = {
-        "merge_method": plan.method.name,
-        "tensors": len(plan.tasks),
-        "bytes_to_read": plan.bytes_to_read,
-        "bytes_to_write": plan.bytes_to_write,
-        "memory_budget": plan.memory_budget,
-        "estimated_peak_bytes": plan.peak_estimate,
-        "over_budget_tensors": plan.oversize,
-        "notes": plan.notes,
-    }
     if as_json:
-        click.echo(json.dumps({"summary": summary, "tensors": rows}, indent=2, default=str))
+        click.echo(json.dumps(_plan_json(plan), indent=2, default=str))
         return
-    for row in rows:
-        params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
-        blocks = f" in {row['blocks']} row blocks" if row["blocks"] > 1 else ""
-        click.echo(
-            f"{row['tensor']} {row['shape']} {row['dtype']} <- {row['operator']}"
-            f"({len(row['inputs'])} models{', base' if row['base'] else ''}) "
-            f"t={row['t']} {params}{blocks}"
-        )
+    for line in tensor_lines(plan) if verbose else grouped_lines(plan):
+        click.echo(line)
     click.echo("")
-    click.echo(f"method:          {plan.method.name} ({plan.method.summary})")
-    click.echo(f"inputs:          {', '.join(refs)}")
-    click.echo(f"tensors:         {len(plan.tasks)}")
-    click.echo(f"bytes to read:   {format_size(plan.bytes_to_read)}")
-    click.echo(f"bytes to write:  {format_size(plan.bytes_to_write)}")
-    click.echo(
-        f"memory budget:   {format_size(plan.memory_budget)}; estimated peak tensor "
-        f"memory {format_size(plan.peak_estimate)} (plus ~0.4 GB for Python and torch)"
-    )
-    for note in plan.notes:
-        click.echo(f"note:            {note}")
+    for line in summary_lines(plan):
+        click.echo(line)
     if plan.oversize:
         click.echo(
             f"over budget:     {len(plan.oversize)} tensor(s) cannot be split by "
@@ -282,6 +242,39 @@ def plan_cmd(
                 "                 merge will refuse: the peak passes the budget; it runs with "
                 f"--memory-budget {budget_option(budget_that_fits(plan))} or more"
             )
+
+
+def _plan_json(plan: Any) -> dict[str, Any]:
+    refs = [c.ref for c in plan.checkpoints]
+    rows = []
+    for task in plan.tasks:
+        rows.append(
+            {
+                "tensor": task.name,
+                "shape": list(task.shape),
+                "dtype": str(task.out_dtype).removeprefix("torch."),
+                "operator": plan.method.name if task.kind == "merge" else "copy (non-float)",
+                "base": f"{refs[task.base.ckpt]}:{task.base.key}" if task.base else None,
+                "inputs": [f"{refs[s.ckpt]}:{s.key}" for s in task.models],
+                "params": task.params,
+                "t": round(task.t, 4),
+                "blocks": sum(1 for u in plan.units if u.task is task),
+            }
+        )
+    summary = {
+        "merge_method": plan.method.name,
+        "tensors": len(plan.tasks),
+        "bytes_to_read": plan.bytes_to_read,
+        "bytes_to_write": plan.bytes_to_write,
+        "memory_budget": plan.memory_budget,
+        "estimated_peak_bytes": plan.peak_estimate,
+        "over_budget_tensors": plan.oversize,
+        "random_seed": plan.random_seed,
+        "key_mappings": {ref: list(p) for ref, p in plan.key_mappings.items()},
+        "dropped_tensors": plan.dropped,
+        "notes": plan.notes,
+    }
+    return {"summary": summary, "tensors": rows}
 
 
 @main.command("inspect")
