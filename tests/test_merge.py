@@ -291,12 +291,13 @@ def test_recipe_errors_before_any_work(family, tmp_path):
     base, models = family
     bad = ta_recipe(base, models)
     bad["parameters"]["lamda"] = 1
-    with pytest.raises(RecipeError, match="no parameter `lamda`.*lambda"):
-        weightsmith.merge(bad, tmp_path / "out")
+    # What mergekit ignores is an error under strict (a warning otherwise: test_leniency.py).
+    with pytest.raises(RecipeError, match="no parameter `lamda`.*did you mean `lambda`"):
+        weightsmith.merge(bad, tmp_path / "out", strict=True)
     bad = ta_recipe(base, models)
     bad["models"][0]["parameters"]["lambda"] = 1
     with pytest.raises(RecipeError, match="move it to the top-level"):
-        weightsmith.merge(bad, tmp_path / "out")
+        weightsmith.merge(bad, tmp_path / "out", strict=True)
     bad = ta_recipe(base, models)
     del bad["base_model"]
     with pytest.raises(RecipeError, match="needs a base_model"):
@@ -351,8 +352,9 @@ def test_cli_merge_plan_inspect_methods(family, tmp_path):
     assert "task_arithmetic" in res.output and "lambda=1.0" in res.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("merge_method: linear\nmodels: [{model: x}]\nfoo: 1\n")
-    res = runner.invoke(main, ["merge", str(bad), str(tmp_path / "o2")])
-    assert res.exit_code == 2 and "unknown field `foo`" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, ["merge", str(bad), str(tmp_path / "o2"), "--strict"])
+    assert res.exit_code == 2 and "`foo` is not a recipe field" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_lazy_task_vector_api(family, tmp_path):

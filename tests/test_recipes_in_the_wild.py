@@ -35,14 +35,6 @@ MANIFEST = yaml.safe_load((CORPUS / "manifest.yaml").read_text())["recipes"]
 # Recipe features weightsmith does not support yet -> what is missing (and the issue that
 # tracks it). Delete a row when its feature lands.
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "slices-full": "`slices:` with one full-range slice (issue 13)",
-    "slices-stacking": "`slices:` layer stacking (issue 13)",
-    "slices-partial": "`slices:` with partial layer_range (issue 13)",
-    "slice-parameters": "per-slice `parameters:` (issue 13)",
-    "source-parameters": "per-slice-source `parameters:` (issue 13)",
-    "base-as-slice-source": "the base listed as a slice source (issue 13)",
-    "modules": "`modules:` (issue 13)",
-    "multi-document": "multi-document (mergekit-multi) recipes (issue 13)",
     "tokenizer_source-union": "tokenizer_source: union (issue 13)",
     # The pre-0.1 spelling; mergekit 0.1.5 fails on it too (it reads `model:<path>` as a repo id).
     "tokenizer_source-model-prefix": "tokenizer_source: model:<ref> (issue 13)",
@@ -51,30 +43,18 @@ NOT_YET_SUPPORTED: dict[str, str] = {
     "tokenizer-block-model": "the `tokenizer:` block with a model source (issue 13)",
     "tokenizer-block-empty": "an empty `tokenizer: {}` block (issue 13)",
     "chat_template-named": "named chat templates (chatml, llama3, alpaca) (issue 13)",
-    "lora-ref": "model+lora references (issue 13)",
-    "parameters-not-taken": "a parameter the method does not take, warned and ignored (issue 13)",
-    "unknown-top-level-key": "an unknown top-level key, warned and ignored (issue 13)",
-    "typo-key": "a misspelled top-level key, warned and ignored (issue 13)",
-    "normalize-as-number": "a number for a boolean (normalize: 1.0), read as mergekit does (issue 13)",
-    "passthrough": "merge method passthrough (issues 13, 14)",
-    "della": "merge method della (issue 14)",
-    "della_linear": "merge method della_linear (issue 14)",
-    "sce": "merge method sce (issue 14)",
-    "nuslerp": "merge method nuslerp (issue 14)",
-    "multislerp": "merge method multislerp (issue 14)",
-    # 037 asks max_iter 20000 at tol 1e-9, which float32 never reaches on random weights
-    # (mergekit 0.1.5: 477 s on these checkpoints): stop at float32 resolution.
-    "karcher": "merge method karcher (issue 14)",
-    "arcee_fusion": "merge method arcee_fusion (issue 14)",
-    "nearswap": "merge method nearswap (issue 14)",
 }
 # Features weightsmith handles today; every feature in the manifest is in one of the two tables.
 SUPPORTED = {
     "linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-    "breadcrumbs_ties", "model_stock", "gradient", "filters", "int8_mask", "out_dtype",
+    "breadcrumbs_ties", "model_stock", "della", "della_linear", "sce", "nuslerp", "multislerp",
+    "karcher", "arcee_fusion", "nearswap", "gradient", "filters", "int8_mask", "out_dtype",
     "base-listed-in-models", "no-base", "name-field", "chat_template-auto", "tokenizer_source-base",
     "tokenizer_source-model", "local-path", "quoted-local-paths", "windows-paths", "stage-reference",
-    "yaml-comments", "scientific-notation",
+    "yaml-comments", "scientific-notation", "lora-ref", "multi-document", "parameters-not-taken",
+    "unknown-top-level-key", "typo-key", "normalize-as-number", "slices-full", "slices-stacking",
+    "slices-partial", "slice-parameters", "source-parameters", "base-as-slice-source", "modules",
+    "passthrough",
 }
 MODEL_KEYS = {"model", "base_model"}
 TOKENIZER_KEYS = {"tokenizer_source", "source"}

@@ -1,7 +1,7 @@
 """weightsmith: model merging and weight surgery, streamed tensor by tensor.
 
 import weightsmith as ws
-ws.merge("recipe.yaml", "out/")                     # a mergekit-format recipe
+ws.merge("recipe.yaml", "out/")                     # a mergekit-format recipe (multi-stage too)
 base = ws.Checkpoint.open("org/base")
 merged = base + 0.4 * ((ws.Checkpoint.open("org/ft-a") - base)
                        + (ws.Checkpoint.open("org/ft-b") - base))
@@ -18,8 +18,9 @@ from weightsmith.version import __version__
 if TYPE_CHECKING:
     from weightsmith.io.checkpoint import Checkpoint
     from weightsmith.lazy import TaskVector
-    from weightsmith.pipeline import MergeResult, merge, plan_merge
+    from weightsmith.pipeline import MergeResult, plan_merge
     from weightsmith.recipe import Recipe, load_recipe
+    from weightsmith.stages import merge, plan_stages
 
 # The public names load on first use (PEP 562): `weightsmith --help` imports this package and
 # must not pay for torch. Anything that loads them loads weightsmith.lazy too, which attaches
@@ -30,8 +31,9 @@ _EXPORTS = {
     "Recipe": "weightsmith.recipe",
     "TaskVector": "weightsmith.lazy",
     "load_recipe": "weightsmith.recipe",
-    "merge": "weightsmith.pipeline",
+    "merge": "weightsmith.stages",  # one-document recipes as pipeline.merge, multi-stage too
     "plan_merge": "weightsmith.pipeline",
+    "plan_stages": "weightsmith.stages",
 }
 
 __all__ = [  # a literal list, so linters see the re-exports
@@ -43,6 +45,7 @@ __all__ = [  # a literal list, so linters see the re-exports
     "load_recipe",
     "merge",
     "plan_merge",
+    "plan_stages",
 ]
 
 

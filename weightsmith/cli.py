@@ -86,6 +86,32 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         is_flag=True,
         help="also read PyTorch .bin pickles (with weights_only=True)",
     )(fn)
+    fn = click.option(
+        "--numerics",
+        type=click.Choice(["weightsmith", "mergekit"]),
+        default=None,
+        help="mergekit: mergekit 0.1.5's arithmetic in the recipe's dtype, to reproduce its output "
+        "bit for bit; default: the recipe's `numerics:`, else weightsmith (float32, ties kept)",
+    )(fn)
+    fn = click.option(
+        "--strict",
+        is_flag=True,
+        help="errors, not warnings, for what mergekit ignores (unknown fields, parameters a "
+        "method does not take)",
+    )(fn)
+    fn = click.option(
+        "--stage",
+        metavar="NAME",
+        default=None,
+        help="multi-stage recipes: the stage to produce (default: the unnamed document, else the last)",
+    )(fn)
+    fn = click.option(
+        "--stage-cache",
+        metavar="DIR",
+        default=None,
+        help="multi-stage recipes: where intermediate stages are kept and reused "
+        "(default: .weightsmith-stages beside OUT; for plan, in the working directory)",
+    )(fn)
     return fn
 
 
@@ -128,9 +154,16 @@ def merge_cmd(
     memory_budget: str,
     random_seed: int | None,
     allow_pickle: bool,
+    numerics: str | None,
+    strict: bool,
+    stage: str | None,
+    stage_cache: str | None,
 ) -> None:
-    """Merge the models named in RECIPE (YAML, mergekit format) into the new folder OUT."""
-    from weightsmith.pipeline import merge
+    """Merge the models named in RECIPE (YAML, mergekit format) into the new folder OUT.
+
+    A multi-stage RECIPE (mergekit-multi: `---`-separated documents with `name:`) runs its
+    stages in order, keeping intermediates in --stage-cache and reusing unchanged ones."""
+    from weightsmith.stages import merge
 
     if push_to:
         from weightsmith.io.hub_push import check_can_push
@@ -150,6 +183,11 @@ def merge_cmd(
         fsync=not no_fsync,
         resume=resume,
         hash_inputs=hash_inputs,
+        numerics=numerics,
+        strict=strict,
+        stage=stage,
+        stage_cache=stage_cache,
+        log=(lambda line: None) if quiet else None,
     )
     if not quiet:
         s = result.stats
@@ -214,15 +252,43 @@ def push_cmd(
 @_common_plan_options
 @_friendly
 def plan_cmd(
-    recipe: str, as_json: bool, verbose: bool, memory_budget: str, random_seed: int | None, allow_pickle: bool
+    recipe: str,
+    as_json: bool,
+    verbose: bool,
+    memory_budget: str,
+    random_seed: int | None,
+    allow_pickle: bool,
+    numerics: str | None,
+    strict: bool,
+    stage: str | None,
+    stage_cache: str | None,
 ) -> None:
-    """Dry run: what each tensor gets (grouped by parameter setting), bytes and peak memory."""
+    """Dry run: what each tensor gets (grouped by parameter setting), bytes and peak memory.
+
+    A multi-stage RECIPE: its stages in order (cached or to run), then the plan of the final
+    stage once its inputs exist."""
     from weightsmith.pipeline import plan_merge
     from weightsmith.plan_report import grouped_lines, summary_lines, tensor_lines
+    from weightsmith.stages import is_multi_stage
 
-    plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
+    options = {
+        "memory_budget": memory_budget,
+        "random_seed": random_seed,
+        "allow_pickle": allow_pickle,
+        "numerics": numerics,
+    }
+    stages: list[dict[str, Any]] = []
+    if is_multi_stage(recipe):
+        plan = _plan_stages(recipe, stage, stage_cache, strict, options, stages, echo=not as_json)
+        if plan is None:
+            if as_json:
+                click.echo(json.dumps({"stages": stages}, indent=2, default=str))
+            return
+    else:
+        plan = plan_merge(recipe, strict=strict, **options)
     if as_json:
-        click.echo(json.dumps(_plan_json(plan), indent=2, default=str))
+        extra = {"stages": stages} if stages else {}
+        click.echo(json.dumps({**extra, **_plan_json(plan)}, indent=2, default=str))
         return
     for line in tensor_lines(plan) if verbose else grouped_lines(plan):
         click.echo(line)
@@ -263,6 +329,8 @@ def _plan_json(plan: Any) -> dict[str, Any]:
         )
     summary = {
         "merge_method": plan.method.name,
+        "numerics": plan.recipe.numerics,
+        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
         "tensors": len(plan.tasks),
         "bytes_to_read": plan.bytes_to_read,
         "bytes_to_write": plan.bytes_to_write,
@@ -273,8 +341,42 @@ def _plan_json(plan: Any) -> dict[str, Any]:
         "key_mappings": {ref: list(p) for ref, p in plan.key_mappings.items()},
         "dropped_tensors": plan.dropped,
         "notes": plan.notes,
+        "warnings": plan.warnings,
     }
     return {"summary": summary, "tensors": rows}
+
+
+def _plan_stages(
+    recipe: str,
+    stage: str | None,
+    stage_cache: str | None,
+    strict: bool,
+    options: dict[str, Any],
+    rows: list[dict[str, Any]],
+    echo: bool,
+) -> Any:
+    """Print a multi-stage recipe's stages (filling ``rows``); the final stage's plan or None."""
+    from weightsmith.stages import plan_stages
+
+    planned = plan_stages(recipe, stage=stage, stage_cache=stage_cache, strict=strict, **options)
+    for k, row in enumerate(planned, 1):
+        r = row.recipe
+        final = k == len(planned)
+        state = (
+            "final: written to OUT" if final and row.plan is not None
+            else f"cached in {row.folder}" if row.cached
+            else f"to run, into {row.folder}" if row.folder is not None
+            else "planned once the stages it uses have run"
+        )
+        uses = ", ".join(row.stage.needs) or "-"
+        rows.append({"stage": row.stage.name, "merge_method": r.merge_method, "uses": row.stage.needs,
+                     "models": [m.ref for m in r.models], "state": state})
+        if echo:
+            click.echo(f"stage {k}/{len(planned)} {row.stage.label}: {r.merge_method} of "
+                       f"{len(r.models)} model(s); uses stages: {uses}; {state}")
+    if echo:
+        click.echo("")
+    return planned[-1].plan
 
 
 @main.command("inspect")

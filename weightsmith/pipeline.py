@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -15,6 +16,7 @@ import torch
 
 from weightsmith.data_steps import check_data_blocks, run_data_steps
 from weightsmith.engine.executor import RunStats, execute
+from weightsmith.engine.modules import build_sliced_plan, is_sliced
 from weightsmith.engine.plan import MergePlan, build_plan
 from weightsmith.engine.summary import build_summary
 from weightsmith.engine.tasks import budget_that_fits, over_budget
@@ -23,6 +25,7 @@ from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.safetensors_format import DTYPE_NAMES
 from weightsmith.io.writer import OutputDir, ShardWriter
+from weightsmith.notices import collecting
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeMethod, get_method
 from weightsmith.output_checks import (
@@ -33,7 +36,7 @@ from weightsmith.output_checks import (
     protect,
 )
 from weightsmith.progress import Progress
-from weightsmith.recipe import Recipe, load_recipe
+from weightsmith.recipe import NUMERICS, Recipe, load_recipe
 from weightsmith.units import format_size, parse_size
 from weightsmith.version import __version__
 
@@ -80,7 +83,10 @@ def open_inputs(recipe: Recipe, allow_pickle: bool = False) -> list[Checkpoint]:
 
 
 def normalize_models(recipe: Recipe) -> Recipe:
-    """A base listed again among the models adds a zero task vector: drop it (as mergekit)."""
+    """A base listed again among the models adds a zero task vector: drop it (as mergekit).
+    (A sliced recipe's models are only the inputs to open: engine/slices.py does this per slice.)"""
+    if is_sliced(recipe):
+        return recipe
     try:
         method = get_method(recipe.merge_method)
     except KeyError as e:
@@ -92,16 +98,36 @@ def normalize_models(recipe: Recipe) -> Recipe:
     return recipe
 
 
+def with_numerics(recipe: Recipe, numerics: str | None) -> Recipe:
+    """The recipe with ``numerics`` (from the command line or the API) in place of its own."""
+    if numerics is None or numerics == recipe.numerics:
+        return recipe
+    if numerics not in NUMERICS:
+        raise RecipeError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
+    return dataclasses.replace(recipe, numerics=numerics)
+
+
 def plan_merge(
     recipe: str | Path | dict[str, Any] | Recipe,
     *,
     memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
     random_seed: int | None = None,
     allow_pickle: bool = False,
+    strict: bool = False,
+    numerics: str | None = None,
 ) -> MergePlan:
-    """Validate a recipe and build its plan from headers alone (the dry run)."""
+    """Validate a recipe and build its plan from headers alone (the dry run).
+
+    What mergekit silently ignores (unknown fields, parameters the method does not take) gives
+    one warning each, in ``plan.warnings``; ``strict`` makes them errors. ``numerics`` overrides
+    the recipe's ``numerics:`` ("weightsmith" or "mergekit"; docs/mergekit.md, "Numerics")."""
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+        recipe = load_recipe(recipe, strict=strict)
+    elif strict and not recipe.strict:
+        if recipe.warnings:
+            raise RecipeError(f"{recipe.warnings[0]} (strict: mergekit would ignore it; remove or fix it)")
+        recipe.strict = True
+    recipe = with_numerics(recipe, numerics)
     recipe = normalize_models(recipe)
     checkpoints = open_inputs(recipe, allow_pickle)
     return plan_checkpoints(recipe, checkpoints, memory_budget=memory_budget, random_seed=random_seed)
@@ -117,7 +143,7 @@ def plan_checkpoints(
 ) -> MergePlan:
     """The one way a merge is planned: ``weightsmith merge``/``plan``, ``merge()`` and the lazy
     API's ``save`` all come through here (``method`` stands in for the recipe's, see build_plan)."""
-    plan = build_plan(
+    plan = (build_sliced_plan if is_sliced(recipe) else build_plan)(
         recipe,
         checkpoints,
         memory_budget=_size(memory_budget, "memory budget"),
@@ -143,6 +169,8 @@ def merge(
     progress: bool = False,
     fsync: bool = True,
     resume: bool = False,
+    strict: bool = False,
+    numerics: str | None = None,
     hash_inputs: bool = False,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
@@ -150,16 +178,54 @@ def merge(
     ``recipe`` is a YAML path, a YAML string or a dict in mergekit's format. ``resume``
     continues a merge of the same plan (recipe, inputs, shard size, device) into the same
     ``out`` that was killed before it finished, reusing the blocks it wrote once re-checked;
-    the output is byte for byte what an uninterrupted run writes. ``hash_inputs`` records the
-    sha256 of every local input shard (a full read of each) instead of a sampled fingerprint.
+    the output is byte for byte what an uninterrupted run writes. ``strict``: see plan_merge.
+    ``numerics="mergekit"`` reproduces mergekit 0.1.5's arithmetic (docs/mergekit.md, "Numerics").
+    ``hash_inputs`` records the sha256 of every local input shard (a full read of each)
+    instead of a sampled fingerprint.
+    (``weightsmith.merge`` also runs multi-stage recipes: weightsmith/stages.py.)
     """
+    with collecting():  # a warning repeated by a re-plan (greedy soups) is printed once
+        return _merge(
+            recipe, out, memory_budget, out_shard_size, overwrite, random_seed, device, threads,
+            allow_pickle, progress, fsync, resume, strict, numerics, hash_inputs,
+        )
+
+
+def _merge(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    out: str | Path,
+    memory_budget: str | int,
+    out_shard_size: str | int,
+    overwrite: bool,
+    random_seed: int | None,
+    device: str,
+    threads: int | None,
+    allow_pickle: bool,
+    progress: bool,
+    fsync: bool,
+    resume: bool,
+    strict: bool,
+    numerics: str | None = None,
+    hash_inputs: bool = False,
+) -> MergeResult:
     started = time.perf_counter()
-    plan = plan_merge(recipe, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle)
+    plan = plan_merge(
+        recipe,
+        memory_budget=memory_budget,
+        random_seed=random_seed,
+        allow_pickle=allow_pickle,
+        strict=strict,
+        numerics=numerics,
+    )
     check_before_work(plan, out, overwrite)  # before data steps, which may run models for minutes
 
     def replan(changed: Recipe) -> MergePlan:
         return plan_merge(
-            changed, memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle
+            changed,
+            memory_budget=memory_budget,
+            random_seed=random_seed,
+            allow_pickle=allow_pickle,
+            numerics=numerics,
         )
 
     # Greedy soups choose their ingredients and Antidote measures feature norms on data first.
@@ -178,7 +244,7 @@ def merge(
         resume=resume,
         hash_inputs=hash_inputs,
         resume_command=_resume_command(
-            recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle
+            recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle, numerics
         ),
     )
 
@@ -191,6 +257,7 @@ def _resume_command(
     random_seed: int | None,
     device: str,
     allow_pickle: bool,
+    numerics: str | None = None,
 ) -> str:
     """The command that resumes this merge, for the note about an interrupted one."""
     api = f"weightsmith.merge(<this recipe>, {str(out)!r}, ..., resume=True)"
@@ -208,6 +275,8 @@ def _resume_command(
         words += ["--device", device]
     if allow_pickle:
         words.append("--allow-pickle")
+    if numerics is not None:
+        words += ["--numerics", numerics]
     if overwrite:
         words.append("--overwrite")
     return shlex.join([*words, "--resume"])
@@ -228,6 +297,7 @@ def plan_fingerprint(plan: MergePlan, shard_bytes: int, device: str) -> dict[str
                 "recipe": plan.recipe.to_yaml(),
                 "method": plan.method.name,
                 "compute_dtype": str(plan.compute_dtype),
+                "numerics": plan.recipe.numerics,
                 "tasks": [repr(t) for t in plan.tasks],
             }
         ),
@@ -443,7 +513,7 @@ def write_side_files(
     recipe = plan.recipe
     ref = plan.checkpoints[plan.ref_index]
     if ref.config is not None:
-        config = dict(ref.config)
+        config = {**ref.config, **plan.config_updates}
         float_dtypes = [t.out_dtype for t in plan.tasks if t.kind == "merge"]
         if float_dtypes:
             name = str(max(set(float_dtypes), key=float_dtypes.count)).removeprefix("torch.")

@@ -20,6 +20,8 @@ import torch
 import yaml
 
 from weightsmith.errors import RecipeError
+from weightsmith.notices import collecting, did_you_mean, lenient
+from weightsmith.recipe_slices import ModuleSpec, SliceSpec, parse_layout, referenced_models
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -44,9 +46,11 @@ MAX_RECIPE_NODES = 100_000
 TOP_LEVEL_FIELDS = {
     "merge_method": "name of the merge method (see `weightsmith methods`)",
     "models": "list of {model: PATH_OR_HUB_ID, parameters: {...}}",
+    "slices": "instead of models: [{sources: [{model, layer_range: [a, b], parameters}], parameters}]",
+    "modules": "instead of models: {MODULE: {slices: ... or models: ..., parameters}}",
     "base_model": "the shared base the fine-tunes started from",
     "parameters": "global method parameters",
-    "dtype": "compute dtype hint (weightsmith always computes in float32 or wider)",
+    "dtype": "compute dtype hint (weightsmith computes in float32 or wider, unless numerics: mergekit)",
     "out_dtype": "dtype of the written tensors (default: dtype, else the base's)",
     "tokenizer_source": "'base' or a model path/id whose tokenizer files are copied",
     "vocab_policy": "error | pad | truncate when vocabulary sizes differ",
@@ -56,19 +60,29 @@ TOP_LEVEL_FIELDS = {
     "evaluation": "held-out data that scores candidate merges: {data: JSONL, task, metric, model} "
     "(soup with mode: greedy)",
     "calibration": "data the input model is run on before the merge: {data: JSONL, task} (antidote)",
+    "numerics": "weightsmith (float32 arithmetic, ties at thresholds kept) | mergekit (mergekit "
+    "0.1.5's arithmetic in `dtype`, to reproduce its output bit for bit)",
 }
+# How the arithmetic is done: weightsmith's (float32, every tie at a threshold kept) or
+# mergekit 0.1.5's (the recipe's dtype, its operation order, exactly k selected). docs/mergekit.md.
+NUMERICS = ("weightsmith", "mergekit")
 # Data blocks (evaluation, calibration): the fields each accepts; data and task are required.
 DATA_BLOCK_FIELDS = {
     "evaluation": ("data", "task", "metric", "model", "batch_size", "max_length", "truncate"),
     "calibration": ("data", "task", "batch_size", "max_length", "truncate"),
 }
 UNSUPPORTED_FIELDS = {
-    "slices": "layer slicing (frankenmerges) is not supported yet; use `models:`",
-    "modules": "per-module recipes are not supported yet; use `models:`",
     "tokenizer": "the `tokenizer:` block (vocabulary union) is not supported yet; use "
     "tokenizer_source: base or a model, and vocab_policy: pad | truncate",
 }
 MODEL_FIELDS = {"model", "parameters"}
+# Fields of a block that recipes sometimes put at the top level, where mergekit ignores them.
+NESTED_FIELDS = {
+    "pad_to_multiple_of": "the `tokenizer:` block",
+    "tokens": "the `tokenizer:` block",
+    "layer_range": "a slice's `sources:`",
+    "sources": "a `slices:` entry",
+}
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,7 @@ def _check_finite(value: Any, where: str) -> None:
         raise RecipeError(f"{where}: {value!r} is not a finite number; give a finite value")
 
 
-def _check_setting(value: Any, where: str) -> Any:
+def _check_setting(value: Any, where: str, strict: bool = False) -> Any:
     """Validate a parameter setting's shape once, at load time."""
     if isinstance(value, (bool, int, float, str)):
         _check_finite(value, where)
@@ -113,16 +127,13 @@ def _check_setting(value: Any, where: str) -> Any:
         for i, entry in enumerate(value):
             if not isinstance(entry, dict) or "value" not in entry:
                 raise RecipeError(f"{where}[{i}]: expected {{filter: substring, value: ...}}, got {entry!r}")
-            unknown = set(entry) - {"filter", "value"}
-            if unknown:
-                raise RecipeError(
-                    f"{where}[{i}]: unknown field(s) {sorted(unknown)}; "
-                    "a conditional has only `filter` and `value`"
-                )
+            for key in sorted(set(entry) - {"filter", "value"}, key=str):
+                hint = did_you_mean(str(key), ("filter", "value")) or " (a conditional has filter and value)"
+                lenient(f"{where}[{i}]: `{key}` is not a conditional field{hint}", strict)
             filt = entry.get("filter")
             if filt is not None and not isinstance(filt, str):
                 raise RecipeError(f"{where}[{i}].filter: must be a string, got {filt!r}")
-            conds.append(Conditional(filt, _check_setting(entry["value"], f"{where}[{i}].value")))
+            conds.append(Conditional(filt, _check_setting(entry["value"], f"{where}[{i}].value", strict)))
         return conds
     raise RecipeError(f"{where}: cannot use {value!r} as a parameter value")
 
@@ -194,10 +205,22 @@ class Recipe:
     raw: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     text: str | None = None  # the YAML as the user wrote it, comments included
+    numerics: str = "weightsmith"  # one of NUMERICS
+    # Under strict, what mergekit silently ignores (unknown fields, parameters the method does
+    # not take) is an error; otherwise one warning each, kept here for the plan.
+    strict: bool = False
+    # The layer-sliced forms (recipe_slices.py); `models` then lists every input they name.
+    slices: list[SliceSpec] | None = None
+    modules: dict[str, ModuleSpec] | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        # Arithmetic is never done in 16-bit types, whatever `dtype` says.
+        # weightsmith never does arithmetic in 16-bit types, whatever `dtype` says; mergekit's
+        # numerics do it in `dtype` (float32 when unset: weightsmith has no per-input dtype).
+        if self.numerics == "mergekit" and self.dtype is not None and self.dtype.is_floating_point:
+            if self.dtype.itemsize >= 2:
+                return self.dtype
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     @property
@@ -220,26 +243,54 @@ class Recipe:
         return yaml.safe_dump(self.raw, sort_keys=False)
 
 
-def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
-    """Load and validate a recipe from a YAML file path, a YAML string or a dict."""
+def load_recipe(
+    source: str | Path | dict[str, Any], *, strict: bool = False, where: str | None = None
+) -> Recipe:
+    """Load and validate a recipe from a YAML file path, a YAML string or a dict.
+
+    Fields mergekit ignores (an unknown top-level key, a typo) give one warning each, kept in
+    ``Recipe.warnings``; ``strict`` makes them errors; ``where`` names the recipe in messages
+    (default: its file). A multi-document (multi-stage) recipe
+    is refused here: ``weightsmith.merge`` and ``weightsmith.stages`` run those.
+    """
+    with collecting() as warnings:
+        recipe = _load_recipe(source, strict, where)
+    recipe.warnings = warnings
+    return recipe
+
+
+def read_recipe_source(source: str | Path) -> tuple[Path | None, str]:
+    """The recipe's file (if ``source`` names one) and its text."""
+    text = str(source)
+    if "\n" not in text and Path(text).exists():
+        return Path(text), Path(text).read_text()
+    if "\n" not in text and text.endswith((".yaml", ".yml")):
+        raise RecipeError(f"recipe file {text!r} does not exist")
+    return None, text
+
+
+def _load_recipe(source: str | Path | dict[str, Any], strict: bool, label: str | None) -> Recipe:
     path: Path | None = None
     text: str | None = None
     if isinstance(source, dict):
         raw = copy.deepcopy(source)
     else:
-        text = str(source)
-        if "\n" not in text and Path(text).exists():
-            path = Path(text)
-            text = path.read_text()
-        elif "\n" not in text and text.endswith((".yaml", ".yml")):
-            raise RecipeError(f"recipe file {text!r} does not exist")
+        path, text = read_recipe_source(source)
         try:
             raw = yaml.safe_load(text)
+        except yaml.composer.ComposerError as e:
+            if "single document" not in str(e):
+                raise RecipeError(f"{path or 'recipe'}: not valid YAML: {e}") from e
+            raise RecipeError(
+                f"{path or 'recipe'}: holds several YAML documents (`---`), a multi-stage recipe; "
+                "run it with `weightsmith merge` / `weightsmith plan` or weightsmith.merge(), "
+                "which run its stages in order"
+            ) from None
         except yaml.YAMLError as e:
             raise RecipeError(f"{path or 'recipe'}: not valid YAML: {e}") from e
         except RecursionError:
             raise RecipeError(f"{path or 'recipe'}: nested too deeply to be a recipe") from None
-    where = str(path) if path else "recipe"
+    where = label or (str(path) if path else "recipe")
     check_expanded_size(raw, where)
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a mapping with merge_method, models, ...")
@@ -247,35 +298,21 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         if key in UNSUPPORTED_FIELDS:
             raise RecipeError(f"{where}: `{key}`: {UNSUPPORTED_FIELDS[key]}")
         if key not in TOP_LEVEL_FIELDS:
-            fields = ", ".join(TOP_LEVEL_FIELDS)
-            raise RecipeError(f"{where}: unknown field `{key}`; recipe fields are: {fields}")
+            lenient(f"{where}: {_unknown_field(key)}", strict)
     method = raw.get("merge_method")
     if not isinstance(method, str):
         raise RecipeError(f"{where}: `merge_method` is required (e.g. merge_method: linear)")
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise RecipeError(f"{where}: `models` must be a non-empty list of {{model: PATH}} entries")
-    models = []
-    for i, entry in enumerate(models_raw):
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise RecipeError(f"{where}: models[{i}] needs a `model:` path or Hub id")
-        unknown = set(entry) - MODEL_FIELDS
-        if unknown:
-            raise RecipeError(
-                f"{where}: models[{i}] has unknown field(s) {sorted(unknown)}; an entry has "
-                "`model` and `parameters` (did you mean to put them under parameters:?)"
-            )
-        ref = _model_ref(entry["model"], f"{where}: models[{i}].model")
-        params = _parameters(entry.get("parameters"), f"{where}: models[{i}].parameters")
-        try:
-            checked = {
-                k: _check_setting(v, f"{where}: models[{i}].parameters.{k}") for k, v in params.items()
-            }
-        except RecipeError as e:
-            raise RecipeError(f"{e} (model {ref})") from None
-        models.append(ModelSpec(ref, checked))
+    slices, modules = parse_layout(
+        raw,
+        where,
+        _model_ref,
+        lambda value, at: _checked_parameters(value, at, strict),
+        lambda value, at: _models(value, at, strict),
+    )
+    if slices is None and modules is None:
+        models = _models(raw.get("models"), where, strict)
+    else:
+        models = [ModelSpec(ref) for ref in referenced_models(slices, modules)]
     params = _parameters(raw.get("parameters"), f"{where}: parameters")
     base = raw.get("base_model")
     for key in ("name", "tokenizer_source"):
@@ -285,7 +322,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         merge_method=method,
         models=models,
         base_model=_model_ref(base, f"{where}: base_model") if base is not None else None,
-        parameters={k: _check_setting(v, f"{where}: parameters.{k}") for k, v in params.items()},
+        parameters={k: _check_setting(v, f"{where}: parameters.{k}", strict) for k, v in params.items()},
         dtype=parse_dtype(raw["dtype"], f"{where}: dtype") if "dtype" in raw else None,
         out_dtype=parse_dtype(raw["out_dtype"], f"{where}: out_dtype") if "out_dtype" in raw else None,
         tokenizer_source=raw.get("tokenizer_source"),
@@ -294,9 +331,13 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
         name=raw.get("name"),
         evaluation=_data_block(raw, "evaluation", where),
         calibration=_data_block(raw, "calibration", where),
+        numerics=_choice(raw, "numerics", NUMERICS, where),
+        slices=slices,
+        modules=modules,
         raw=raw,
         source=path,
         text=text,
+        strict=strict,
     )
     if recipe.tokenizer_source == "union":
         raise RecipeError(
@@ -310,6 +351,44 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
             "is copied with its tokenizer files)"
         )
     return recipe
+
+
+def _unknown_field(key: Any) -> str:
+    """What to say about a top-level key that is not a recipe field."""
+    text = f"`{key}` is not a recipe field"
+    if key in NESTED_FIELDS:
+        return f"{text} (it belongs in {NESTED_FIELDS[key]})"
+    hint = did_you_mean(str(key), [*TOP_LEVEL_FIELDS, *UNSUPPORTED_FIELDS])
+    return text + (hint or " (a method's parameters go under `parameters:`)")
+
+
+def _models(models_raw: Any, where: str, strict: bool = False) -> list[ModelSpec]:
+    if not isinstance(models_raw, list) or not models_raw:
+        raise RecipeError(f"{where}: `models` must be a non-empty list of {{model: PATH}} entries")
+    models = []
+    for i, entry in enumerate(models_raw):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise RecipeError(f"{where}: models[{i}] ({_short(entry)}) needs a `model:` path or Hub id")
+        ref = _model_ref(entry["model"], f"{where}: models[{i}].model")
+        for key in sorted(set(entry) - MODEL_FIELDS, key=str):
+            hint = did_you_mean(str(key), MODEL_FIELDS) or (
+                " (an entry has `model` and `parameters`: put parameters under `parameters:`)"
+            )
+            lenient(f"{where}: models[{i}] ({ref}): `{key}` is not a model entry field{hint}", strict)
+        params = _parameters(entry.get("parameters"), f"{where}: models[{i}] ({ref}).parameters")
+        checked = {
+            k: _check_setting(v, f"{where}: models[{i}] ({ref}).parameters.{k}", strict)
+            for k, v in params.items()
+        }
+        models.append(ModelSpec(ref, checked))
+    return models
+
+
+def _checked_parameters(value: Any, where: str, strict: bool = False) -> dict[str, Any]:
+    """A ``parameters:`` mapping with every setting checked."""
+    return {k: _check_setting(v, f"{where}.{k}", strict) for k, v in _parameters(value, where).items()}
 
 
 def check_expanded_size(raw: Any, where: str, limit: int = MAX_RECIPE_NODES) -> None:
@@ -370,18 +449,31 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def _model_ref(value: Any, where: str) -> str:
-    if isinstance(value, dict):  # mergekit's object form {model: {path, revision}}
+    if isinstance(value, dict):  # mergekit's object form {model: {path, revision}, lora: {...}}
         inner = value.get("model", value)
         if isinstance(inner, dict) and "path" in inner:
-            rev = inner.get("revision")
-            if not isinstance(inner["path"], str) or not (rev is None or isinstance(rev, str)):
-                raise RecipeError(f"{where}: `path` and `revision` must be strings")
-            return f"{inner['path']}@{rev}" if rev else str(inner["path"])
+            ref = _path_at_revision(inner, where)
+            lora = value.get("lora")
+            if isinstance(lora, dict) and "path" in lora:
+                ref += "+" + _path_at_revision(lora, f"{where}.lora")
+            return ref
     if not isinstance(value, str) or not value.strip():
         raise RecipeError(f"{where}: expected a local path or a Hub id like org/name")
-    if "+" in value and not Path(value).exists():
-        raise RecipeError(f"{where}: LoRA references (model+lora) are not supported yet")
+    if "+" in value and not Path(value).exists():  # BASE+ADAPTER (LoRA): opened by Checkpoint.open
+        parts = value.split("+")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise RecipeError(
+                f"{where}: {value!r}: a LoRA reference is BASE+ADAPTER with exactly one '+' (each side "
+                "a local folder or a Hub id, optionally @revision)"
+            )
     return value
+
+
+def _path_at_revision(spec: dict[str, Any], where: str) -> str:
+    rev = spec.get("revision")
+    if not isinstance(spec["path"], str) or not (rev is None or isinstance(rev, str)):
+        raise RecipeError(f"{where}: `path` and `revision` must be strings")
+    return f"{spec['path']}@{rev}" if rev else spec["path"]
 
 
 def _data_block(raw: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:

@@ -10,7 +10,9 @@ mergekit is LGPL: install it in its own venv, never in weightsmith's:
     .bench/mergekit-venv/bin/pip install torch==2.13.0 mergekit==0.1.5
     .venv/bin/python benchmarks/parity/make_golden.py --mergekit .bench/mergekit-venv/bin/mergekit-yaml
 
-``--only NAME ...`` regenerates just those recipes' goldens and leaves the others alone. Either
+``--only NAME ...`` regenerates just those recipes' goldens and leaves the others alone.
+``--numerics`` works on the ``numerics: mergekit`` set instead (recipes_numerics/ into
+golden_numerics/: the same recipes with ``dtype: bfloat16`` / ``float16``). Either
 way it says, for each golden it writes, whether the bytes are new, unchanged or changed.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import shutil
 import subprocess
 import sys
@@ -46,15 +49,26 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", metavar="NAME", help="regenerate only these recipes (file stems)"
     )
+    parser.add_argument(
+        "--numerics",
+        action="store_true",
+        help="the --numerics mergekit set: recipes_numerics/ (bf16/fp16 arithmetic) into golden_numerics/",
+    )
     args = parser.parse_args()
     exe = args.mergekit.absolute()
     if not exe.is_file():
         sys.exit(f"{exe}: no mergekit-yaml there (see this script's docstring)")
-    recipes = parity.RECIPES
+    recipes = parity.NUMERICS_RECIPES if args.numerics else parity.RECIPES
+    golden_dir = parity.NUMERICS_GOLDEN if args.numerics else parity.GOLDEN
+    # The numerics goldens are xz-compressed (bf16 exponents compress by about a third).
+    suffix = ".safetensors.xz" if args.numerics else ".safetensors"
+
+    def golden_bytes(path: Path) -> bytes:
+        return lzma.decompress(path.read_bytes()) if args.numerics else path.read_bytes()
     if args.only:
         unknown = sorted(set(args.only) - {r.stem for r in recipes})
         if unknown:
-            sys.exit(f"no recipe named {', '.join(unknown)} under {parity.DATA / 'recipes'}")
+            sys.exit(f"no recipe named {', '.join(unknown)} under {recipes[0].parent}")
         recipes = [r for r in recipes if r.stem in args.only]
 
     with tempfile.TemporaryDirectory(prefix="ws-parity-") as tmp:
@@ -67,10 +81,12 @@ def main() -> None:
 
         if args.only and digests != json.loads((parity.DATA / "inputs.json").read_text()).get("sha256"):
             sys.exit("the inputs differ from those of the existing goldens: regenerate them all")
-        parity.GOLDEN.mkdir(parents=True, exist_ok=True)
-        before = {p.stem: p.read_bytes() for p in parity.GOLDEN.glob("*.safetensors")}
+        if args.numerics and digests != json.loads((parity.DATA / "inputs.json").read_text()).get("sha256"):
+            sys.exit("the inputs differ from those of the float32 goldens: regenerate those first")
+        golden_dir.mkdir(parents=True, exist_ok=True)
+        before = {p.name.removesuffix(suffix): golden_bytes(p) for p in golden_dir.glob(f"*{suffix}")}
         if not args.only:
-            for old in parity.GOLDEN.glob("*.safetensors"):
+            for old in golden_dir.glob(f"*{suffix}"):
                 old.unlink()
         for recipe in recipes:
             raw = parity.materialize(recipe, folders)
@@ -78,10 +94,11 @@ def main() -> None:
             shards = sorted(out.glob("*.safetensors"))
             if len(shards) != 1:
                 sys.exit(f"{recipe.stem}: expected one output shard from mergekit, got {shards}")
-            golden = parity.GOLDEN / f"{recipe.stem}.safetensors"
-            shutil.copyfile(shards[0], golden)
+            data = shards[0].read_bytes()
+            golden = golden_dir / f"{recipe.stem}{suffix}"
+            golden.write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME) if args.numerics else data)
             old = before.get(recipe.stem)
-            state = "new" if old is None else "unchanged" if old == golden.read_bytes() else "CHANGED"
+            state = "new" if old is None else "unchanged" if old == data else "CHANGED"
             print(f"{recipe.stem}: {state} ({', '.join(sorted(p.name for p in out.iterdir()))})")
             if args.keep:
                 shutil.copytree(out, args.keep / recipe.stem, dirs_exist_ok=True)
@@ -93,7 +110,7 @@ def main() -> None:
         "torch_for_inputs": parity.torch.__version__,
     }
     (parity.DATA / "inputs.json").write_text(json.dumps(spec, indent=2) + "\n")
-    print(f"wrote {len(recipes)} goldens to {parity.GOLDEN}")
+    print(f"wrote {len(recipes)} goldens to {golden_dir}")
 
 
 if __name__ == "__main__":

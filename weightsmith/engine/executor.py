@@ -269,7 +269,10 @@ def _compute(
     if task.seed is not None:
         generator = torch.Generator(device=models.device)
         generator.manual_seed(task.seed)
-    inputs = MergeInputs(task.name, models, base, generator, context, out=out_buffer, aux=aux)
+    refs = tuple(plan.checkpoints[s.ckpt].ref for s in task.models)
+    inputs = MergeInputs(
+        task.name, models, base, generator, context, out=out_buffer, aux=aux, model_refs=refs
+    )
     try:
         out = plan.method(inputs, **task.params)
     except NonFiniteInput:

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from weightsmith.errors import RecipeError
+from weightsmith.notices import did_you_mean, lenient
 from weightsmith.ops.registry import REQUIRED, MergeMethod, Param
 from weightsmith.recipe import Recipe, resolve_setting
 
@@ -17,7 +18,10 @@ def _convert(param: Param, value: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise RecipeError(f"{where}: `{param.name}` must be true or false, got {value!r}")
+        # mergekit reads every parameter as a number, so `normalize: 1.0` means true there.
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise RecipeError(f"{where}: `{param.name}` must be true or false (or 1 / 0), got {value!r}")
     if param.kind in (float, int):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise RecipeError(f"{where}: `{param.name}` must be a number, got {value!r}")
@@ -32,25 +36,24 @@ def _convert(param: Param, value: Any, where: str) -> Any:
 
 
 def check_parameters(recipe: Recipe, method: MergeMethod) -> None:
-    """Unknown or misplaced parameters are errors, not silently ignored."""
+    """Parameters the method does not take, and shared ones given per model, are what mergekit
+    silently ignores: one warning each (errors under ``recipe.strict``). Missing required
+    parameters are errors."""
     known = {p.name: p for p in method.params}
     names = ", ".join(known) or "(none)"
     for key in recipe.parameters:
         if key not in known:
-            raise RecipeError(
-                f"parameters.{key}: `{method.name}` has no parameter `{key}`; its parameters: {names}"
-            )
+            lenient(_not_taken(f"parameters.{key}", method, key, names), recipe.strict)
     for i, spec in enumerate(recipe.models):
         for key in spec.parameters:
+            where = f"models[{i}] ({spec.ref}).parameters.{key}"
             if key not in known:
-                raise RecipeError(
-                    f"models[{i}] ({spec.ref}).parameters.{key}: `{method.name}` has no parameter "
-                    f"`{key}`; its parameters: {names}"
-                )
-            if not known[key].per_model:
-                raise RecipeError(
-                    f"models[{i}] ({spec.ref}).parameters.{key}: `{key}` is shared by the whole "
-                    f"merge in `{method.name}`; move it to the top-level `parameters:`"
+                lenient(_not_taken(where, method, key, names), recipe.strict)
+            elif not known[key].per_model:
+                lenient(
+                    f"{where}: `{key}` is shared by the whole merge in `{method.name}`, so a "
+                    "per-model value is not used (move it to the top-level `parameters:`)",
+                    recipe.strict,
                 )
     for p in method.params:
         if p.per_model and p.required and p.name not in recipe.parameters:
@@ -64,21 +67,34 @@ def check_parameters(recipe: Recipe, method: MergeMethod) -> None:
             raise RecipeError(f"parameters: `{method.name}` needs `{p.name}`")
 
 
+def _not_taken(where: str, method: MergeMethod, key: str, names: str) -> str:
+    hint = did_you_mean(key, [p.name for p in method.params])
+    return f"{where}: `{method.name}` takes no parameter `{key}` (its parameters: {names}){hint}"
+
+
 def resolve_params(
-    recipe: Recipe, method: MergeMethod, model_specs: list[Any], name: str, t: float
+    recipe: Recipe,
+    method: MergeMethod,
+    model_specs: list[Any],
+    name: str,
+    t: float,
+    model_names: list[str] | None = None,
 ) -> dict[str, Any]:
+    """``model_names``: each model's own name for the tensor, which its filters match (as in
+    mergekit; a stacked layer's input name differs from the output's)."""
     out: dict[str, Any] = {}
     for p in method.params:
         numeric = p.kind in (int, float)
         if p.per_model:
             values = []
-            for spec in model_specs:
+            for i, spec in enumerate(model_specs):
+                own = model_names[i] if model_names is not None else name
                 # As in mergekit: a model's own setting wins, but where none of its filters
                 # matches this tensor the global setting applies, then the default.
                 value = None
                 for scope in (spec.parameters, recipe.parameters):
                     if p.name in scope:
-                        value = resolve_setting(scope[p.name], name, t, numeric)
+                        value = resolve_setting(scope[p.name], own, t, numeric)
                         if value is not None:
                             break
                 if value is None:

@@ -36,8 +36,9 @@ def tensor_specs(plan: MergePlan) -> list[TensorSpec]:
         for u in plan.units
         if u.rows is not None and not plan.method.splittable(u.task.params)
     }
+    refs = tuple(plan.checkpoints[i].ref for i in plan.model_indices)
     return [
-        TensorSpec(t.name, t.shape, t.params, split=t.name in split)
+        TensorSpec(t.name, t.shape, t.params, split=t.name in split, models=refs)
         for t in plan.tasks
         if t.kind == "merge"
     ]

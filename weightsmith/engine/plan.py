@@ -24,6 +24,7 @@ from weightsmith.engine.passes import describe, prepare_statistics
 from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.notices import collecting
 from weightsmith.ops.registry import MergeMethod, get_method
 from weightsmith.recipe import ModelSpec, Recipe
 
@@ -47,13 +48,29 @@ def build_plan(
     """Build the plan. ``checkpoints`` are base first (if the recipe has one), then models.
 
     ``method`` stands in for the registry's ``recipe.merge_method`` when given (the lazy API's
-    checkpoint expressions are methods of their own, planned the same way).
+    checkpoint expressions are methods of their own, planned the same way). The plan's
+    ``warnings`` are the recipe's and those given while planning.
     """
+    with collecting() as warnings:
+        plan = _build_plan(recipe, checkpoints, memory_budget, random_seed, method)
+    plan.warnings = [*recipe.warnings, *(w for w in warnings if w not in recipe.warnings)]
+    return plan
+
+
+def _build_plan(
+    recipe: Recipe,
+    checkpoints: list[Checkpoint],
+    memory_budget: int,
+    random_seed: int | None,
+    method: MergeMethod | None,
+) -> MergePlan:
     if method is None:
         try:
             method = get_method(recipe.merge_method)
         except KeyError as e:
             raise RecipeError(str(e.args[0])) from None
+    # The engine knows only the mode's name: the method says how it computes under it.
+    method = method.for_numerics(recipe.numerics)
     check_parameters(recipe, method)
     has_base = recipe.base_model is not None and method.base != "unused"
     if method.base == "required" and not has_base:
@@ -92,6 +109,7 @@ def build_plan(
     ref_ckpt = checkpoints[ref_index]
     num_layers = _num_layers(ref_ckpt)
     aux_refs = _open_aux_checkpoints(recipe, method, specs, checkpoints)
+    result_dtype = method.result_dtype(recipe.compute_dtype) if method.result_dtype else None
     tasks: list[TensorTask] = []
     used: list[set[str]] = [set() for _ in checkpoints]
     prefixes = {
@@ -141,7 +159,7 @@ def build_plan(
         if idx is not None and num_layers:
             t = idx / (num_layers - 1) if num_layers > 1 else 1.0
         params = resolve_params(recipe, method, specs, name, t)
-        out_dtype = recipe.out_dtype or recipe.dtype or ref_entry.dtype
+        out_dtype = recipe.out_dtype or result_dtype or recipe.dtype or ref_entry.dtype
         seed = _seed_for(random_seed or 0, name) if method.uses_randomness else None
         aux = {
             pname: _aux_sources(recipe, checkpoints, name, shape, refs, prefixes, method, pname)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ from weightsmith.errors import CheckpointError
 from weightsmith.io.regular_file import open_regular, read_regular_bytes, require_regular_file
 from weightsmith.io.safetensors_format import TensorEntry, element_size, read_header
 from weightsmith.io.shard_index import check_shards_inside, read_index
+
+# Openers of composite references such as ``BASE+ADAPTER``: each returns a checkpoint, or None
+# when the reference is not its kind. Registered by the modules that implement them (imported
+# by weightsmith/io/__init__.py), so this reader does not import them back.
+ReferenceOpener = Callable[[str, bool, "tuple[Path, ...]"], "Checkpoint | None"]
+REFERENCE_OPENERS: list[ReferenceOpener] = []
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -66,7 +73,8 @@ class Checkpoint:
         allow_pickle: bool = False,
         search_dirs: tuple[Path, ...] = (),
     ) -> Checkpoint:
-        """Open a folder, a single ``.safetensors`` file, or a Hub repo id (``org/name@rev``).
+        """Open a folder, a single ``.safetensors`` file, a Hub repo id (``org/name@rev``), or
+        ``BASE+ADAPTER`` (a PEFT LoRA adapter applied to BASE as tensors are read).
 
         Relative paths are tried against the working directory first, then ``search_dirs``
         (the recipe's folder), so recipes run from anywhere.
@@ -77,6 +85,10 @@ class Checkpoint:
         for path in candidates:
             if path.exists():
                 return cls._open_local(text, path, allow_pickle)
+        for opener in REFERENCE_OPENERS:  # BASE+ADAPTER (weightsmith/io/lora.py), ...
+            opened = opener(text, allow_pickle, search_dirs)
+            if opened is not None:
+                return opened
         from weightsmith.io.input_hints import build_hint, local_look_alikes, looks_local
 
         # An example input not built yet (listed in an input-commands.txt): a local path that

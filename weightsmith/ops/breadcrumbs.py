@@ -89,7 +89,7 @@ def _prepare(name: str):  # noqa: ANN202 - a small closure factory
             for i, g in enumerate(spec.params["gamma"]):
                 if not (0 <= g < 1) or math.isnan(g):
                     raise RecipeError(
-                        f"{name}: gamma of model {i} for tensor {spec.name!r} is {g}; it is the "
+                        f"{name}: gamma of {spec.model_label(i)} for tensor {spec.name!r} is {g}; it is the "
                         "fraction of largest-magnitude entries removed and must be in [0, 1)"
                     )
         return split_tensor_statistics(

@@ -136,7 +136,8 @@ def check_epsilon(specs: list[TensorSpec], method: str) -> None:
         for i, (d, e) in enumerate(zip(spec.params["density"], spec.params["epsilon"])):
             if d < 1 and (not d - e > 0 or not d + e < 1 or math.isnan(e)):
                 raise RecipeError(
-                    f"{method}: model {i}, tensor {spec.name!r}: density {d} and epsilon {e} give "
+                    f"{method}: {spec.model_label(i)}, tensor {spec.name!r}: density {d} and "
+                    f"epsilon {e} give "
                     f"keep probabilities from {d - e:g} to {d + e:g}; choose epsilon so that "
                     "density - epsilon > 0 and density + epsilon < 1"
                 )

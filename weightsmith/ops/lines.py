@@ -327,7 +327,9 @@ def prepare(specs: list[TensorSpec], dtype: torch.dtype) -> LinesStatistics:
     method = get_method(merge)
     inner = None
     if method.prepare is not None:
-        sub_specs = [TensorSpec(s.name, s.shape, _sub_params(merge, s.params)) for s in specs]
+        sub_specs = [
+            TensorSpec(s.name, s.shape, _sub_params(merge, s.params), models=s.models) for s in specs
+        ]
         inner = method.prepare(sub_specs, dtype)
     base = LinesContext(pattern, blocks, None, pattern_label=label, block_of=block_of)
     return LinesStatistics(base, inner, need_alpha, n_models)

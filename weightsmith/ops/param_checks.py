@@ -16,7 +16,7 @@ def check_density(specs: Sequence[TensorSpec], method: str) -> None:
         for i, d in enumerate(spec.params["density"]):
             if not (0 < d <= 1) or math.isnan(d):
                 raise RecipeError(
-                    f"{method}: density of model {i} for tensor {spec.name!r} is {d}; it is the "
+                    f"{method}: density of {spec.model_label(i)} for tensor {spec.name!r} is {d}; it is the "
                     "fraction of each task vector kept and must be in (0, 1]"
                 )
 

@@ -7,10 +7,12 @@ device, and never knows how the engine batched its inputs. The engine never know
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+
+from weightsmith.notices import did_you_mean
 
 REQUIRED: Any = object()
 
@@ -67,6 +69,8 @@ class MergeInputs:
     # Tensors of checkpoint-valued parameters (see ``Param.checkpoint``), in the compute dtype;
     # None where that checkpoint has no such tensor.
     aux: dict[str, Any] = field(default_factory=dict)
+    # The models' references in the order of ``models``, for messages (may be empty).
+    model_refs: tuple[str, ...] = ()
 
     def output_buffer(self) -> torch.Tensor:
         """The engine's reusable output buffer, or a fresh one (uninitialized)."""
@@ -86,6 +90,12 @@ class TensorSpec:
     # it: ``prepare`` must return statistics that give the method this tensor's numbers (see
     # ``MergeMethod.splits_with_statistics``).
     split: bool = False
+    # The input models' references in recipe order (the base excluded), so a method's messages
+    # name the model, not its position: see ``model_label``.
+    models: tuple[str, ...] = ()
+
+    def model_label(self, i: int) -> str:
+        return f"model {self.models[i]!r}" if i < len(self.models) else f"model {i}"
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,10 @@ class MergeMethod:
     uses_randomness: bool = False
     # A wider arithmetic dtype the method's reference uses (fine-tuning transfer: float64).
     compute_dtype: torch.dtype | None = None
+    # The dtype of the method's result, from the compute dtype, where it is not the compute
+    # dtype; written when the recipe sets no out_dtype (mergekit's arcee_fusion mixes in a
+    # float32 mask, so its bf16 merge returns and writes float32).
+    result_dtype: Callable[[torch.dtype], torch.dtype] | None = None
     # Called at plan time with every merged tensor and the compute dtype. It raises RecipeError
     # for bad parameters (so errors come before any work), and returns None or a
     # ``weightsmith.ops.statistics.GlobalStatistics``: model-wide statistics that the engine fills
@@ -129,6 +143,14 @@ class MergeMethod:
     # recipe order and the global statistics' result into merge_report.json's ``summary``;
     # its ``lines`` (if any) are what ``weightsmith merge`` prints.
     summarize: Callable[[dict[str, float], list[str], Any], dict[str, Any]] | None = None
+    # Other numerics of the same method (``numerics: mergekit``: mergekit 0.1.5's arithmetic):
+    # mode -> the method as that mode runs it. Filled by ``register_numerics``.
+    numerics: dict[str, MergeMethod] = field(default_factory=dict)
+
+    def for_numerics(self, mode: str) -> MergeMethod:
+        """This method as ``numerics: mode`` runs it. A method without its own variant for the
+        mode runs unchanged, in the mode's compute dtype (the engine passes that dtype)."""
+        return self.numerics.get(mode, self)
 
     def splittable(self, params: dict[str, Any]) -> bool:
         """Whether a tensor with these resolved parameters may be merged in row blocks alone."""
@@ -158,12 +180,25 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
+def register_numerics(name: str, mode: str, fn: Callable[..., torch.Tensor], **changes: Any) -> MergeMethod:
+    """Register ``fn`` as method ``name``'s function under ``numerics: mode``. ``changes``
+    replace other fields for that mode (a variant that needs whole tensors says
+    ``elementwise=False, splits_with_statistics=False, prepare=None``)."""
+    method = get_method(name)
+    if mode in method.numerics:
+        raise ValueError(f"merge method {name!r} has numerics {mode!r} registered twice")
+    variant = replace(method, fn=fn, numerics={}, **changes)
+    _REGISTRY[name] = replace(method, numerics={**method.numerics, mode: variant})
+    return variant
+
+
 def get_method(name: str) -> MergeMethod:
     try:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown merge_method {name!r}; known methods: {known}") from None
+        hint = did_you_mean(str(name), _REGISTRY)
+        raise KeyError(f"unknown merge_method {name!r}{hint or ';'} known methods: {known}") from None
 
 
 def methods() -> dict[str, MergeMethod]:

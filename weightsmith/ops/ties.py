@@ -271,7 +271,7 @@ def prepare(specs: list[TensorSpec], dtype: torch.dtype) -> GlobalStatistics | N
         values = {s.params["density"][i] for s in specs}
         if len(values) > 1:
             raise RecipeError(
-                f"density of model {i}: ties scope: model trims each task vector with one "
+                f"density of {specs[0].model_label(i)}: ties scope: model trims each task vector with one "
                 f"model-wide threshold, so its density cannot vary by tensor (got {sorted(values)}); "
                 "use scope: tensor for per-tensor densities"
             )

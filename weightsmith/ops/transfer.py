@@ -35,7 +35,8 @@ def transfer(inputs: MergeInputs, weight: list[float], source_base: list[str]) -
     for i, (w, src) in enumerate(zip(weight, sources)):
         if src is None:
             raise MergeError(
-                f"tensor {inputs.name!r}: source_base {source_base[i]!r} of model {i} has no such "
+                f"tensor {inputs.name!r}: source_base {source_base[i]!r} of model "
+                f"{inputs.model_refs[i] if i < len(inputs.model_refs) else i!r} has no such "
                 "tensor; the source base must be the checkpoint that model was fine-tuned from "
                 "(same architecture as the fine-tune)"
             )
