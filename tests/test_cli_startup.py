@@ -68,3 +68,12 @@ def test_the_finetune_facade_lists_what_it_gives() -> None:
 
     assert set(ft.__all__) == set(ft._EXPORTS)
     assert ft.TASKS and callable(ft.load_jsonl)
+
+
+def test_extract_lora_command_names_agree_with_the_library() -> None:
+    # The command module keeps copies so `--help` need not load torch through the library.
+    from weightsmith import lora_extraction
+    from weightsmith.commands import extract_lora
+
+    assert extract_lora.REPORT == lora_extraction.REPORT
+    assert set(extract_lora._DTYPE_NAMES) == set(lora_extraction._DTYPES)
