@@ -1,4 +1,4 @@
-"""Compile the CUDA kernels (ops/cuda_kernels.py) to PTX for a Hopper GPU without one (NVVM
+"""Compile the CUDA kernels (ops/_cuda_kernels.py) to PTX for a Hopper GPU without one (NVVM
 only, no driver) and count the float instructions that decide bit-for-bit equality; prints
 JSON. Run by tests/test_gpu_sim.py in a subprocess (numba.cuda must not be the simulator)."""
 
@@ -19,7 +19,7 @@ def main() -> None:
     import numba.cuda.dispatcher as dispatcher
 
     dispatcher.get_current_device = lambda: _Hopper()
-    from weightsmith.ops import cuda_kernels as ck
+    from weightsmith.ops import _cuda_kernels as ck
 
     f32, f64, i64, i32 = types.float32, types.float64, types.int64, types.int32
     u8, b1 = types.uint8, types.boolean

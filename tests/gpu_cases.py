@@ -288,7 +288,7 @@ def run_case(name: str, k: Any | None, device: str) -> dict:
 def assert_same(got: Any, ref: Any, where: str = "") -> None:
     """Bit for bit, recursively: float tensors by their bits (NaN only by position: a GPU writes
     the canonical NaN), counts exactly, the report's float64 sums of squares to 1e-9 relative
-    (their reduction order differs from the CPU's, see ops/cuda_kernels.py)."""
+    (their reduction order differs from the CPU's, see ops/_cuda_kernels.py)."""
     if isinstance(ref, dict):
         assert set(got) == set(ref), f"{where}: keys differ: {sorted(set(got) ^ set(ref))}"
         for key in ref:

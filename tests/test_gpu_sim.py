@@ -1,4 +1,4 @@
-"""The CUDA kernels (ops/cuda_kernels.py) under numba's CUDA simulator give the CPU fused
+"""The CUDA kernels (ops/_cuda_kernels.py) under numba's CUDA simulator give the CPU fused
 kernels' results bit for bit (outputs, task vectors, histograms, counts; the report's float64
 sums to rounding).
 

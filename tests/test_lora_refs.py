@@ -191,6 +191,19 @@ def test_recipe_with_lora_reference_merges(llama: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 
 
+def test_overwrite_onto_the_adapter_folder_is_refused(llama: Path, tmp_path: Path) -> None:
+    import weightsmith
+    from weightsmith.errors import OutputError
+
+    adapter = _adapter(llama, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    before = sorted(p.name for p in adapter.iterdir())
+    model = {"model": f"{llama}+{adapter}", "parameters": {"weight": 1.0}}
+    recipe = {"merge_method": "linear", "models": [model]}
+    with pytest.raises(OutputError, match="adapter"):
+        weightsmith.merge(recipe, adapter, overwrite=True)
+    assert sorted(p.name for p in adapter.iterdir()) == before
+
+
 def test_recipe_lora_reference_forms(tmp_path: Path) -> None:
     from weightsmith.recipe import load_recipe
 

@@ -1,7 +1,7 @@
 """Device (CUDA) twins of the fused CPU kernels (``weightsmith.ops.fused``): same entry points,
 same arguments, same results bit for bit, on tensors that live on a GPU.
 
-The kernels (``cuda_kernels.py``) are numba.cuda kernels launched on torch CUDA tensors
+The kernels (``_cuda_kernels.py``) are numba.cuda kernels launched on torch CUDA tensors
 through the CUDA array interface (zero copy; CuPy arrays share memory with torch the same way,
 ``torch.as_tensor(cupy_array, device="cuda")``), on torch's current stream, so they order with
 the engine's torch work (``with torch.cuda.stream(s):`` moves both). Small parameter and
@@ -51,7 +51,7 @@ LAUNCH = Launch()
 
 
 def _k() -> Any:
-    from weightsmith.ops import cuda_kernels
+    from weightsmith.ops import _cuda_kernels as cuda_kernels
 
     return cuda_kernels
 
