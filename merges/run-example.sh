@@ -49,7 +49,7 @@ merge() {  # merge merges/$1.yaml into out/$1 and show what was written
 case "$NAME" in
   minilm-task-arithmetic)
     python merges/build_inputs.py $IN --quiet
-    weightsmith plan merges/minilm-task-arithmetic.yaml | tail -n 9
+    weightsmith plan merges/minilm-task-arithmetic.yaml   # one line per parameter setting; -v: per tensor
     weightsmith merge merges/minilm-task-arithmetic.yaml out/minilm-task-arithmetic --overwrite
     weightsmith inspect out/minilm-task-arithmetic
     ;;

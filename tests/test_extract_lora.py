@@ -17,7 +17,7 @@ from weightsmith.ops.lowrank import rank_for_energy, relative_error, tail_error,
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from weightsmith.commands.extract_lora import REPORT, extract_lora  # noqa: E402
+from weightsmith.lora_extraction import REPORT, extract_lora  # noqa: E402
 
 LLAMA = {k: v for k, v in LLAMA_CONFIG.items() if k != "dtype"}
 

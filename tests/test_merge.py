@@ -60,10 +60,10 @@ def test_task_arithmetic_end_to_end_matches_formula(family, tmp_path):
     assert (out / "tokenizer_config.json").exists()
     assert yaml.safe_load((out / "weightsmith_recipe.yaml").read_text())["merge_method"] == "task_arithmetic"
     card = (out / "README.md").read_text()
-    assert "task_arithmetic" in card and "fingerprint sha256" in card
+    assert "task_arithmetic" in card and "sampled fingerprint" in card and "fingerprint sha256" not in card
     # same architecture, same headers: the sampled data still tells the inputs apart
     shards = [s for m in models for s in weightsmith.Checkpoint.open(m).provenance()["shards"]]
-    prints = {s["fingerprint_sha256"] for s in shards}
+    prints = {s["sampled_fingerprint"] for s in shards}
     assert len(prints) == 2 * len(models)
     assert json.loads((out / "merge_report.json").read_text())["tensors"] == len(merged)
     assert result.stats.bytes_written == index["metadata"]["total_size"]
@@ -339,7 +339,7 @@ def test_cli_merge_plan_inspect_methods(family, tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["merge", str(recipe), str(tmp_path / "out"), "-q"])
     assert res.exit_code == 5 and "already exists" in res.output
-    res = runner.invoke(main, ["plan", str(recipe), "--memory-budget", "8KB"])
+    res = runner.invoke(main, ["plan", str(recipe), "--memory-budget", "8KB", "--verbose"])
     assert res.exit_code == 0, res.output
     assert "model.layers.2.mlp.up_proj.weight [48, 32] bfloat16 <- task_arithmetic" in res.output
     assert "bytes to read" in res.output and "row blocks" in res.output

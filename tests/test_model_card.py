@@ -97,7 +97,7 @@ def test_merged_card_front_matter_parses_and_lists_only_hub_ids(hub_cache, tmp_p
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     for item in report["inputs"]:
         for shard in item["shards"]:
-            assert shard.get("sha256", shard.get("fingerprint_sha256")) in card
+            assert shard.get("sha256", shard.get("sampled_fingerprint")) in card
     assert f"| `acme/base` | {SHA} |" in card and "| `local/ft` | - |" in card
     assert "## Merge report" in card and f"| tensors | {report['tensors']} |" in card
     assert "weight: 0.7" in card.split("## Recipe", 1)[1]

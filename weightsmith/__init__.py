@@ -8,14 +8,35 @@ merged = base + 0.4 * ((ws.Checkpoint.open("org/ft-a") - base)
 merged.save("out2/")                                # lazy, streamed
 """
 
-from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.lazy import TaskVector
-from weightsmith.pipeline import MergeResult, plan_merge
-from weightsmith.recipe import Recipe, load_recipe
-from weightsmith.stages import merge, plan_stages
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from weightsmith.version import __version__
 
-__all__ = [
+if TYPE_CHECKING:
+    from weightsmith.io.checkpoint import Checkpoint
+    from weightsmith.lazy import TaskVector
+    from weightsmith.pipeline import MergeResult, plan_merge
+    from weightsmith.recipe import Recipe, load_recipe
+    from weightsmith.stages import merge, plan_stages
+
+# The public names load on first use (PEP 562): `weightsmith --help` imports this package and
+# must not pay for torch. Anything that loads them loads weightsmith.lazy too, which attaches
+# checkpoint arithmetic (base + 0.4 * (ft - base)) to Checkpoint.
+_EXPORTS = {
+    "Checkpoint": "weightsmith.io.checkpoint",
+    "MergeResult": "weightsmith.pipeline",
+    "Recipe": "weightsmith.recipe",
+    "TaskVector": "weightsmith.lazy",
+    "load_recipe": "weightsmith.recipe",
+    "merge": "weightsmith.stages",  # one-document recipes as pipeline.merge, multi-stage too
+    "plan_merge": "weightsmith.pipeline",
+    "plan_stages": "weightsmith.stages",
+}
+
+__all__ = [  # a literal list, so linters see the re-exports
     "Checkpoint",
     "MergeResult",
     "Recipe",
@@ -26,3 +47,17 @@ __all__ = [
     "plan_merge",
     "plan_stages",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'weightsmith' has no attribute {name!r}")
+    importlib.import_module("weightsmith.lazy")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

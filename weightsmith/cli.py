@@ -12,9 +12,14 @@ from typing import Any
 
 import click
 
-import weightsmith
 from weightsmith.errors import WeightsmithError
 from weightsmith.units import format_size
+from weightsmith.version import __version__
+
+# Kept here, not imported from the pipeline: `weightsmith --help` must not load torch (the
+# pipeline, the engine and the operators load inside the commands that run them).
+# tests/test_cli_startup.py checks both the import and that this equals the pipeline's value.
+DEFAULT_MEMORY_BUDGET = "1.25GB"
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,7 +63,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(weightsmith.__version__, prog_name="weightsmith")
+@click.version_option(__version__, prog_name="weightsmith")
 def main() -> None:
     """weightsmith: merge fine-tuned checkpoints of one base model, streamed tensor by tensor."""
 
@@ -66,7 +71,7 @@ def main() -> None:
 def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
         "--memory-budget",
-        default=weightsmith.pipeline.DEFAULT_MEMORY_BUDGET,
+        default=DEFAULT_MEMORY_BUDGET,
         show_default=True,
         help="cap on tensor memory in flight (e.g. 512MB, 4GB)",
     )(fn)
@@ -150,6 +155,11 @@ def _device_options(fn: Any) -> Any:
     "--threads", type=int, default=None, help="compute threads (torch and fused kernels); default: per core"
 )
 @click.option("--no-fsync", is_flag=True, help="skip fsync before the final rename (faster, less safe)")
+@click.option(
+    "--hash-inputs",
+    is_flag=True,
+    help="record the sha256 of every local input shard (reads each in full; default: a sampled fingerprint)",
+)
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
 @click.option("--push-to", metavar="REPO_ID", default=None, help="after the merge, push OUT to this Hub repo")
 @click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
@@ -167,6 +177,7 @@ def merge_cmd(
     resume: bool,
     threads: int | None,
     no_fsync: bool,
+    hash_inputs: bool,
     quiet: bool,
     push_to: str | None,
     ray_address: str | None,
@@ -202,6 +213,7 @@ def merge_cmd(
         progress=not quiet,
         fsync=not no_fsync,
         resume=resume,
+        hash_inputs=hash_inputs,
         numerics=numerics,
         strict=strict,
         stage=stage,
@@ -275,7 +287,8 @@ def push_cmd(
 
 @main.command("plan")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (every tensor, every digit)")
+@click.option("--verbose", "-v", is_flag=True, help="one line per tensor, not one per parameter setting")
 @click.option(
     "--out-shard-size", default="5GB", show_default=True, help="max bytes per shard (for --executor ray)"
 )
@@ -286,6 +299,7 @@ def push_cmd(
 def plan_cmd(
     recipe: str,
     as_json: bool,
+    verbose: bool,
     out_shard_size: str,
     executor: str,
     device: str,
@@ -299,12 +313,13 @@ def plan_cmd(
     stage: str | None,
     stage_cache: str | None,
 ) -> None:
-    """Dry run: every output tensor, its inputs and operator, bytes and estimated peak memory.
+    """Dry run: what each tensor gets (grouped by parameter setting), bytes and peak memory.
 
     A multi-stage RECIPE: its stages in order (cached or to run), then the plan of the final
     stage once its inputs exist."""
     from weightsmith.devices import device_summary
     from weightsmith.pipeline import plan_merge
+    from weightsmith.plan_report import grouped_lines, summary_lines, tensor_lines
     from weightsmith.stages import is_multi_stage
 
     options = {
@@ -322,72 +337,30 @@ def plan_cmd(
             return
     else:
         plan = plan_merge(recipe, strict=strict, **options)
-    refs = [c.ref for c in plan.checkpoints]
-    rows = []
-    for task in plan.tasks:
-        inputs = [f"{refs[s.ckpt]}:{s.key}" for s in task.models]
-        rows.append(
-            {
-                "tensor": task.name,
-                "shape": list(task.shape),
-                "dtype": str(task.out_dtype).removeprefix("torch."),
-                "operator": plan.method.name if task.kind == "merge" else "copy (non-float)",
-                "base": f"{refs[task.base.ckpt]}:{task.base.key}" if task.base else None,
-                "inputs": inputs,
-                "params": task.params,
-                "t": round(task.t, 4),
-                "blocks": sum(1 for u in plan.units if u.task is task),
-            }
-        )
-    summary = {
-        "merge_method": plan.method.name,
-        "numerics": plan.recipe.numerics,
-        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
-        "tensors": len(plan.tasks),
-        "bytes_to_read": plan.bytes_to_read,
-        "bytes_to_write": plan.bytes_to_write,
-        "memory_budget": plan.memory_budget,
-        "estimated_peak_bytes": plan.peak_estimate,
-        "over_budget_tensors": plan.oversize,
-        "notes": plan.notes,
-    }
-    summary["warnings"] = plan.warnings
+    report = _plan_json(plan)
     on_device = device_summary(plan, device, kernels, device_memory_budget)
     if on_device["device"] != "cpu":
-        summary["device"] = on_device
+        report["summary"]["device"] = on_device
     shards = []
     if executor == "ray":
         from weightsmith.engine.partition import partition
         from weightsmith.units import parse_size
 
         shards = partition(plan, parse_size(out_shard_size))
-        summary["ray_partition"] = [
+        report["summary"]["ray_partition"] = [
             {"task": w.shard, "shard": w.name, "tensors": len(w.tensors), "units": len(w.units),
              "bytes_to_read": w.bytes_to_read, "bytes_to_write": w.bytes_to_write}
             for w in shards
         ]
     if as_json:
         extra = {"stages": stages} if stages else {}
-        click.echo(json.dumps({**extra, "summary": summary, "tensors": rows}, indent=2, default=str))
+        click.echo(json.dumps({**extra, **report}, indent=2, default=str))
         return
-    for row in rows:
-        params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
-        blocks = f" in {row['blocks']} row blocks" if row["blocks"] > 1 else ""
-        click.echo(
-            f"{row['tensor']} {row['shape']} {row['dtype']} <- {row['operator']}"
-            f"({len(row['inputs'])} models{', base' if row['base'] else ''}) "
-            f"t={row['t']} {params}{blocks}"
-        )
+    for line in tensor_lines(plan) if verbose else grouped_lines(plan):
+        click.echo(line)
     click.echo("")
-    click.echo(f"method:          {plan.method.name} ({plan.method.summary})")
-    click.echo(f"inputs:          {', '.join(refs)}")
-    click.echo(f"tensors:         {len(plan.tasks)}")
-    click.echo(f"bytes to read:   {format_size(plan.bytes_to_read)}")
-    click.echo(f"bytes to write:  {format_size(plan.bytes_to_write)}")
-    click.echo(
-        f"memory budget:   {format_size(plan.memory_budget)}; estimated peak tensor "
-        f"memory {format_size(plan.peak_estimate)} (plus ~0.4 GB for Python and torch)"
-    )
+    for line in summary_lines(plan):
+        click.echo(line)
     if on_device["device"] != "cpu":
         budget = on_device["device_memory_budget"]
         click.echo(
@@ -398,8 +371,6 @@ def plan_cmd(
             f"{format_size(budget) if budget is not None else '4/5 of the free device memory'}; "
             f"{on_device['packed_tensors']} small tensors in {on_device['packed_launches']} packed launches"
         )
-    for note in plan.notes:
-        click.echo(f"note:            {note}")
     if shards:
         from weightsmith.engine.partition import describe_partition
 
@@ -418,6 +389,42 @@ def plan_cmd(
                 "                 merge will refuse: the peak passes the budget; it runs with "
                 f"--memory-budget {budget_option(budget_that_fits(plan))} or more"
             )
+
+
+def _plan_json(plan: Any) -> dict[str, Any]:
+    refs = [c.ref for c in plan.checkpoints]
+    rows = []
+    for task in plan.tasks:
+        rows.append(
+            {
+                "tensor": task.name,
+                "shape": list(task.shape),
+                "dtype": str(task.out_dtype).removeprefix("torch."),
+                "operator": plan.method.name if task.kind == "merge" else "copy (non-float)",
+                "base": f"{refs[task.base.ckpt]}:{task.base.key}" if task.base else None,
+                "inputs": [f"{refs[s.ckpt]}:{s.key}" for s in task.models],
+                "params": task.params,
+                "t": round(task.t, 4),
+                "blocks": sum(1 for u in plan.units if u.task is task),
+            }
+        )
+    summary = {
+        "merge_method": plan.method.name,
+        "numerics": plan.recipe.numerics,
+        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+        "tensors": len(plan.tasks),
+        "bytes_to_read": plan.bytes_to_read,
+        "bytes_to_write": plan.bytes_to_write,
+        "memory_budget": plan.memory_budget,
+        "estimated_peak_bytes": plan.peak_estimate,
+        "over_budget_tensors": plan.oversize,
+        "random_seed": plan.random_seed,
+        "key_mappings": {ref: list(p) for ref, p in plan.key_mappings.items()},
+        "dropped_tensors": plan.dropped,
+        "notes": plan.notes,
+        "warnings": plan.warnings,
+    }
+    return {"summary": summary, "tensors": rows}
 
 
 def _plan_stages(

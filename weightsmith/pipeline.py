@@ -188,6 +188,7 @@ def merge(
     device_memory_budget: str | int | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    hash_inputs: bool = False,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
 
@@ -196,6 +197,8 @@ def merge(
     ``out`` that was killed before it finished, reusing the blocks it wrote once re-checked;
     the output is byte for byte what an uninterrupted run writes. ``strict``: see plan_merge.
     ``numerics="mergekit"`` reproduces mergekit 0.1.5's arithmetic (docs/mergekit.md, "Numerics").
+    ``hash_inputs`` records the sha256 of every local input shard (a full read of each)
+    instead of a sampled fingerprint.
     (``weightsmith.merge`` also runs multi-stage recipes: weightsmith/stages.py.)
     ``executor="ray"`` runs one task per output shard on a Ray cluster (``ray_address``, else a
     local one), docs/distributed.md: the same bytes.
@@ -205,6 +208,7 @@ def merge(
             recipe, out, memory_budget, out_shard_size, overwrite, random_seed, device, threads,
             allow_pickle, progress, fsync, resume, strict, numerics, kernels, device_memory_budget,
             executor, ray_address,
+            hash_inputs,
         )
 
 
@@ -227,6 +231,7 @@ def _merge(
     device_memory_budget: str | int | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    hash_inputs: bool = False,
 ) -> MergeResult:
     started = time.perf_counter()
     device = check_device(device, kernels)
@@ -267,6 +272,7 @@ def _merge(
         device_memory_budget=device_memory_budget,
         executor=executor,
         ray_address=ray_address,
+        hash_inputs=hash_inputs,
         resume_command=_resume_command(
             recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle, numerics,
             kernels, device_memory_budget,
@@ -359,8 +365,10 @@ def run_plan(
     device_memory_budget: str | int | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    hash_inputs: bool = False,
 ) -> MergeResult:
-    """Execute a plan into a new output folder, atomically (``resume``, ``executor``: see ``merge``).
+    """Execute a plan into a new output folder, atomically (``resume``, ``executor``,
+    ``hash_inputs``: see ``merge``).
 
     ``device``: cpu, cuda[:N], auto (CUDA when present) or cpu-staged (the device pipeline on
     the CPU, for tests); ``kernels`` (torch or cupy) and ``device_memory_budget`` apply to a
@@ -391,6 +399,7 @@ def run_plan(
         return _run_plan(
             plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command,
             kernels, budget, run,
+            kernels, budget, hash_inputs,
         )
     finally:
         torch.set_num_threads(previous)
@@ -412,6 +421,7 @@ def _run_plan(
     kernels: str = "torch",
     device_memory_budget: int | None = None,
     run: Callable[..., RunStats] = execute,
+    hash_inputs: bool = False,
 ) -> MergeResult:
     shard_bytes = _size(out_shard_size, "out shard size")
     try:
@@ -482,7 +492,7 @@ def _run_plan(
         index["metadata"]["weightsmith_version"] = __version__
         folder.write_json("model.safetensors.index.json", index)
         stats.summary = build_summary(plan, stats)
-        write_side_files(plan, folder, stats, time.perf_counter() - started)
+        write_side_files(plan, folder, stats, time.perf_counter() - started, hash_inputs)
         path = folder.commit()
     return MergeResult(path, plan, stats, time.perf_counter() - started)
 
@@ -560,7 +570,9 @@ def budget_option(n: int) -> str:
     return f"{-(-n // 10**6)}MB"
 
 
-def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, seconds: float) -> None:
+def write_side_files(
+    plan: MergePlan, folder: OutputDir, stats: RunStats, seconds: float, hash_inputs: bool = False
+) -> None:
     """config.json, tokenizer, recipe, model card and merge report beside the shards."""
     recipe = plan.recipe
     ref = plan.checkpoints[plan.ref_index]
@@ -569,9 +581,9 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         float_dtypes = [t.out_dtype for t in plan.tasks if t.kind == "merge"]
         if float_dtypes:
             name = str(max(set(float_dtypes), key=float_dtypes.count)).removeprefix("torch.")
-            for key in ("torch_dtype", "dtype"):
-                if key in config or key == "dtype" and "torch_dtype" not in config:
-                    config[key] = name
+            # transformers >= 4.56 reads `dtype`, earlier versions (which pyproject allows)
+            # only `torch_dtype`: write both.
+            config["torch_dtype"] = config["dtype"] = name
         rows = plan.out_vocab_rows
         if rows is not None and "vocab_size" in config:
             config["vocab_size"] = rows
@@ -581,7 +593,7 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         if (ref.root / fname).is_file():
             folder.copy_file(ref.root / fname)
     folder.write_text("weightsmith_recipe.yaml", recipe.to_yaml())
-    inputs = [c.provenance() for c in plan.checkpoints]
+    inputs = [c.provenance(full_hash=hash_inputs) for c in plan.checkpoints]
     name = recipe.name or Path(folder.out).name
     # The license follows the base model (or, without one, the model the output's config follows).
     lic_src = plan.checkpoints[plan.base_index] if plan.base_index is not None else ref
@@ -600,6 +612,11 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
         "base_model": recipe.base_model,
         "license": license_ or None,
         "inputs": inputs,
+        "input_hashes": "sha256" if hash_inputs else "sampled_fingerprint",
+        "random_seed": plan.random_seed,
+        "key_mappings": [{"model": ref, "strip": strip, "add": add}
+                         for ref, (strip, add) in plan.key_mappings.items()],
+        "dropped_tensors": plan.dropped,
         "seconds": round(seconds, 3),
         "stage_seconds": {k: round(v, 3) for k, v in stats.timings.items()},
         "bytes_read": stats.bytes_read,

@@ -13,7 +13,6 @@ from typing import Any
 
 import click
 
-from weightsmith import pipeline
 from weightsmith.errors import OutputError, WeightsmithError
 
 _path = click.Path(path_type=str)
@@ -104,7 +103,9 @@ def graft_cmd(
             truncate=truncate, region=region, metric=metric, seed=seed, quiet=quiet,
         )
         result.save(mask_path)
-        pipeline.merge(
+        from weightsmith.pipeline import merge  # torch and the engine: only when a command runs
+
+        merge(
             graft_recipe(base, ft, str(mask_path.resolve())), out, memory_budget=memory_budget,
             overwrite=overwrite,
         )

@@ -12,7 +12,6 @@ from typing import Any
 
 import click
 
-from weightsmith import pipeline
 from weightsmith.errors import WeightsmithError
 from weightsmith.finetune.cli import schedule_options
 
@@ -64,7 +63,9 @@ def transfer_model(
     recipe = transfer_recipe(
         str(new_base), str(ft), str(old_base), weight, tokenizer_source=str(ft) if grew else None
     )
-    pipeline.merge(recipe, out, memory_budget=memory_budget, overwrite=overwrite)
+    from weightsmith.pipeline import merge  # torch and the engine: only when a command runs
+
+    merge(recipe, out, memory_budget=memory_budget, overwrite=overwrite)
     return Path(out)
 
 

@@ -173,16 +173,19 @@ def _build_plan(
         tasks.append(
             TensorTask(name, shape, out_dtype, "merge", sources, base_src, params, t, seed, aux)
         )
-    if recipe.extra_keys == "error":
-        for idx, ckpt in enumerate(checkpoints):
-            extra = [k for k in ckpt.keys() if k not in used[idx] and not _is_alias_only(k, used[idx])]
-            if extra and (idx in model_indices or idx == base_index):
-                shown = ", ".join(repr(k) for k in extra[:5]) + (" ..." if len(extra) > 5 else "")
-                raise MergeError(
-                    f"model {ckpt.ref!r} ({ckpt.root}): {len(extra)} tensor(s) the output does not "
-                    f"have: {shown}. Inputs must share one architecture; set `extra_keys: ignore` "
-                    "in the recipe to drop them"
-                )
+    dropped: dict[str, list[str]] = {}
+    for idx, ckpt in enumerate(checkpoints):
+        extra = [k for k in ckpt.keys() if k not in used[idx] and not _is_alias_only(k, used[idx])]
+        if not extra or (idx not in model_indices and idx != base_index):
+            continue
+        dropped.setdefault(ckpt.ref, []).extend(extra)
+        if recipe.extra_keys == "error":
+            shown = ", ".join(repr(k) for k in extra[:5]) + (" ..." if len(extra) > 5 else "")
+            raise MergeError(
+                f"model {ckpt.ref!r} ({ckpt.root}): {len(extra)} tensor(s) the output does not "
+                f"have: {shown}. Inputs must share one architecture; set `extra_keys: ignore` "
+                "in the recipe (extra_keys=\"ignore\" in Python's save) to drop them"
+            )
     plan = MergePlan(
         recipe,
         method,
@@ -195,6 +198,9 @@ def _build_plan(
         num_layers,
         notes=notes,
         vocab=vocab,
+        random_seed=(random_seed or 0) if method.uses_randomness else None,
+        key_mappings={checkpoints[i].ref: p for i, p in prefixes.items() if p != ("", "")},
+        dropped=dropped,
     )
     if vocab is not None:
         plan.notes += vocab.notes

@@ -76,6 +76,12 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     vocab: Any = None  # io/tokenizer_build.VocabAlignment when the recipe builds a tokenizer
     fill_bytes: int = 0  # vocabulary fill rows kept for the run (engine/vocab_rows.py)
+    # Provenance for merge_report.json and the card: the seed random methods draw from
+    # (None: the method uses none), per input ref the key prefix mapping applied
+    # (strip, add), and the input tensors left out of the output (extra_keys: ignore).
+    random_seed: int | None = None
+    key_mappings: dict[str, tuple[str, str]] = field(default_factory=dict)
+    dropped: dict[str, list[str]] = field(default_factory=dict)
     # What the recipe asks that mergekit would silently ignore, and other warnings (printed
     # on stderr as they arise, kept here for the Python API): weightsmith.notices.
     warnings: list[str] = field(default_factory=list)

@@ -89,24 +89,42 @@ class Checkpoint:
             opened = opener(text, allow_pickle, search_dirs)
             if opened is not None:
                 return opened
-        from weightsmith.io.input_hints import build_hint
+        from weightsmith.io.input_hints import build_hint, local_look_alikes, looks_local
 
         # An example input not built yet (listed in an input-commands.txt): a local path that
         # may look like a Hub id ("inputs/minilm-base"); say how to build it.
         command = build_hint(candidates)
-        if looks_like_hub_id(text) and command is None:
+        looked = f"looked in {', '.join(str(p.absolute()) for p in candidates)}"
+        relative = not Path(text).is_absolute()
+        folders = [Path.cwd(), *search_dirs] if relative else []
+        alikes = local_look_alikes(text, folders) if looks_like_hub_id(text) and command is None else []
+        if looks_like_hub_id(text) and command is None and not alikes and not looks_local(text, folders):
             from weightsmith.io.hub import resolve_hub_model
 
-            path, revision = resolve_hub_model(text)
+            try:
+                path, revision = resolve_hub_model(text)
+            except CheckpointError as e:
+                raise CheckpointError(
+                    f"{e} (Read as a Hub id: no local folder {text!r} exists either; {looked}.)"
+                ) from e
             ckpt = cls._open_local(text, path, allow_pickle)
             ckpt.revision = revision
             return ckpt
-        fix = f"build it with: {command}" if command else (
-            "give a local path, a .safetensors file, or a Hub id like org/name"
-        )
-        raise CheckpointError(
-            f"model {text!r}: no such file or folder (looked in {', '.join(map(str, candidates))}); {fix}"
-        )
+        if command:
+            fix = f"build it with: {command}"
+        elif alikes:
+            fix = (
+                f"did you mean {' or '.join(repr(os.path.relpath(p)) for p in alikes)}? "
+                "Relative paths are read from the working directory (and a recipe's folder)"
+            )
+        elif looks_like_hub_id(text):  # and its first folder exists here: a local path
+            fix = (
+                f"read as a local path, not a Hub id, since {Path(text).parts[0]}/ is a folder here; "
+                "check the path"
+            )
+        else:
+            fix = "give a local path, a .safetensors file, or a Hub id like org/name"
+        raise CheckpointError(f"model {text!r}: no such file or folder ({looked}); {fix}")
 
     @classmethod
     def _open_local(cls, ref: str, path: Path, allow_pickle: bool) -> Checkpoint:
@@ -281,14 +299,15 @@ class Checkpoint:
             pass
 
     # ------------------------------------------------------------------ provenance
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self, full_hash: bool = False) -> dict[str, Any]:
         """What identifies these inputs: ref, revision, and per shard its size and a hash.
 
         Hub shards carry their LFS sha256 for free (the cache names blobs by it). Local shards
-        get a fingerprint instead of a full hash, which would re-read gigabytes: the sha256 of
-        the size, the header and 16 blocks of 64 KiB spread evenly over the data. Two
-        fine-tunes of one architecture share a header, so the sampled data is what tells them
-        apart; the model card says which kind of hash it shows.
+        get a ``sampled_fingerprint`` instead of a full hash, which would re-read gigabytes:
+        the sha256 of the size, the header and 16 blocks of 64 KiB spread evenly over the
+        data. It is not the file's sha256 and is never called one. Two fine-tunes of one
+        architecture share a header, so the sampled data is what tells them apart.
+        ``full_hash`` (``--hash-inputs``) reads every local shard for its real ``sha256``.
         """
         shards = []
         for shard in self.shard_files:
@@ -298,8 +317,10 @@ class Checkpoint:
             real = path.resolve()
             if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
                 info["sha256"] = real.name
+            elif full_hash:
+                info["sha256"] = file_sha256(path)
             else:
-                info["fingerprint_sha256"] = _fingerprint(path, size)
+                info["sampled_fingerprint"] = _fingerprint(path, size)
             shards.append(info)
         return {
             "model": self.ref,
@@ -310,6 +331,15 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.ref!r}, {len(self.entries)} tensors, {self.total_bytes} bytes)"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """The sha256 of a whole file, read in 4 MiB chunks (what ``sha256sum`` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fingerprint(path: Path, size: int, blocks: int = 16, block: int = 1 << 16) -> str:

@@ -44,3 +44,24 @@ def build_hint(paths: Iterable[Path]) -> str | None:
                 return commands[max(matches, key=len)]
             break  # the nearest listing decides; a farther one describes other folders
     return None
+
+
+def local_look_alikes(ref: str, folders: Iterable[Path]) -> list[Path]:
+    """Existing paths one folder below any of ``folders`` that end in ``ref``: where a relative
+    path was probably meant to be read from (``inputs/minilm-base`` typed at the repository
+    root, where the examples' inputs are ``merges/inputs/minilm-base``)."""
+    found: list[Path] = []
+    for folder in folders:
+        try:
+            children = sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            continue
+        found += [child / ref for child in children if (child / ref).exists()]
+    return found[:3]
+
+
+def looks_local(ref: str, folders: Iterable[Path]) -> bool:
+    """A ref like ``inputs/minilm-base`` whose first folder exists here is a local path, not a
+    Hub id (``org/name``), even though it has the shape of one."""
+    first = Path(ref).parts[0] if Path(ref).parts else ""
+    return bool(first) and any((Path(folder) / first).is_dir() for folder in folders)

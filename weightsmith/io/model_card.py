@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from weightsmith.errors import DataError
+from weightsmith.io.card_provenance import provenance_lines
 from weightsmith.io.checkpoint import looks_like_hub_id
 from weightsmith.units import format_size
 
@@ -242,6 +243,7 @@ def render_model_card(
         lines.append(f"| `{_cell(str(item['model']))}` | {item.get('revision') or '-'} | {shards} |")
     lines.append("")
     if report:
+        lines += provenance_lines(report)
         summary = report_summary_table(report)
         if summary:
             lines += ["## Merge report", "", *summary, "", f"Per-tensor details: `{REPORT_FILE}`.", ""]
@@ -294,8 +296,11 @@ def _flatten(key: str, value: Any) -> list[tuple[str, str]]:
 def _shard_text(s: dict[str, Any]) -> str:
     if "sha256" in s:
         digest = f"sha256 {s['sha256']}"
-    elif "fingerprint_sha256" in s:
-        digest = f"fingerprint sha256 {s['fingerprint_sha256']} (size, header, 1 MiB sampled)"
+    elif "sampled_fingerprint" in s:
+        digest = (
+            f"sampled fingerprint {s['sampled_fingerprint']} (of the size, header and 1 MiB sampled; "
+            "not the file's sha256: merge with --hash-inputs for that)"
+        )
     else:
         digest = "no hash"
     return f"{s['file']} ({s['bytes']} B, {digest})"

@@ -36,6 +36,9 @@ class Param:
     # for per-model parameters), so methods that need more than the base and the models
     # (fine-tuning transfer's source bases, grafting's mask) still never open files.
     checkpoint: bool = False
+    # Accepted so mergekit recipes run unchanged, but without effect here (task_arithmetic's
+    # density, int8_mask): `weightsmith plan` does not show it.
+    ignored: bool = False
 
     @property
     def required(self) -> bool:

@@ -112,7 +112,7 @@ register(
         fn=sce,
         params=(
             Param("select_topk", 1.0, doc="fraction of coordinates kept, by variance across models"),
-            Param("int8_mask", False, kind=bool, doc="accepted for mergekit recipes; no effect here"),
+            Param("int8_mask", False, kind=bool, doc="accepted for mergekit recipes", ignored=True),
         ),
         base="required",
         summary="keep top-variance coordinates, weight models by mean square, erase sign conflicts",

@@ -9,10 +9,29 @@ false, as in mergekit).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from weightsmith.errors import MergeError
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, per_model_column, register
+
+
+def summarize_norms(totals: dict[str, float], refs: list[str], context: object = None) -> dict[str, object]:
+    """merge_report.json's summary: each task vector's L2 norm over the merged tensors, and
+    the norm of the change the merge made to the base."""
+    models = [
+        {"model": ref, "task_vector_norm": math.sqrt(totals[f"sq_tv[{i}]"])}
+        for i, ref in enumerate(refs)
+        if f"sq_tv[{i}]" in totals
+    ]
+    out: dict[str, object] = {"coordinates": int(totals.get("numel", 0)), "models": models}
+    lines = [f"  |task vector| of {m['model']}: {m['task_vector_norm']:.4g}" for m in models]
+    if "sq_delta_out" in totals:
+        out["merged_delta_norm"] = math.sqrt(totals["sq_delta_out"])
+        lines.append(f"  |output - base|: {out['merged_delta_norm']:.4g}")
+    out["lines"] = lines
+    return out
 
 
 def task_vectors(inputs: MergeInputs) -> torch.Tensor:
@@ -35,6 +54,7 @@ def task_arithmetic(
     lam = params.get("lambda", 1.0)
     assert inputs.base is not None
     tau = task_vectors_(inputs)
+    record_task_vector_norms(inputs.stats, tau)
     # Same operation order as mergekit (weight each delta, sum, scale, add the base), so
     # float32 results match bit for bit; done in place to avoid full-size temporaries.
     tau.mul_(per_model_column(weight, tau))
@@ -51,7 +71,22 @@ def task_arithmetic(
                 "them; set normalize: false (the usual choice for task arithmetic)"
             )
         merged.div_(total)
-    return merged.mul_(lam).add_(inputs.base)
+    merged.mul_(lam)
+    inputs.stats["sq_delta_out"] = squared_norm(merged)  # |output - base|, before the base is added
+    return merged.add_(inputs.base)
+
+
+def record_task_vector_norms(stats: dict[str, float], tau: torch.Tensor) -> None:
+    """Cheap, additive numbers for merge_report.json's per_tensor: each task vector's squared
+    L2 norm (one read pass per model; the report's summary takes the square roots)."""
+    stats["numel"] = float(tau[0].numel())
+    for i in range(tau.shape[0]):
+        stats[f"sq_tv[{i}]"] = squared_norm(tau[i])
+
+
+def squared_norm(x: torch.Tensor) -> float:
+    # The norm in the compute dtype, squared in double, so sums over row blocks stay additive.
+    return float(torch.linalg.vector_norm(x)) ** 2 if x.numel() else 0.0
 
 
 register(
@@ -62,12 +97,13 @@ register(
             Param("weight", per_model=True, doc="task vector coefficient; negative negates"),
             Param("lambda", 1.0, doc="global scale of the summed task vector"),
             Param("normalize", False, kind=bool, doc="divide by the sum of weights"),
-            Param("density", 1.0, per_model=True, doc="accepted for mergekit recipes; unused"),
-            Param("rescale", False, kind=bool, doc="accepted for mergekit recipes; unused"),
-            Param("int8_mask", False, kind=bool, doc="accepted for mergekit recipes; unused"),
+            Param("density", 1.0, per_model=True, doc="accepted for mergekit recipes; unused", ignored=True),
+            Param("rescale", False, kind=bool, doc="accepted for mergekit recipes; unused", ignored=True),
+            Param("int8_mask", False, kind=bool, doc="accepted for mergekit recipes; unused", ignored=True),
         ),
         base="required",
         summary="base + lambda * sum_i weight_i * (model_i - base)",
         paper="arXiv:2212.04089",
+        summarize=summarize_norms,
     )
 )

@@ -38,7 +38,7 @@ def common_params(*, normalize: bool, rescale: bool) -> tuple[Param, ...]:
         Param("lambda", 1.0, doc="scale of the merged task vector"),
         Param("normalize", normalize, kind=bool, doc="divide by the sum of (agreeing) weights"),
         Param("rescale", rescale, kind=bool, doc="rescale what survives sparsification"),
-        Param("int8_mask", False, kind=bool, doc="accepted for mergekit recipes; no effect here"),
+        Param("int8_mask", False, kind=bool, doc="accepted for mergekit recipes", ignored=True),
     )
 
 
