@@ -127,6 +127,11 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--no-fsync", is_flag=True, help="skip fsync before the final rename (faster, less safe)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
 @click.option("--push-to", metavar="REPO_ID", default=None, help="after the merge, push OUT to this Hub repo")
+@click.option("--out-format", type=click.Choice(["full", "lora"]), default=None,
+              help="lora: write a PEFT adapter of base_model (default: the recipe's out_format, else full)")
+@click.option("--out-rank", type=int, default=None, help="out-format lora, SVD path: rank of every module")
+@click.option("--out-energy", type=float, default=None,
+              help="out-format lora, SVD path: per module, the rank keeping this fraction of sum(s^2)")
 @_common_plan_options
 @_friendly
 def merge_cmd(
@@ -140,6 +145,9 @@ def merge_cmd(
     no_fsync: bool,
     quiet: bool,
     push_to: str | None,
+    out_format: str | None,
+    out_rank: int | None,
+    out_energy: float | None,
     memory_budget: str,
     random_seed: int | None,
     allow_pickle: bool,
@@ -152,6 +160,7 @@ def merge_cmd(
 
     A multi-stage RECIPE (mergekit-multi: `---`-separated documents with `name:`) runs its
     stages in order, keeping intermediates in --stage-cache and reusing unchanged ones."""
+    from weightsmith.lora_output import LoraMergeResult
     from weightsmith.stages import merge
 
     if push_to:
@@ -176,8 +185,14 @@ def merge_cmd(
         stage=stage,
         stage_cache=stage_cache,
         log=(lambda line: None) if quiet else None,
+        **({"out_format": out_format} if out_format else {}),
+        **({"out_rank": out_rank} if out_rank is not None else {}),
+        **({"out_energy": out_energy} if out_energy is not None else {}),
     )
-    if not quiet:
+    if isinstance(result, LoraMergeResult):
+        if not quiet:
+            click.echo(result.summary())
+    elif not quiet:
         s = result.stats
         rate = (s.bytes_read + s.bytes_written) / max(result.seconds, 1e-9)
         click.echo(
