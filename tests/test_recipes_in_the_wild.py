@@ -35,13 +35,6 @@ MANIFEST = yaml.safe_load((CORPUS / "manifest.yaml").read_text())["recipes"]
 # Recipe features weightsmith does not support yet -> what is missing (and the issue that
 # tracks it). Delete a row when its feature lands.
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "slices-full": "`slices:` with one full-range slice (issue 13)",
-    "slices-stacking": "`slices:` layer stacking (issue 13)",
-    "slices-partial": "`slices:` with partial layer_range (issue 13)",
-    "slice-parameters": "per-slice `parameters:` (issue 13)",
-    "source-parameters": "per-slice-source `parameters:` (issue 13)",
-    "base-as-slice-source": "the base listed as a slice source (issue 13)",
-    "modules": "`modules:` (issue 13)",
     "tokenizer_source-union": "tokenizer_source: union (issue 13)",
     # The pre-0.1 spelling; mergekit 0.1.5 fails on it too (it reads `model:<path>` as a repo id).
     "tokenizer_source-model-prefix": "tokenizer_source: model:<ref> (issue 13)",
@@ -50,7 +43,6 @@ NOT_YET_SUPPORTED: dict[str, str] = {
     "tokenizer-block-model": "the `tokenizer:` block with a model source (issue 13)",
     "tokenizer-block-empty": "an empty `tokenizer: {}` block (issue 13)",
     "chat_template-named": "named chat templates (chatml, llama3, alpaca) (issue 13)",
-    "passthrough": "merge method passthrough (issues 13, 14)",
 }
 # Features weightsmith handles today; every feature in the manifest is in one of the two tables.
 SUPPORTED = {
@@ -60,7 +52,9 @@ SUPPORTED = {
     "base-listed-in-models", "no-base", "name-field", "chat_template-auto", "tokenizer_source-base",
     "tokenizer_source-model", "local-path", "quoted-local-paths", "windows-paths", "stage-reference",
     "yaml-comments", "scientific-notation", "lora-ref", "multi-document", "parameters-not-taken",
-    "unknown-top-level-key", "typo-key", "normalize-as-number",
+    "unknown-top-level-key", "typo-key", "normalize-as-number", "slices-full", "slices-stacking",
+    "slices-partial", "slice-parameters", "source-parameters", "base-as-slice-source", "modules",
+    "passthrough",
 }
 MODEL_KEYS = {"model", "base_model"}
 TOKENIZER_KEYS = {"tokenizer_source", "source"}

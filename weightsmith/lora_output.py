@@ -149,6 +149,8 @@ def _concat_coefficients(
     method = rec.merge_method
     if method not in _CONCAT_METHODS or not adapters or any(a is None for a, _ in adapters):
         return None
+    if getattr(rec, "slices", None) is not None or getattr(rec, "modules", None) is not None:
+        return None  # layer-sliced recipes: per-slice weights and layouts; the SVD path takes them
     if any(p.replacement is not None for a, _ in adapters for p in a.adapter.patches.values()):  # type: ignore[union-attr]
         return None  # tensors saved whole: their merge is not a LoRA delta
     weights = [_number(p.get("weight", rec.parameters.get("weight"))) for _, p in adapters]

@@ -16,6 +16,7 @@ import torch
 
 from weightsmith.data_steps import check_data_blocks, run_data_steps
 from weightsmith.engine.executor import RunStats, execute
+from weightsmith.engine.modules import build_sliced_plan, is_sliced
 from weightsmith.engine.plan import MergePlan, build_plan
 from weightsmith.engine.summary import build_summary
 from weightsmith.engine.tasks import budget_that_fits, over_budget
@@ -82,7 +83,10 @@ def open_inputs(recipe: Recipe, allow_pickle: bool = False) -> list[Checkpoint]:
 
 
 def normalize_models(recipe: Recipe) -> Recipe:
-    """A base listed again among the models adds a zero task vector: drop it (as mergekit)."""
+    """A base listed again among the models adds a zero task vector: drop it (as mergekit).
+    (A sliced recipe's models are only the inputs to open: engine/slices.py does this per slice.)"""
+    if is_sliced(recipe):
+        return recipe
     try:
         method = get_method(recipe.merge_method)
     except KeyError as e:
@@ -139,7 +143,7 @@ def plan_checkpoints(
 ) -> MergePlan:
     """The one way a merge is planned: ``weightsmith merge``/``plan``, ``merge()`` and the lazy
     API's ``save`` all come through here (``method`` stands in for the recipe's, see build_plan)."""
-    plan = build_plan(
+    plan = (build_sliced_plan if is_sliced(recipe) else build_plan)(
         recipe,
         checkpoints,
         memory_budget=_size(memory_budget, "memory budget"),
@@ -498,7 +502,7 @@ def write_side_files(plan: MergePlan, folder: OutputDir, stats: RunStats, second
     recipe = plan.recipe
     ref = plan.checkpoints[plan.ref_index]
     if ref.config is not None:
-        config = dict(ref.config)
+        config = {**ref.config, **plan.config_updates}
         float_dtypes = [t.out_dtype for t in plan.tasks if t.kind == "merge"]
         if float_dtypes:
             name = str(max(set(float_dtypes), key=float_dtypes.count)).removeprefix("torch.")

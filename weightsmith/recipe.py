@@ -21,6 +21,7 @@ import yaml
 
 from weightsmith.errors import RecipeError
 from weightsmith.notices import collecting, did_you_mean, lenient
+from weightsmith.recipe_slices import ModuleSpec, SliceSpec, parse_layout, referenced_models
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -45,6 +46,8 @@ MAX_RECIPE_NODES = 100_000
 TOP_LEVEL_FIELDS = {
     "merge_method": "name of the merge method (see `weightsmith methods`)",
     "models": "list of {model: PATH_OR_HUB_ID, parameters: {...}}",
+    "slices": "instead of models: [{sources: [{model, layer_range: [a, b], parameters}], parameters}]",
+    "modules": "instead of models: {MODULE: {slices: ... or models: ..., parameters}}",
     "base_model": "the shared base the fine-tunes started from",
     "parameters": "global method parameters",
     "dtype": "compute dtype hint (weightsmith computes in float32 or wider, unless numerics: mergekit)",
@@ -70,8 +73,6 @@ DATA_BLOCK_FIELDS = {
     "calibration": ("data", "task", "batch_size", "max_length", "truncate"),
 }
 UNSUPPORTED_FIELDS = {
-    "slices": "layer slicing (frankenmerges) is not supported yet; use `models:`",
-    "modules": "per-module recipes are not supported yet; use `models:`",
     "tokenizer": "the `tokenizer:` block (vocabulary union) is not supported yet; use "
     "tokenizer_source: base or a model, and vocab_policy: pad | truncate",
 }
@@ -210,6 +211,9 @@ class Recipe:
     # Under strict, what mergekit silently ignores (unknown fields, parameters the method does
     # not take) is an error; otherwise one warning each, kept here for the plan.
     strict: bool = False
+    # The layer-sliced forms (recipe_slices.py); `models` then lists every input they name.
+    slices: list[SliceSpec] | None = None
+    modules: dict[str, ModuleSpec] | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -300,27 +304,17 @@ def _load_recipe(source: str | Path | dict[str, Any], strict: bool, label: str |
     method = raw.get("merge_method")
     if not isinstance(method, str):
         raise RecipeError(f"{where}: `merge_method` is required (e.g. merge_method: linear)")
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise RecipeError(f"{where}: `models` must be a non-empty list of {{model: PATH}} entries")
-    models = []
-    for i, entry in enumerate(models_raw):
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise RecipeError(f"{where}: models[{i}] ({_short(entry)}) needs a `model:` path or Hub id")
-        ref = _model_ref(entry["model"], f"{where}: models[{i}].model")
-        for key in sorted(set(entry) - MODEL_FIELDS, key=str):
-            hint = did_you_mean(str(key), MODEL_FIELDS) or (
-                " (an entry has `model` and `parameters`: put parameters under `parameters:`)"
-            )
-            lenient(f"{where}: models[{i}] ({ref}): `{key}` is not a model entry field{hint}", strict)
-        params = _parameters(entry.get("parameters"), f"{where}: models[{i}] ({ref}).parameters")
-        checked = {
-            k: _check_setting(v, f"{where}: models[{i}] ({ref}).parameters.{k}", strict)
-            for k, v in params.items()
-        }
-        models.append(ModelSpec(ref, checked))
+    slices, modules = parse_layout(
+        raw,
+        where,
+        _model_ref,
+        lambda value, at: _checked_parameters(value, at, strict),
+        lambda value, at: _models(value, at, strict),
+    )
+    if slices is None and modules is None:
+        models = _models(raw.get("models"), where, strict)
+    else:
+        models = [ModelSpec(ref) for ref in referenced_models(slices, modules)]
     params = _parameters(raw.get("parameters"), f"{where}: parameters")
     base = raw.get("base_model")
     for key in ("name", "tokenizer_source"):
@@ -341,6 +335,8 @@ def _load_recipe(source: str | Path | dict[str, Any], strict: bool, label: str |
         calibration=_data_block(raw, "calibration", where),
         numerics=_choice(raw, "numerics", NUMERICS, where),
         out_format=_choice(raw, "out_format", ("full", "lora"), where),
+        slices=slices,
+        modules=modules,
         raw=raw,
         source=path,
         text=text,
@@ -367,6 +363,35 @@ def _unknown_field(key: Any) -> str:
         return f"{text} (it belongs in {NESTED_FIELDS[key]})"
     hint = did_you_mean(str(key), [*TOP_LEVEL_FIELDS, *UNSUPPORTED_FIELDS])
     return text + (hint or " (a method's parameters go under `parameters:`)")
+
+
+def _models(models_raw: Any, where: str, strict: bool = False) -> list[ModelSpec]:
+    if not isinstance(models_raw, list) or not models_raw:
+        raise RecipeError(f"{where}: `models` must be a non-empty list of {{model: PATH}} entries")
+    models = []
+    for i, entry in enumerate(models_raw):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise RecipeError(f"{where}: models[{i}] ({_short(entry)}) needs a `model:` path or Hub id")
+        ref = _model_ref(entry["model"], f"{where}: models[{i}].model")
+        for key in sorted(set(entry) - MODEL_FIELDS, key=str):
+            hint = did_you_mean(str(key), MODEL_FIELDS) or (
+                " (an entry has `model` and `parameters`: put parameters under `parameters:`)"
+            )
+            lenient(f"{where}: models[{i}] ({ref}): `{key}` is not a model entry field{hint}", strict)
+        params = _parameters(entry.get("parameters"), f"{where}: models[{i}] ({ref}).parameters")
+        checked = {
+            k: _check_setting(v, f"{where}: models[{i}] ({ref}).parameters.{k}", strict)
+            for k, v in params.items()
+        }
+        models.append(ModelSpec(ref, checked))
+    return models
+
+
+def _checked_parameters(value: Any, where: str, strict: bool = False) -> dict[str, Any]:
+    """A ``parameters:`` mapping with every setting checked."""
+    return {k: _check_setting(v, f"{where}.{k}", strict) for k, v in _parameters(value, where).items()}
 
 
 def check_expanded_size(raw: Any, where: str, limit: int = MAX_RECIPE_NODES) -> None:

@@ -73,20 +73,28 @@ def _not_taken(where: str, method: MergeMethod, key: str, names: str) -> str:
 
 
 def resolve_params(
-    recipe: Recipe, method: MergeMethod, model_specs: list[Any], name: str, t: float
+    recipe: Recipe,
+    method: MergeMethod,
+    model_specs: list[Any],
+    name: str,
+    t: float,
+    model_names: list[str] | None = None,
 ) -> dict[str, Any]:
+    """``model_names``: each model's own name for the tensor, which its filters match (as in
+    mergekit; a stacked layer's input name differs from the output's)."""
     out: dict[str, Any] = {}
     for p in method.params:
         numeric = p.kind in (int, float)
         if p.per_model:
             values = []
-            for spec in model_specs:
+            for i, spec in enumerate(model_specs):
+                own = model_names[i] if model_names is not None else name
                 # As in mergekit: a model's own setting wins, but where none of its filters
                 # matches this tensor the global setting applies, then the default.
                 value = None
                 for scope in (spec.parameters, recipe.parameters):
                     if p.name in scope:
-                        value = resolve_setting(scope[p.name], name, t, numeric)
+                        value = resolve_setting(scope[p.name], own, t, numeric)
                         if value is not None:
                             break
                 if value is None:

@@ -75,6 +75,8 @@ class MergePlan:
     # What the recipe asks that mergekit would silently ignore, and other warnings (printed
     # on stderr as they arise, kept here for the Python API): weightsmith.notices.
     warnings: list[str] = field(default_factory=list)
+    # Set in the output config.json over the reference's (a stacked merge's layer count).
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def compute_dtype(self) -> torch.dtype:

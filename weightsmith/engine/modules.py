@@ -1,0 +1,247 @@
+"""Sliced recipes' entry point, and ``modules:`` (mergekit 0.1.5): one sub-recipe per module of a
+multi-module model (a VLM's text decoder, vision tower and projector).
+
+A text model has one module, ``default``: ``modules: {default: {...}}`` is the top-level recipe
+with the module's parameters between the slices' and the global ones. For a known
+multi-module architecture, each module owns the tensors under its name prefixes (the text
+decoder owns the rest), is planned on its own (its slices stack its own layers; its config
+layer count is updated in its sub-config), and the tasks are joined into one plan. As in
+mergekit, a module the recipe leaves out is not in the output: weightsmith refuses that instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from weightsmith.engine.keys import LAYER_COUNT_KEYS
+from weightsmith.engine.passes import describe, prepare_statistics
+from weightsmith.engine.slices import plan_as_models, plan_slices
+from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
+from weightsmith.errors import MergeError, RecipeError
+from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.ops.registry import MergeMethod, get_method
+from weightsmith.recipe import Recipe
+
+Scopes = tuple[tuple[str | None, tuple[str, ...]], ...]
+_VISION = ("vision_config", ("num_hidden_layers", "depth"))
+_TEXT = ("text_config", LAYER_COUNT_KEYS)
+# Architecture -> module -> (tensor-name prefixes, where its layer count lives). mergekit 0.1.5's
+# architecture definitions name the same modules; "" marks the module that owns the rest.
+# Each prefix is also matched under ``model.`` (transformers 5 saves VLMs that way).
+MODULES: dict[str, dict[str, tuple[tuple[str, ...], Scopes]]] = {
+    "Gemma3ForConditionalGeneration": {
+        "text_decoder": (("",), (_TEXT,)),
+        "vision_tower": (("vision_tower.",), (_VISION,)),
+        "multi_modal_projector": (("multi_modal_projector.",), ()),
+    },
+    "Mistral3ForConditionalGeneration": {
+        "text_decoder": (("",), (_TEXT,)),
+        "vision_tower": (("vision_tower.",), (_VISION,)),
+        "multi_modal_projector": (("multi_modal_projector.",), ()),
+    },
+    "Qwen2_5_VLForConditionalGeneration": {
+        "text_decoder": (("",), (_TEXT, (None, LAYER_COUNT_KEYS))),
+        "vision_tower": (("visual.",), (_VISION,)),
+        "multi_modal_projector": (("visual.merger.",), ()),
+    },
+}
+
+
+def is_sliced(recipe: Recipe) -> bool:
+    return recipe.slices is not None or recipe.modules is not None
+
+
+def build_sliced_plan(
+    recipe: Recipe,
+    checkpoints: list[Checkpoint],
+    *,
+    memory_budget: int,
+    random_seed: int | None = None,
+    method: MergeMethod | None = None,
+) -> MergePlan:
+    """``checkpoints`` are opened as for any recipe: the base (if any), then ``recipe.models``
+    (for a sliced recipe, every model it names, in order of first mention)."""
+    if method is None:
+        try:
+            method = get_method(recipe.merge_method)
+        except KeyError as e:
+            raise RecipeError(str(e.args[0])) from None
+    refs = ([recipe.base_model] if recipe.base_model is not None else []) + [m.ref for m in recipe.models]
+    by_ref: dict[str, int] = {}
+    for i, ref in enumerate(refs):
+        by_ref.setdefault(ref, i)
+    if recipe.modules is None:
+        assert recipe.slices is not None
+        return plan_slices(recipe, method, checkpoints, by_ref, recipe.slices, {}, memory_budget, random_seed)
+    arch = _architecture(checkpoints[0])
+    known = MODULES.get(arch or "", {})
+    if len(recipe.modules) == 1 and next(iter(recipe.modules)) not in known:
+        return _plan_module(
+            recipe, method, checkpoints, by_ref, next(iter(recipe.modules)), memory_budget, random_seed
+        )
+    if not known:
+        raise RecipeError(
+            f"modules: {', '.join(recipe.modules)}: weightsmith knows no modules of architecture "
+            f"{arch!r}; it knows {', '.join(MODULES)} (and `default`, a text model's one module)"
+        )
+    unknown = [name for name in recipe.modules if name not in known]
+    missing = [name for name in known if name not in recipe.modules]
+    if unknown or missing:
+        raise RecipeError(
+            f"modules: {arch} has modules {', '.join(known)}; "
+            + (f"unknown: {', '.join(unknown)}. " if unknown else "")
+            + (
+                f"list {', '.join(missing)} too (mergekit would leave them out of the output)"
+                if missing
+                else ""
+            )
+        )
+    subplans = []
+    for name in recipe.modules:
+        prefixes, scopes = known[name]
+        others = [p for other, (ps, _) in known.items() if other != name for p in ps if p]
+
+        def keep(key: str, own: tuple[str, ...] = prefixes, others: list[str] = others) -> bool:
+            return _owner_match(key, own, others)
+
+        subplans.append(
+            _plan_module(recipe, method, checkpoints, by_ref, name, memory_budget, random_seed, keep, scopes)
+        )
+    return _join(recipe, method, checkpoints, by_ref, subplans, memory_budget)
+
+
+def _owner_match(key: str, own: tuple[str, ...], others: list[str]) -> bool:
+    """Whether ``key`` belongs to the module with prefixes ``own``: the longest matching prefix
+    over all modules wins; "" (the text decoder) owns what no other prefix matches."""
+
+    def best(prefixes: Any) -> int:
+        return max(
+            (len(p) for p in prefixes for form in (p, "model." + p) if p and key.startswith(form)),
+            default=0 if "" in prefixes else -1,
+        )
+
+    return best(own) >= 0 and best(own) >= best(others) and not (best(own) == 0 and best(others) > 0)
+
+
+def _plan_module(
+    recipe: Recipe,
+    method: MergeMethod,
+    checkpoints: list[Checkpoint],
+    by_ref: dict[str, int],
+    name: str,
+    memory_budget: int,
+    random_seed: int | None,
+    keep: Any = None,
+    scopes: Scopes | None = None,
+) -> MergePlan:
+    assert recipe.modules is not None
+    module = recipe.modules[name]
+    if module.models is not None:
+        plan = plan_as_models(
+            recipe,
+            method,
+            checkpoints,
+            by_ref,
+            module.models,
+            {},
+            module.parameters,
+            memory_budget,
+            random_seed,
+        )
+        if keep is not None:
+            plan.tasks = [t for t in plan.tasks if keep(t.name)]
+        return plan
+    assert module.slices is not None
+    extra: dict[str, Any] = {} if keep is None else {"keep": keep, "scopes": scopes}
+    plan = plan_slices(
+        recipe,
+        method,
+        checkpoints,
+        by_ref,
+        module.slices,
+        module.parameters,
+        memory_budget,
+        random_seed,
+        **extra,
+    )
+    if keep is not None:
+        plan.tasks = [t for t in plan.tasks if keep(t.name)]
+        plan.notes = [f"module {name}: {n}" for n in plan.notes]
+    return plan
+
+
+def _join(
+    recipe: Recipe,
+    method: MergeMethod,
+    checkpoints: list[Checkpoint],
+    by_ref: dict[str, int],
+    subplans: list[MergePlan],
+    memory_budget: int,
+) -> MergePlan:
+    """One plan from the modules' plans: their checkpoint indices mapped onto ``checkpoints``."""
+    joined = list(checkpoints)
+    tasks: list[TensorTask] = []
+    notes: list[str] = []
+    updates: dict[str, Any] = {}
+    for sub in subplans:
+        where = {}
+        for i, ckpt in enumerate(sub.checkpoints):
+            at = next((j for j, c in enumerate(joined) if c is ckpt), None)
+            if at is None:  # a checkpoint a parameter names, opened by that module's plan
+                joined.append(ckpt)
+                at = len(joined) - 1
+            where[i] = at
+        for task in sub.tasks:
+            tasks.append(_remap(task, where))
+        notes += sub.notes
+        for key, value in sub.config_updates.items():
+            updates[key] = {**updates.get(key, {}), **value} if isinstance(value, dict) else value
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise MergeError(f"modules: tensor {dup!r} is planned by two modules; report this as a bug")
+    first = subplans[0]
+    base_index = by_ref[recipe.base_model] if first.base_index is not None and recipe.base_model else None
+    ref_index = by_ref[recipe.base_model] if recipe.base_model is not None else next(iter(by_ref.values()))
+    plan = MergePlan(
+        recipe,
+        method,
+        joined,
+        base_index,
+        [by_ref[first.checkpoints[i].ref] for i in first.model_indices if first.checkpoints[i].ref in by_ref],
+        ref_index,
+        tasks,
+        memory_budget,
+        first.num_layers,
+        notes=notes,
+    )
+    plan.config_updates = updates
+    split_units(plan)
+    note = describe(prepare_statistics(plan))
+    if note:
+        plan.notes.append(note)
+    return plan
+
+
+def _remap(task: TensorTask, where: dict[int, int]) -> TensorTask:
+    def src(s: Source | None) -> Source | None:
+        return None if s is None else Source(where[s.ckpt], s.key, s.rows)
+
+    aux = {k: [src(s) for s in v] if isinstance(v, list) else src(v) for k, v in task.aux.items()}
+    return TensorTask(
+        task.name,
+        task.shape,
+        task.out_dtype,
+        task.kind,
+        [src(s) for s in task.models],
+        src(task.base),
+        task.params,
+        task.t,
+        task.seed,
+        aux,
+    )
+
+
+def _architecture(ckpt: Checkpoint) -> str | None:
+    names = (ckpt.config or {}).get("architectures") or []
+    return names[0] if names and isinstance(names[0], str) else None

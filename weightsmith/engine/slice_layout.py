@@ -1,0 +1,114 @@
+"""How a sliced recipe lays out its output: parameter precedence folded into one setting, layer
+renaming, the layer map ``weightsmith plan`` shows, and the output config's per-layer fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from weightsmith.engine.keys import LAYER_COUNT_KEYS, LAYER_PATTERN
+from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.recipe import Conditional
+from weightsmith.recipe_slices import SliceSpec
+
+# Config keys that are never per-layer lists, whatever their length.
+NOT_PER_LAYER = {"architectures", "auto_map"}
+# Where a text model's config keeps its layer count: (sub-config or None, count keys).
+DEFAULT_SCOPES: tuple[tuple[str | None, tuple[str, ...]], ...] = (
+    (None, LAYER_COUNT_KEYS),
+    ("text_config", LAYER_COUNT_KEYS),
+)
+
+
+def chain(*settings: Any) -> Any:
+    """One setting equivalent to trying ``settings`` in order (None = absent): the first that
+    resolves to a value wins. Only a filter list can resolve to nothing (no filter matches), so
+    a scalar or gradient ends the chain, and a filter list gets the rest as a fallback entry."""
+    present = [s for s in settings if s is not None]
+    if not present:
+        return None
+    head, rest = present[0], present[1:]
+    if not rest or not _is_filters(head):
+        return head
+    tail = chain(*rest)
+    return [*head, *(tail if _is_filters(tail) else [Conditional(None, tail)])]
+
+
+def _is_filters(setting: Any) -> bool:
+    return isinstance(setting, list) and bool(setting) and isinstance(setting[0], Conditional)
+
+
+def _with_layer(name: str, index: int) -> str:
+    """``name`` with its layer number replaced by ``index``."""
+    m = LAYER_PATTERN.search(name)
+    assert m is not None
+    return name[: m.start(1)] + str(index) + name[m.end(1) :]
+
+
+def layer_map(slices: list[SliceSpec]) -> list[str]:
+    """One line per slice, consecutive slices that continue one model's range joined:
+    ``0-7 <- model-a:0-7 + model-b:8-15``."""
+    rows: list[tuple[int, int, list[tuple[str, int, int]]]] = []
+    start = 0
+    for piece in slices:
+        n = piece.length
+        srcs = [(s.ref, s.layer_range[0], s.layer_range[1]) for s in piece.sources]
+        if rows:
+            o0, o1, prev = rows[-1]
+            if [r for r, _, _ in prev] == [r for r, _, _ in srcs] and all(
+                p[2] == s[1] for p, s in zip(prev, srcs)
+            ):
+                rows[-1] = (o0, o1 + n, [(r, a, s[2]) for (r, a, _), s in zip(prev, srcs)])
+                start += n
+                continue
+        rows.append((start, start + n, srcs))
+        start += n
+    return [
+        f"  {_span(o0, o1)} <- " + " + ".join(f"{ref}:{_span(a, b)}" for ref, a, b in srcs)
+        for o0, o1, srcs in rows
+    ]
+
+
+def _span(a: int, b: int) -> str:
+    return str(a) if b - a == 1 else f"{a}-{b - 1}"
+
+
+def config_updates(
+    checkpoints: list[Checkpoint],
+    ref_index: int,
+    layer_sources: list[tuple[int, int]],
+    scopes: tuple[tuple[str | None, tuple[str, ...]], ...] = DEFAULT_SCOPES,
+) -> dict[str, Any]:
+    """The output config's layer count, and its per-layer lists (``layer_types`` and the like:
+    any list as long as the stack) rebuilt from each output layer's source model and layer."""
+    config = checkpoints[ref_index].config or {}
+    updates: dict[str, Any] = {}
+    for scope_key, count_keys in scopes:
+        scope = config if scope_key is None else config.get(scope_key)
+        if not isinstance(scope, dict):
+            continue
+        changed: dict[str, Any] = {}
+        for key in count_keys:
+            if isinstance(scope.get(key), int):
+                changed[key] = len(layer_sources)
+        n_ref = next((scope[k] for k in count_keys if isinstance(scope.get(k), int)), None)
+        for key, value in scope.items():
+            if key in NOT_PER_LAYER or not isinstance(value, list) or n_ref is None or len(value) != n_ref:
+                continue
+            rebuilt = []
+            for ckpt, layer in layer_sources:
+                src_cfg = checkpoints[ckpt].config or {}
+                src_scope = src_cfg if scope_key is None else src_cfg.get(scope_key) or {}
+                src_list = src_scope.get(key)
+                rebuilt.append(
+                    src_list[layer]
+                    if isinstance(src_list, list) and layer < len(src_list)
+                    else value[min(layer, len(value) - 1)]
+                )
+            changed[key] = rebuilt
+        if not changed:
+            continue
+        if scope_key is None:
+            updates.update(changed)
+        else:
+            updates[scope_key] = {**scope, **changed}
+    return updates
