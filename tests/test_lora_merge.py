@@ -126,6 +126,7 @@ def test_weights_one_zero_give_the_first(llama: Path, tmp_path: Path) -> None:
     assert one.keys() == two.keys()
     for key in one:
         assert torch.equal(one[key], two[key]), key  # rank 4, not 6: the zero-weight adapter is dropped
+    assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["r"] == 4
 
 
 def test_negative_weight_negates(llama: Path, tmp_path: Path) -> None:
@@ -164,6 +165,8 @@ def test_concatenation_matches_full_merge_and_rank_grows(llama: Path, tmp_path: 
 def test_linear_normalized_concatenates(llama: Path, tmp_path: Path) -> None:
     ad = _adapter(llama, tmp_path / "ad", 3, r=4, lora_alpha=8)
     recipe = _recipe(llama, [ad], [3.0], method="linear")
+    # mergekit's object form of a LoRA reference
+    recipe["models"][0]["model"] = {"model": {"path": str(llama)}, "lora": {"path": str(ad)}}
     recipe["models"].append({"model": str(llama), "parameters": {"weight": 1.0}})
     weightsmith.merge({**recipe, "out_format": "lora"}, tmp_path / "lora", log=lambda s: None)
     got, want = _deltas(tmp_path / "lora"), _deltas(ad)
