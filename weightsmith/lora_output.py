@@ -40,6 +40,7 @@ from weightsmith.io.append_writer import AppendingSafetensorsWriter
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraCheckpoint
 from weightsmith.io.writer import OutputDir
+from weightsmith.notices import collecting
 from weightsmith.recipe import Conditional, Recipe, load_recipe
 
 OUT_FORMATS = ("full", "lora")
@@ -73,7 +74,10 @@ def wants_lora(recipe: Any, out_format: str | None) -> bool:
         return out_format == "lora"
     if isinstance(recipe, Recipe):
         return recipe.out_format == "lora"
-    return load_recipe(recipe).out_format == "lora"
+    if isinstance(recipe, dict):
+        return recipe.get("out_format") == "lora"
+    with collecting(echo=False):  # the merge that follows loads it again and says its warnings
+        return load_recipe(recipe).out_format == "lora"
 
 
 def merge_as_lora(
