@@ -29,16 +29,12 @@ from typing import Any
 
 import torch
 
-from weightsmith.commands.extract_lora import (
-    ModuleReport,
-    _check_out,
-    adapter_config,
-    extract_lora,
-)
+from weightsmith.commands.extract_lora import ModuleReport, extract_lora
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.append_writer import AppendingSafetensorsWriter
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraCheckpoint
+from weightsmith.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraCheckpoint
+from weightsmith.io.lora_writer import adapter_config, check_out_outside_inputs, factor_names
 from weightsmith.io.writer import OutputDir
 from weightsmith.notices import collecting
 from weightsmith.recipe import Conditional, Recipe, load_recipe
@@ -111,7 +107,7 @@ def merge_as_lora(
                 continue  # the base listed again: a zero task vector
             lora = ckpt if isinstance(ckpt, LoraCheckpoint) and _same_base(ckpt, base) else None
             adapters.append((lora, spec.parameters))
-        _check_out(Path(out), opened)
+        check_out_outside_inputs(Path(out), opened)
         coefficients = _concat_coefficients(rec, adapters)
         if coefficients is not None:
             return _write_concatenation(rec, base, adapters, coefficients, Path(out), overwrite, say)
@@ -221,13 +217,8 @@ def _write_concatenation(
                     )
                 a_out = torch.cat([a for _, a, _ in parts], 0)
                 b_out = torch.cat([b for _, _, b in parts], 1)
-                if first.embedding:
-                    names = (f"{PEFT_PREFIX}{first.module}.lora_embedding_A",
-                             f"{PEFT_PREFIX}{first.module}.lora_embedding_B")
-                else:
-                    names = (f"{PEFT_PREFIX}{first.module}.lora_A.weight",
-                             f"{PEFT_PREFIX}{first.module}.lora_B.weight")
-                    fan_in_fan_out |= first.transposed
+                names = factor_names(first.module, first.embedding)
+                fan_in_fan_out |= first.transposed and not first.embedding
                 writer.append(names[0], a_out)
                 writer.append(names[1], b_out)
                 ranks[first.module] = int(a_out.shape[0])
