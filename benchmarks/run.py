@@ -1,6 +1,7 @@
 """Speed and memory of weightsmith against mergekit and the byte-moving floor, in one run.
 
     python benchmarks/run.py --params 0.84B --models 4 --methods task_arithmetic,linear,ties
+    python benchmarks/run.py --params 0.84B --models 4 --methods tsv,iso_c,iso_cts --tools weightsmith
 
 Methods: task_arithmetic, linear, ties, ties_model, and della, della_linear, sce, nuslerp,
 multislerp, karcher, nearswap, ram, ramplus_tl, arcee_fusion, passthrough (``OTHER_METHODS``).
@@ -39,6 +40,9 @@ from make_checkpoints import build  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from weightsmith.units import format_size, parse_size  # noqa: E402
 
+# Spectral merges (docs/methods/spectral.md); not in the default --methods.
+SPECTRAL = ("tsv", "iso_c", "iso_cts")
+
 
 def recipe(method: str, folders: list[Path]) -> dict:
     base, models = folders[0], folders[1:]
@@ -64,6 +68,10 @@ def recipe(method: str, folders: list[Path]) -> dict:
         return {"merge_method": "ties", "parameters": params, **spec}
     if method in OTHER_METHODS:
         return other_method_recipe(method, spec)
+    if method in SPECTRAL:
+        # One SVD per matrix per task (and a few more): far slower than the byte floor, and
+        # mergekit 0.1.5 has none of them. CPU time per 4096 x 4096 matrix: benchmarks/spectral.py.
+        return {"merge_method": method, "parameters": {"alpha": 1.0}, **spec}
     raise SystemExit(f"unknown benchmark method {method}")
 
 
@@ -166,8 +174,8 @@ def main() -> None:
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
         for rep in range(args.repeat):
             for tool in tools:
-                if tool == "mergekit" and method == "ties_model":
-                    continue  # mergekit has only per-tensor TIES
+                if tool == "mergekit" and (method == "ties_model" or method in SPECTRAL):
+                    continue  # mergekit has only per-tensor TIES, and no spectral merges
                 out = args.work / f"out-{tool}"
                 shutil.rmtree(out, ignore_errors=True)
                 if tool == "floor":

@@ -1,7 +1,8 @@
 """On a real CUDA device: the CUDA kernels (ops/cuda_fused.py) equal the CPU fused kernels bit
 for bit on the gpu_sim cases, at the device launch shape too, on a side stream, and through
-CuPy; and ``--device cuda`` merges (torch path) equal the CPU's bytes. Skipped without a GPU
-(benchmarks/gpu/check.sh runs them where there is one)."""
+CuPy; and ``--device cuda`` merges through the device pipeline (streams, pinned slots, packs,
+the device memory budget) with ``--kernels torch`` and ``--kernels cupy`` equal the CPU's
+bytes. Skipped without a GPU (benchmarks/gpu/check.sh runs them where there is one)."""
 
 import pytest
 import torch
@@ -101,3 +102,75 @@ def test_device_merge_writes_the_cpu_bytes(tmp_path, family, method):
     for name in cpu:
         a, b = cpu[name].reshape(-1).view(torch.uint8), gpu[name].reshape(-1).view(torch.uint8)
         assert torch.equal(a, b), name
+
+
+WIDE = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}  # MLP matrices of 32768 elements
+
+
+@pytest.fixture(scope="module")
+def wide_family(tmp_path_factory):
+    """Tensors big enough for the CUDA kernels (MIN_NUMEL), and small norms that get packed."""
+    from models import LLAMA_CONFIG, make_family
+
+    return make_family(tmp_path_factory.mktemp("wide"), config=dict(LLAMA_CONFIG, **WIDE))
+
+
+def _recipe(method, base, models):
+    params = {"weight": 0.5, "density": 0.3} if method.startswith("ties") else {"weight": 0.5}
+    r = {
+        "merge_method": method.removesuffix("_model"), "base_model": str(base), "dtype": "float32",
+        "models": [{"model": str(m), "parameters": params} for m in models],
+    }
+    if method == "ties_model":
+        r["parameters"] = {"scope": "model"}
+    return r
+
+
+def _same_bytes(a, b):
+    from models import load_folder
+
+    ta, tb = load_folder(a), load_folder(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        a, b = ta[name].reshape(-1).view(torch.uint8), tb[name].reshape(-1).view(torch.uint8)
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("kernels", ["torch", "cupy"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "ties_model"])
+def test_device_pipeline_writes_the_cpu_bytes(tmp_path, wide_family, method, kernels, monkeypatch):
+    from weightsmith.ops import cuda_fused, kernel_choice
+    from weightsmith.pipeline import merge
+
+    chosen = []
+    real = kernel_choice.pick
+    monkeypatch.setattr(kernel_choice, "pick", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    base, models = wide_family
+    merge(_recipe(method, base, models), tmp_path / "cpu")
+    chosen.clear()
+    result = merge(_recipe(method, base, models), tmp_path / "gpu", device="cuda", kernels=kernels)
+    _same_bytes(tmp_path / "cpu", tmp_path / "gpu")
+    assert result.stats.device_slots >= 1 and result.stats.device_peak_bytes > 0
+    if method.startswith("ties"):
+        assert (cuda_fused in chosen) == (kernels == "cupy")
+    else:
+        assert result.stats.packs > 0  # the norms went in packed launches
+
+
+def test_device_memory_budget_on_the_device(tmp_path, wide_family):
+    from weightsmith.devices import check_device
+    from weightsmith.engine.device import StagedCpu
+    from weightsmith.engine.device_pipeline import DeviceSlots
+    from weightsmith.engine.slots import SlotPool
+    from weightsmith.pipeline import merge, plan_merge
+
+    assert check_device("auto") == "cuda"
+    base, models = wide_family
+    r = _recipe("ties", base, models)
+    plan = plan_merge(r)
+    slots = DeviceSlots(StagedCpu(None), plan, plan.units, SlotPool(plan).capacity)
+    budget = slots.slot_bytes + slots.scratch + 1
+    result = merge(r, tmp_path / "gpu", device="cuda", kernels="cupy", device_memory_budget=budget)
+    assert result.stats.device_slots == 1
+    merge(r, tmp_path / "cpu")
+    _same_bytes(tmp_path / "cpu", tmp_path / "gpu")

@@ -55,21 +55,22 @@ def test_table_and_verdict():
     runs = [
         check.Run("ties", "cpu", wall_s=10.0),
         check.Run("ties", "cuda-torch", wall_s=4.0, device_peak_bytes=3 * 2**30, check="equal bytes"),
-        check.Run("ties", "cuda-cupy", error="unsupported: this engine has no --kernels option yet"),
+        check.Run("ties", "cuda-cupy", error="skipped: time budget spent"),
     ]
     text = check.table(runs, input_bytes=8 * 10**9)
     assert "| ties | cpu | 10.0 | 0.80 |  |  | reference |" in text
     assert "| ties | cuda-torch | 4.0 | 2.00 | 3.00 GiB | 2.50x | equal bytes |" in text
-    assert "unsupported" in text
+    assert "skipped" in text
     assert check.verdict({"ok": True, "summary": ""}, runs) == "PASS"
     runs[1].check = "7 values differ, at most 1 ulp"
     assert check.verdict(None, runs).startswith("FAIL: ties cuda-torch: 7 values differ")
     assert check.verdict({"ok": False, "summary": "1 failed"}, runs[:1]) == "FAIL: gpu tests: 1 failed"
 
 
-def test_a_missing_option_reads_as_unsupported():
-    assert check.unsupported("UsageError: No such option: --kernels")
-    assert not check.unsupported("CUDA out of memory")
+def test_a_failed_cupy_merge_fails_the_check():
+    runs = [check.Run("ties", "cpu", wall_s=10.0)]
+    runs.append(check.Run("ties", "cuda-cupy", error="failed (exit 1): boom"))
+    assert check.verdict({"ok": True, "summary": ""}, runs) == "FAIL: ties cuda-cupy: failed (exit 1): boom"
 
 
 def test_environment_names_what_is_missing_here():

@@ -110,10 +110,25 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _device_options(fn: Any) -> Any:
+    fn = click.option(
+        "--device-memory-budget", default=None, metavar="SIZE",
+        help="device memory the merge may hold, e.g. 20GB; default: 4/5 of the free device memory",
+    )(fn)
+    fn = click.option(
+        "--kernels", type=click.Choice(["torch", "cupy"]), default="torch", show_default=True,
+        help="on a GPU: torch ops, or the numba.cuda (CuPy-compatible) kernels of the sparse family",
+    )(fn)
+    return click.option(
+        "--device", default="cpu", show_default=True,
+        help="cpu, cuda[:N], or auto (CUDA when present); cpu-staged runs the device pipeline on the CPU",
+    )(fn)
+
+
 @main.command("merge")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]")
+@_device_options
 @click.option("--out-shard-size", default="5GB", show_default=True, help="max bytes per shard")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists (a symlinked OUT: its target)")
 @click.option(
@@ -138,6 +153,8 @@ def merge_cmd(
     recipe: str,
     out: str,
     device: str,
+    kernels: str,
+    device_memory_budget: str | None,
     out_shard_size: str,
     overwrite: bool,
     resume: bool,
@@ -185,6 +202,8 @@ def merge_cmd(
         stage=stage,
         stage_cache=stage_cache,
         log=(lambda line: None) if quiet else None,
+        kernels=kernels,
+        device_memory_budget=device_memory_budget,
         **({"out_format": out_format} if out_format else {}),
         **({"out_rank": out_rank} if out_rank is not None else {}),
         **({"out_energy": out_energy} if out_energy is not None else {}),
@@ -207,6 +226,11 @@ def merge_cmd(
             )
         if s.global_passes:
             click.echo(f"  {s.global_passes} statistics passes before the output pass")
+        if s.device_slots:
+            click.echo(
+                f"  device: {s.device_slots} slots, peak {format_size(s.device_peak_bytes)} of "
+                f"{format_size(s.device_budget)}; {s.packed_units} small tensors in {s.packs} packed launches"
+            )
         for line in (s.summary or {}).get("lines", []):
             click.echo(line)
     if push_to:
@@ -251,11 +275,15 @@ def push_cmd(
 @main.command("plan")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_device_options
 @_common_plan_options
 @_friendly
 def plan_cmd(
     recipe: str,
     as_json: bool,
+    device: str,
+    kernels: str,
+    device_memory_budget: str | None,
     memory_budget: str,
     random_seed: int | None,
     allow_pickle: bool,
@@ -268,6 +296,7 @@ def plan_cmd(
 
     A multi-stage RECIPE: its stages in order (cached or to run), then the plan of the final
     stage once its inputs exist."""
+    from weightsmith.devices import device_summary
     from weightsmith.pipeline import plan_merge
     from weightsmith.stages import is_multi_stage
 
@@ -316,6 +345,9 @@ def plan_cmd(
         "notes": plan.notes,
     }
     summary["warnings"] = plan.warnings
+    on_device = device_summary(plan, device, kernels, device_memory_budget)
+    if on_device["device"] != "cpu":
+        summary["device"] = on_device
     if as_json:
         extra = {"stages": stages} if stages else {}
         click.echo(json.dumps({**extra, "summary": summary, "tensors": rows}, indent=2, default=str))
@@ -338,6 +370,16 @@ def plan_cmd(
         f"memory budget:   {format_size(plan.memory_budget)}; estimated peak tensor "
         f"memory {format_size(plan.peak_estimate)} (plus ~0.4 GB for Python and torch)"
     )
+    if on_device["device"] != "cpu":
+        budget = on_device["device_memory_budget"]
+        click.echo(
+            f"device:          {on_device['device']} (kernels: {kernels}); a device slot "
+            f"{format_size(on_device['device_slot_bytes'])} + scratch "
+            f"{format_size(on_device['device_scratch_bytes'])}, three slots "
+            f"{format_size(on_device['device_bytes_for_all_slots'])} of "
+            f"{format_size(budget) if budget is not None else '4/5 of the free device memory'}; "
+            f"{on_device['packed_tensors']} small tensors in {on_device['packed_launches']} packed launches"
+        )
     for note in plan.notes:
         click.echo(f"note:            {note}")
     if plan.oversize:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from weightsmith.data_steps import check_data_blocks, run_data_steps
+from weightsmith.devices import check_device
 from weightsmith.engine.executor import RunStats, execute
 from weightsmith.engine.modules import build_sliced_plan, is_sliced
 from weightsmith.engine.plan import MergePlan, build_plan
@@ -171,6 +172,8 @@ def merge(
     resume: bool = False,
     strict: bool = False,
     numerics: str | None = None,
+    kernels: str = "torch",
+    device_memory_budget: str | int | None = None,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
 
@@ -184,7 +187,7 @@ def merge(
     with collecting():  # a warning repeated by a re-plan (greedy soups) is printed once
         return _merge(
             recipe, out, memory_budget, out_shard_size, overwrite, random_seed, device, threads,
-            allow_pickle, progress, fsync, resume, strict, numerics,
+            allow_pickle, progress, fsync, resume, strict, numerics, kernels, device_memory_budget,
         )
 
 
@@ -203,8 +206,11 @@ def _merge(
     resume: bool,
     strict: bool,
     numerics: str | None = None,
+    kernels: str = "torch",
+    device_memory_budget: str | int | None = None,
 ) -> MergeResult:
     started = time.perf_counter()
+    device = check_device(device, kernels)
     plan = plan_merge(
         recipe,
         memory_budget=memory_budget,
@@ -238,8 +244,11 @@ def _merge(
         fsync=fsync,
         started=started,
         resume=resume,
+        kernels=kernels,
+        device_memory_budget=device_memory_budget,
         resume_command=_resume_command(
-            recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle, numerics
+            recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle, numerics,
+            kernels, device_memory_budget,
         ),
     )
 
@@ -253,6 +262,8 @@ def _resume_command(
     device: str,
     allow_pickle: bool,
     numerics: str | None = None,
+    kernels: str = "torch",
+    device_memory_budget: str | int | None = None,
 ) -> str:
     """The command that resumes this merge, for the note about an interrupted one."""
     api = f"weightsmith.merge(<this recipe>, {str(out)!r}, ..., resume=True)"
@@ -268,6 +279,10 @@ def _resume_command(
         words += ["--random-seed", str(random_seed)]
     if device != "cpu":
         words += ["--device", device]
+    if kernels != "torch":
+        words += ["--kernels", kernels]
+    if device_memory_budget is not None:
+        words += ["--device-memory-budget", str(device_memory_budget)]
     if allow_pickle:
         words.append("--allow-pickle")
     if numerics is not None:
@@ -319,8 +334,14 @@ def run_plan(
     started: float | None = None,
     resume: bool = False,
     resume_command: str | None = None,
+    kernels: str = "torch",
+    device_memory_budget: str | int | None = None,
 ) -> MergeResult:
-    """Execute a plan into a new output folder, atomically (``resume``: see ``merge``)."""
+    """Execute a plan into a new output folder, atomically (``resume``: see ``merge``).
+
+    ``device``: cpu, cuda[:N], auto (CUDA when present) or cpu-staged (the device pipeline on
+    the CPU, for tests); ``kernels`` (torch or cupy) and ``device_memory_budget`` apply to a
+    device (engine/device_pipeline.py)."""
     started = started if started is not None else time.perf_counter()
     check_before_work(plan, out, overwrite)
     # torch's own default (one thread per core) measured best on a quiet 2-core machine (ties
@@ -333,8 +354,13 @@ def run_plan(
         torch.set_num_threads(threads)
         previous_kernel_threads = fused.set_threads(threads)  # the fused kernels' pool too
     try:
+        device = check_device(device, kernels)
+        budget = (
+            None if device_memory_budget is None else _size(device_memory_budget, "device memory budget")
+        )
         return _run_plan(
-            plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command
+            plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command,
+            kernels, budget,
         )
     finally:
         torch.set_num_threads(previous)
@@ -353,9 +379,10 @@ def _run_plan(
     started: float,
     resume: bool,
     resume_command: str | None,
+    kernels: str = "torch",
+    device_memory_budget: int | None = None,
 ) -> MergeResult:
     shard_bytes = _size(out_shard_size, "out shard size")
-    _check_device(device)
     try:
         output = OutputDir(
             out,
@@ -410,6 +437,8 @@ def _run_plan(
                 progress=bar.update if bar else None,
                 journal=folder.journal,
                 reused=reused,
+                kernels=kernels,
+                device_memory_budget=device_memory_budget,
             )
             if bar:
                 bar.close()
@@ -571,13 +600,6 @@ def _size(value: str | int, what: str) -> int:
         return parse_size(value)
     except ValueError as e:
         raise RecipeError(f"{what}: {e}") from None
-
-
-def _check_device(device: str) -> None:
-    if device == "cpu":
-        return
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError(f"--device {device}: no CUDA device is available here; use --device cpu")
 
 
 def _progress_bar(plan: MergePlan, enabled: bool) -> Progress | None:

@@ -11,9 +11,9 @@ Steps, each reported whatever happens to the others:
 2. ``pytest -m gpu tests/test_gpu.py`` (the CUDA kernels against the CPU fused kernels, bit for
    bit, and ``--device cuda`` merges against CPU bytes);
 3. 4 synthetic bf16 checkpoints (``benchmarks/make_checkpoints.py``) merged with
-   task_arithmetic, ties and ties ``scope: model`` on the CPU, with ``--device cuda`` (torch
-   path) and with ``--device cuda --kernels cupy`` (reported as unsupported while the engine
-   has no ``--kernels`` option); every GPU output is compared with the CPU's, tensor by tensor:
+   task_arithmetic, ties and ties ``scope: model`` on the CPU, with ``--device cuda`` (the
+   device pipeline, torch path) and with ``--device cuda --kernels cupy`` (the numba.cuda
+   kernels); every GPU output is compared with the CPU's, tensor by tensor:
    equal bytes, or the number of differing values and the largest difference in bf16 ulps;
 4. a table: wall time, GB/s of input read, device memory peak (torch's allocator, read inside
    the merge process), speed-up over the CPU path, output check.
@@ -185,11 +185,6 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def unsupported(stderr: str) -> bool:
-    """Whether a merge failed because this engine has no such option yet (``--kernels``)."""
-    return "No such option" in stderr or "no such option" in stderr
-
-
 def timed_merge(recipe: Path, out: Path, extra: list[str]) -> tuple[float, dict[str, Any], str, int]:
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.NamedTemporaryFile(suffix=".json") as report:
@@ -262,7 +257,6 @@ def run_merges(args: argparse.Namespace, deadline: float, log: Any) -> tuple[lis
     meta = {"input_bytes": input_bytes, "build_s": round(time.perf_counter() - start, 1)}
     log(f"checkpoints ready in {meta['build_s']} s ({input_bytes / 1e9:.2f} GB)")
     runs: list[Run] = []
-    skip_cupy = False
     for method in args.methods:
         path = args.work / f"gpu-check-{method}.yaml"
         path.write_text(yaml.safe_dump(recipe(method, folders), sort_keys=False))
@@ -272,17 +266,10 @@ def run_merges(args: argparse.Namespace, deadline: float, log: Any) -> tuple[lis
             if time.perf_counter() > deadline:
                 run.error = "skipped: time budget spent"
                 continue
-            if label == "cuda-cupy" and skip_cupy:
-                run.error = "unsupported: this engine has no --kernels option yet"
-                continue
             wall, probe, stderr, code = timed_merge(path, args.work / f"gpu-check-out-{label}", PATHS[label])
             if code != 0:
-                if label == "cuda-cupy" and unsupported(stderr):
-                    skip_cupy = True
-                    run.error = "unsupported: this engine has no --kernels option yet"
-                else:
-                    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-                    run.error = f"failed (exit {code}): {last}"
+                last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+                run.error = f"failed (exit {code}): {last}"
                 log(f"{method} {label}: {run.error}")
                 continue
             run.wall_s = round(wall, 2)
@@ -327,7 +314,7 @@ def verdict(tests: dict[str, Any] | None, runs: list[Run]) -> str:
     if tests is not None and not tests["ok"]:
         problems.append(f"gpu tests: {tests['summary']}")
     for r in runs:
-        if r.error and not r.error.startswith(("unsupported", "skipped")):
+        if r.error and not r.error.startswith("skipped"):
             problems.append(f"{r.method} {r.path}: {r.error}")
         elif r.wall_s is not None and r.path != "cpu" and r.check != "equal bytes":
             problems.append(f"{r.method} {r.path}: {r.check}")

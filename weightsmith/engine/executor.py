@@ -12,7 +12,6 @@ than the reads. The engine never knows the operator's math: it hands stacked ten
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import signal
@@ -23,15 +22,16 @@ from typing import Any
 
 import torch
 
+from weightsmith.engine.compute import all_finite, cast_checked, run_method
+from weightsmith.engine.device import DeviceStage, open_stage
+from weightsmith.engine.device_pipeline import run_on_device
 from weightsmith.engine.passes import run_global_passes
-from weightsmith.engine.reading import Loaded, _read_input, stream_loaded
+from weightsmith.engine.reading import Loaded, stream_loaded
 from weightsmith.engine.run_stats import RunStats
 from weightsmith.engine.slots import Slot, SlotPool, typed, unit_shape
 from weightsmith.engine.tasks import MergePlan, WorkUnit
-from weightsmith.errors import MergeError, NonFiniteInput
 from weightsmith.io.journal import Entry, Journal
 from weightsmith.io.writer import ShardWriter
-from weightsmith.ops.registry import MergeInputs
 
 
 def _libc() -> Any:
@@ -68,24 +68,7 @@ def release_heap() -> None:
         libc.malloc_trim(0)
 
 
-def _nonfinite_culprit(plan: MergePlan, unit: WorkUnit) -> str:
-    """After a NaN/Inf shows up, find which input (if any) already had one."""
-    task = unit.task
-    shape = unit_shape(unit)
-    for src in [*([task.base] if task.base else []), *task.models]:
-        ckpt = plan.checkpoints[src.ckpt]
-        data = torch.empty(shape, dtype=torch.float64)
-        raw = torch.empty(math.prod(shape) * 8, dtype=torch.uint8)
-        _read_input(plan, src, unit, data, raw)
-        if not torch.isfinite(data).all():
-            return (
-                f"the input model {ckpt.ref!r} ({ckpt.entry(src.key).path}) already contains "
-                "NaN/Inf in this tensor; fix or replace that checkpoint"
-            )
-    return (
-        "no input has NaN/Inf, so the merge arithmetic overflowed; lower the weights or lambda"
-    )
-
+__all__ = ["RunStats", "all_finite", "execute", "keep_big_buffers_on_the_heap", "release_heap"]
 
 UnitKey = tuple[str, "tuple[int, int] | None"]
 
@@ -102,18 +85,27 @@ def execute(
     device: str = "cpu",
     journal: Journal | None = None,
     reused: dict[UnitKey, Entry] | None = None,
+    kernels: str = "torch",
+    device_memory_budget: int | None = None,
 ) -> RunStats:
     """Run every unit of the plan, writing results through ``writer``.
 
     Units in ``reused`` (verified blocks of an interrupted run) are not computed again; their
-    journaled statistics stand in. Every block written is recorded in ``journal``.
+    journaled statistics stand in. Every block written is recorded in ``journal``. On a
+    ``device`` other than the CPU (``cuda[:N]``, or the ``cpu-staged`` fake) the units go
+    through the device pipeline (engine/device_pipeline.py) with ``kernels`` and
+    ``device_memory_budget`` (bytes; default: four fifths of the device's free memory).
     """
     keep_big_buffers_on_the_heap()
+    stage = None if device == "cpu" else open_stage(device, device_memory_budget)
     try:
         return _execute(
-            plan, writer, progress=progress, device=device, journal=journal, reused=reused or {}
+            plan, writer, progress=progress, device=device, journal=journal, reused=reused or {},
+            stage=stage, kernels=kernels,
         )
     finally:
+        if stage is not None:
+            stage.close()
         release_heap()
 
 
@@ -125,20 +117,25 @@ def _execute(
     device: str,
     journal: Journal | None,
     reused: dict[UnitKey, Entry],
+    stage: DeviceStage | None = None,
+    kernels: str = "torch",
 ) -> RunStats:
     stats = RunStats()
-    pool = SlotPool(plan)
+    pool = SlotPool(plan, alloc=stage.pinned if stage is not None else None)
     # Methods with model-wide statistics stream the inputs first; the result is small. A
     # resumed run computes them again (they read the inputs, never the output).
     stats.context, stats.global_passes, stats.global_bytes_read = run_global_passes(
-        plan, pool, device=device
+        plan, pool, device=str(stage.compute_device) if stage is not None else "cpu",
+        kernels=kernels if stage is not None else "auto",
     )
     unit_stats: dict[UnitKey, dict[str, float]] = {key: e.stats for key, e in reused.items() if e.stats}
     if progress and reused:
         progress(sum(e.nbytes for e in reused.values()))
     stats.reused_blocks = len(reused)
     stats.reused_bytes = sum(e.nbytes for e in reused.values())
-    to_write: queue.Queue[tuple[WorkUnit, torch.Tensor, Slot, dict[str, float]] | None] = queue.Queue()
+    to_write: queue.Queue[
+        tuple[WorkUnit, torch.Tensor, Slot | None, dict[str, float], Callable[[], None] | None] | None
+    ] = queue.Queue()
     errors: list[BaseException] = []
     aborted = threading.Event()
     kill_after = int(os.environ.get(KILL_AFTER_ENV) or 0)
@@ -149,8 +146,10 @@ def _execute(
             item = to_write.get()
             if item is None:
                 return
-            unit, out, slot, tensor_stats = item
+            unit, out, slot, tensor_stats, ready = item
             try:
+                if ready is not None:  # the device pipeline: wait for the copy out
+                    ready()
                 if not errors and not aborted.is_set():
                     started = time.perf_counter()
                     crc = writer.write(unit.task.name, out, unit.rows)
@@ -172,11 +171,27 @@ def _execute(
                 errors.append(e)
             finally:
                 del out
-                pool.release(slot)
+                if slot is not None:
+                    pool.release(slot)
 
     writer_thread = threading.Thread(target=write_behind, name="ws-write", daemon=True)
     writer_thread.start()
     todo = [u for u in plan.units if (u.task.name, u.rows) not in reused]
+    if stage is not None:
+        def record(unit: WorkUnit, tensor_stats: dict[str, float]) -> None:
+            unit_stats[(unit.task.name, unit.rows)] = tensor_stats
+
+        try:
+            run_on_device(plan, todo, pool, stats, stage, kernels, to_write.put, record, errors)
+        except BaseException:
+            aborted.set()
+            raise
+        finally:
+            to_write.put(None)
+            writer_thread.join()
+            stats.device_peak_bytes = stage.peak_bytes()
+            stats.device_log = list(getattr(stage, "log", []))
+        return _finish(plan, stats, unit_stats, errors)
     units = stream_loaded(plan, todo, pool, stats)
     try:
         for loaded in units:
@@ -184,11 +199,11 @@ def _execute(
                 raise errors[0]
             unit = loaded.unit
             if loaded.copy is not None:
-                to_write.put((unit, loaded.copy, loaded.slot, {}))
+                to_write.put((unit, loaded.copy, loaded.slot, {}, None))
                 continue
             try:
                 started = time.perf_counter()
-                out, tensor_stats = _compute(plan, loaded, device, stats.context)
+                out, tensor_stats = _compute(plan, loaded, stats.context)
                 stats.add_time("compute", time.perf_counter() - started)
             except BaseException:
                 pool.release(loaded.slot)
@@ -196,7 +211,7 @@ def _execute(
             tensor_stats = {k: float(v) for k, v in tensor_stats.items()}  # as journaled
             if tensor_stats:
                 unit_stats[(unit.task.name, unit.rows)] = tensor_stats
-            to_write.put((unit, out, loaded.slot, tensor_stats))
+            to_write.put((unit, out, loaded.slot, tensor_stats, None))
             stats.tensors += 1
             del loaded
     except BaseException:
@@ -206,6 +221,12 @@ def _execute(
         units.close()
         to_write.put(None)
         writer_thread.join()
+    return _finish(plan, stats, unit_stats, errors)
+
+
+def _finish(
+    plan: MergePlan, stats: RunStats, unit_stats: dict[UnitKey, dict[str, float]], errors: list[BaseException]
+) -> RunStats:
     if errors:
         raise errors[0]
     # Row blocks of one tensor add up (methods report additive quantities); summed in plan
@@ -220,77 +241,16 @@ def _execute(
     return stats
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in ``t``. min/max propagate NaN and expose Inf in one fast pass, where
-    ``isfinite().all()`` is an order of magnitude slower on the CPU."""
-    if t.numel() == 0:
-        return True
-    if t.dtype.is_floating_point and t.element_size() == 1:
-        t = t.float()  # no float8 kernels for aminmax; float8 values are exact in float32
-    lo, hi = torch.aminmax(t.reshape(-1))
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
-
-
-def _check_float8_range(plan: MergePlan, unit: WorkUnit, out: torch.Tensor) -> None:
-    task = unit.task
-    if not all_finite(out):
-        raise MergeError(
-            f"tensor {task.name!r}: the merge produced NaN/Inf; {_nonfinite_culprit(plan, unit)}"
-        )
-    if out.numel() and float(out.abs().max()) > torch.finfo(task.out_dtype).max:
-        raise MergeError(
-            f"tensor {task.name!r}: values overflow {str(task.out_dtype).removeprefix('torch.')} "
-            f"(largest {torch.finfo(task.out_dtype).max:g}); write a wider out_dtype or lower the weights"
-        )
-
-
-def _compute(
-    plan: MergePlan, loaded: Loaded, device: str, context: Any = None
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Run the method on a loaded unit; return the result cast into the slot's buffer."""
+def _compute(plan: MergePlan, loaded: Loaded, context: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Run the method on a loaded unit (CPU); return the result cast into the slot's buffer."""
     unit, slot = loaded.unit, loaded.slot
     task = unit.task
     assert loaded.models is not None
-    models, base = loaded.models, loaded.base
     shape = unit_shape(unit)
     out_buffer = typed(slot.out, plan.compute_dtype, shape)
-    aux = loaded.aux
-    if device != "cpu":
-        models = models.to(device, non_blocking=True)
-        base = base.to(device, non_blocking=True) if base is not None else None
-        out_buffer = None
-        aux = {
-            k: [t.to(device) if t is not None else None for t in v]
-            if isinstance(v, list)
-            else (v.to(device) if v is not None else None)
-            for k, v in aux.items()
-        }
-    generator = None
-    if task.seed is not None:
-        generator = torch.Generator(device=models.device)
-        generator.manual_seed(task.seed)
-    refs = tuple(plan.checkpoints[s.ckpt].ref for s in task.models)
-    inputs = MergeInputs(
-        task.name, models, base, generator, context, out=out_buffer, aux=aux, model_refs=refs
+    out, tensor_stats = run_method(
+        plan, unit, task.name, loaded.models, loaded.base, out=out_buffer, aux=loaded.aux, context=context
     )
-    try:
-        out = plan.method(inputs, **task.params)
-    except NonFiniteInput:
-        culprit = _nonfinite_culprit(plan, unit)
-        raise MergeError(f"tensor {task.name!r}: NaN/Inf in the inputs; {culprit}") from None
     cast = typed(slot.cast, task.out_dtype, shape)
-    if task.out_dtype.is_floating_point and task.out_dtype.itemsize == 1:
-        # torch saturates casts to float8 (Inf and 1e6 both become 448 in e4m3fn), so the
-        # check below could not see them: check the range in the compute dtype first.
-        _check_float8_range(plan, unit, out)
-    cast.copy_(out)
-    if task.out_dtype.is_floating_point and not all_finite(cast):
-        if not all_finite(out):
-            raise MergeError(
-                f"tensor {task.name!r}: the merge produced NaN/Inf; {_nonfinite_culprit(plan, unit)}"
-            )
-        raise MergeError(
-            f"tensor {task.name!r}: values overflow {str(task.out_dtype).removeprefix('torch.')}; "
-            "write a wider out_dtype or lower the weights"
-        )
-    return cast, inputs.stats
+    cast_checked(plan, unit, out, cast)
+    return cast, tensor_stats

@@ -79,7 +79,9 @@ def statistic_units(plan: MergePlan, stats: GlobalStatistics | None = None) -> l
     return units
 
 
-def run_global_passes(plan: MergePlan, pool: SlotPool, *, device: str = "cpu") -> tuple[Any, int, int]:
+def run_global_passes(
+    plan: MergePlan, pool: SlotPool, *, device: str = "cpu", kernels: str = "auto"
+) -> tuple[Any, int, int]:
     """Run the method's statistics passes, streaming units through the engine's slots.
 
     Returns what the output pass gets as ``inputs.context``, the number of passes run and the
@@ -109,7 +111,7 @@ def run_global_passes(plan: MergePlan, pool: SlotPool, *, device: str = "cpu") -
                     if device != "cpu":
                         models = models.to(device, non_blocking=True)
                         base = base.to(device, non_blocking=True) if base is not None else None
-                    inputs = MergeInputs(unit.task.name, models, base, aux=loaded.aux)
+                    inputs = MergeInputs(unit.task.name, models, base, aux=loaded.aux, kernels=kernels)
                     part = stats.collect(inputs, **unit.task.params)
                     total = part if total is None else stats.combine(total, part)
                 finally:

@@ -9,7 +9,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ class Loaded:
     base: torch.Tensor | None = None
     copy: torch.Tensor | None = None
     aux: dict[str, Any] = field(default_factory=dict)
+    pack: Any = None  # a ``batching.Pack`` when this slot holds several small units
 
 
 def _read_input(
@@ -91,7 +92,11 @@ def _read_aux(
 
 
 def stream_loaded(
-    plan: MergePlan, units: list[WorkUnit], pool: SlotPool, stats: RunStats | None = None
+    plan: MergePlan,
+    units: list[Any],
+    pool: SlotPool,
+    stats: RunStats | None = None,
+    load: Callable[[MergePlan, Any, Slot], Loaded] = load_unit,
 ) -> Iterator[Loaded]:
     """Yield loaded units in order while a reader thread fills the next slots.
 
@@ -109,7 +114,7 @@ def stream_loaded(
                     return
                 try:
                     started = time.perf_counter()
-                    loaded = load_unit(plan, unit, slot)
+                    loaded = load(plan, unit, slot)
                     if stats is not None:
                         stats.add_time("read", time.perf_counter() - started)
                     ready.put(loaded)

@@ -24,6 +24,15 @@ class RunStats:
     reused_bytes: int = 0
     # Busy seconds per stage (they overlap, so their sum can exceed the wall time).
     timings: dict[str, float] = field(default_factory=dict)
+    # The device pipeline (engine/device_pipeline.py): device slots, budget and peak (torch's
+    # allocator on CUDA, the fake's ledger on cpu-staged), small units packed (and into how
+    # many packs), and the cpu-staged fake's order of stages: (stage, item, "start" | "end").
+    device_slots: int = 0
+    device_budget: int = 0
+    device_peak_bytes: int = 0
+    packed_units: int = 0
+    packs: int = 0
+    device_log: list[tuple[str, int, str]] = field(default_factory=list)
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds

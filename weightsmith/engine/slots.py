@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,13 @@ class Slot:
     pooled: bool = True
 
     @classmethod
-    def allocate(cls, capacity: int, n_models: int, cs: int, out_es: int, raw_es: int) -> Slot:
+    def allocate(
+        cls, capacity: int, n_models: int, cs: int, out_es: int, raw_es: int,
+        alloc: Callable[[int], torch.Tensor] | None = None,
+    ) -> Slot:
         def buf(nbytes: int) -> torch.Tensor:
+            if alloc is not None:  # the device pipeline's pinned host memory
+                return alloc(nbytes)
             return torch.empty(max(nbytes, 1), dtype=torch.uint8)
 
         return cls(
@@ -66,7 +72,10 @@ def typed(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> t
 class SlotPool:
     """A fixed set of reusable slots; a unit bigger than a slot gets a one-off slot."""
 
-    def __init__(self, plan: MergePlan, count: int = SLOTS) -> None:
+    def __init__(
+        self, plan: MergePlan, count: int = SLOTS, alloc: Callable[[int], torch.Tensor] | None = None
+    ) -> None:
+        self.alloc = alloc
         merge_units = [u for u in plan.units if u.task.kind == "merge"]
         oversize = set(plan.oversize)
         fitting = [unit_numel(u) for u in merge_units if u.task.name not in oversize]
@@ -84,11 +93,15 @@ class SlotPool:
         self.count = count
 
     def _new(self, capacity: int) -> Slot:
-        return Slot.allocate(capacity, self.n_models, self.cs, self.out_es, self.raw_es)
+        return Slot.allocate(capacity, self.n_models, self.cs, self.out_es, self.raw_es, self.alloc)
 
     def acquire(self, unit: WorkUnit, cancelled: threading.Event) -> Slot | None:
-        need = unit_numel(unit)
-        if unit.task.kind == "copy":
+        """A free slot for ``unit`` (or for a ``batching.Pack``: anything with ``numel``)."""
+        if not isinstance(unit, WorkUnit):
+            need = unit.numel
+        else:
+            need = unit_numel(unit)
+        if isinstance(unit, WorkUnit) and unit.task.kind == "copy":
             need = math.ceil(unit.task.out_bytes / max(self.raw_es, 1))
         if need > self.capacity:
             slot = self._new(need)  # an oversize tensor the method cannot split

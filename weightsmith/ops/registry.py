@@ -68,6 +68,9 @@ class MergeInputs:
     aux: dict[str, Any] = field(default_factory=dict)
     # The models' references in the order of ``models``, for messages (may be empty).
     model_refs: tuple[str, ...] = ()
+    # Kernels for tensors on a device (``--kernels``: "torch" or "cupy"; "auto" outside the
+    # engine); the operator picks per tensor with ``ops.kernel_choice.pick``.
+    kernels: str = "auto"
 
     def output_buffer(self) -> torch.Tensor:
         """The engine's reusable output buffer, or a fresh one (uninitialized)."""

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from weightsmith.errors import MergeError, RecipeError
-from weightsmith.ops import fused
+from weightsmith.ops import fused, kernel_choice
 from weightsmith.ops.param_checks import check_choice, check_density, check_uniform
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 from weightsmith.ops.selection import RadixSelect
@@ -129,10 +129,11 @@ def _apply_model_scope(
 ) -> torch.Tensor:
     assert inputs.base is not None
     stats = inputs.stats
-    if fused.usable(inputs.models):
-        fused.task_vectors_(inputs.models, inputs.base, [False] * len(inputs.models), stats)
+    k = kernel_choice.pick(inputs.models, inputs.kernels, fused)
+    if k is not None:
+        k.task_vectors_(inputs.models, inputs.base, [False] * len(inputs.models), stats)
         check_finite(stats, inputs.name)
-        return fused.ties_model_combine_into(
+        return k.ties_model_combine_into(
             inputs.output_buffer(), inputs.models, inputs.base, _zero_for_none(ctx.thresholds),
             weight, ctx.majority_sign, aggregation, lam, stats,
         )
@@ -187,8 +188,9 @@ class TiesModelStatistics(GlobalStatistics):
         return self._selecting() or self.majority is None
 
     def collect(self, inputs: MergeInputs, **params: Any) -> Any:
-        if fused.usable(inputs.models):
-            return self._collect_fused(inputs, params["weight"])
+        k = kernel_choice.pick(inputs.models, inputs.kernels, fused)
+        if k is not None:
+            return self._collect_fused(inputs, params["weight"], k)
         delta = task_vectors(inputs)
         if self._selecting():
             # Counts of magnitudes per task (and D, for the first level's rank).
@@ -202,20 +204,20 @@ class TiesModelStatistics(GlobalStatistics):
         # An exact integer: sum of elected signs (+1, -1, 0) over this block's coordinates.
         return int(_elected_signs(delta).sum(dtype=torch.int64))
 
-    def _collect_fused(self, inputs: MergeInputs, weight: list[float]) -> Any:
+    def _collect_fused(self, inputs: MergeInputs, weight: list[float], k: Any) -> Any:
         assert inputs.base is not None
         delta = inputs.models  # the engine hands the slot over: work in place
         if not self._selecting():
-            fused.subtract_(delta, inputs.base)
-            return fused.elected_sign_sum(delta, _zero_for_none(tuple(self.thresholds)), weight)
+            k.subtract_(delta, inputs.base)
+            return k.elected_sign_sum(delta, _zero_for_none(tuple(self.thresholds)), weight)
         active = [s is not None and not s.done for s in self.selectors]
         level = next(s.level for s in self.selectors if s is not None and not s.done)
         if level == 0:
-            counts = fused.task_vectors_(delta, inputs.base, active, None)
+            counts = k.task_vectors_(delta, inputs.base, active, None)
         else:
-            fused.subtract_(delta, inputs.base)
+            k.subtract_(delta, inputs.base)
             picks = [(i, s.prefix) for i, s in enumerate(self.selectors) if active[i] and s is not None]
-            refined = iter(fused.refine_histograms(delta, picks))
+            refined = iter(k.refine_histograms(delta, picks))
             counts = [next(refined) if a else None for a in active]
         return counts + [delta[0].numel()]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from weightsmith.ops import fused
+from weightsmith.ops import fused, kernel_choice
 from weightsmith.ops.registry import MergeInputs, TensorSpec
 from weightsmith.ops.selection import RadixSelect
 from weightsmith.ops.sparse.combine import task_vectors
@@ -61,22 +61,22 @@ class TensorBandStatistics(GlobalStatistics):
         rows = inputs.models.shape[1] if inputs.models.dim() > 1 else 1
         seen, total = self.pending.pop(name, (0, None))
         level = next(iter(selectors.values())).level
-        on_kernels = fused.available() and inputs.models.dtype == torch.float32
-        if on_kernels and inputs.models.device.type == "cpu":
-            # One per-thread accumulator per tensor, added into block after block (every block
-            # of a tensor takes this path, whatever its size, so the counts stay in one place).
+        kern = kernel_choice.for_statistics(inputs.models, inputs.kernels, fused)
+        if kern is not None:
+            # One accumulator per tensor, added into block after block (every block of a
+            # tensor takes this path, whatever its size, so the counts stay in one place).
             delta = inputs.models  # the engine hands the slot over
             numel = self.rows[name] * (inputs.models[0].numel() // max(rows, 1))
             if level == 0:
                 models = len(inputs.models)
-                total = fused.new_histograms(models, numel) if total is None else total
+                total = kern.new_histograms(models, numel) if total is None else total
                 selected = {i for i, _ in selectors}
-                fused.task_vectors_(delta, inputs.base, [i in selected for i in range(models)], None, total)
+                kern.task_vectors_(delta, inputs.base, [i in selected for i in range(models)], None, total)
             else:
-                total = fused.new_histograms(len(selectors), numel) if total is None else total
-                fused.subtract_(delta, inputs.base)
+                total = kern.new_histograms(len(selectors), numel) if total is None else total
+                kern.subtract_(delta, inputs.base)
                 picks = [(i, sel.prefix) for (i, _), sel in selectors.items()]
-                fused.refine_histograms(delta, picks, into=total)
+                kern.refine_histograms(delta, picks, into=total)
         else:
             delta = task_vectors(inputs)
             counts = [sel.counts(delta[i]) for (i, _), sel in selectors.items()]
@@ -87,7 +87,7 @@ class TensorBandStatistics(GlobalStatistics):
         if isinstance(total, list):
             per_selector = total
         else:
-            summed = fused.sum_histograms(total)
+            summed = kern.sum_histograms(total)  # the route every block took
             # level 0 counts per model (a model's histogram may serve two ranks), then per selector
             per_selector = [summed[i] for i, _ in selectors] if level == 0 else summed
         for ((_, k), sel), c in zip(selectors.items(), per_selector):
@@ -124,3 +124,4 @@ def split_tensor_statistics(
     split = {spec.name: bands(spec) for spec in specs if spec.split}
     rows = {spec.name: spec.shape[0] for spec in specs if spec.split}
     return TensorBandStatistics(split, rows, dtype) if split else None
+

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from weightsmith.errors import RecipeError
-from weightsmith.ops import fused
+from weightsmith.ops import fused, kernel_choice
 from weightsmith.ops.registry import MergeInputs, Param
 from weightsmith.ops.selection import RadixSelect
 from weightsmith.ops.sparse.report import check_finite, record_inputs, record_task_vectors
@@ -71,8 +72,9 @@ def generalized_task_arithmetic(
     """
     assert inputs.base is not None
     known = inputs.context.get(inputs.name) if isinstance(inputs.context, TensorBands) else None
-    if fused.usable(inputs.models):
-        return _fused_gta(inputs, sparsify, weight, lam, normalize, consensus, bands, known)
+    k = kernel_choice.pick(inputs.models, inputs.kernels, fused)
+    if k is not None:
+        return _fused_gta(k, inputs, sparsify, weight, lam, normalize, consensus, bands, known)
     record_inputs(inputs.stats, inputs, None)
     # In place: the engine hands the stacked models over, and a fresh [N, ...] copy would cost
     # a page fault per 4 KiB on every tensor.
@@ -89,6 +91,7 @@ def generalized_task_arithmetic(
 
 
 def _fused_gta(
+    kern: Any,
     inputs: MergeInputs,
     sparsify: Sparsify | None,
     weight: list[float],
@@ -98,13 +101,13 @@ def _fused_gta(
     bands: Sequence[MagnitudeBand] | None,
     known: list[tuple[float, float]] | None,
 ) -> torch.Tensor:
-    """``generalized_task_arithmetic`` in three fused passes (ops/fused.py), same numbers."""
+    """``generalized_task_arithmetic`` in three fused passes (``kern``: ops/fused.py or its CUDA twin)."""
     assert inputs.base is not None
     delta = inputs.models
     # Select here only when the statistics passes have not already found the band values.
     selecting = bands if known is None else None
     ranks = [_ranks(b) for b in selecting] if selecting is not None else [[] for _ in range(len(delta))]
-    first = fused.task_vectors_(delta, inputs.base, [bool(r) for r in ranks], inputs.stats)
+    first = kern.task_vectors_(delta, inputs.base, [bool(r) for r in ranks], inputs.stats)
     check_finite(inputs.stats, inputs.name)
     keep = [(0.0, math.inf)] * delta.shape[0]
     if known is not None:
@@ -118,11 +121,11 @@ def _fused_gta(
         for (i, k), sel in selectors.items():
             sel.absorb(first[i], k)
         del first  # before the next level's histograms
-        second = fused.refine_histograms(delta, [(i, sel.prefix) for (i, _), sel in selectors.items()])
+        second = kern.refine_histograms(delta, [(i, sel.prefix) for (i, _), sel in selectors.items()])
         for sel, counts in zip(selectors.values(), second):
             sel.absorb(counts)
         keep = [band_values(b, lambda k, i=i: selectors[i, k].value) for i, b in enumerate(selecting)]
-    return fused.combine_into(
+    return kern.combine_into(
         inputs.output_buffer(), delta, inputs.base, keep, weight, lam, normalize, consensus, inputs.stats
     )
 

@@ -1,0 +1,107 @@
+"""``weightsmith search RECIPE --space SPACE.yaml --eval DATA.jsonl --task T --trials N``.
+
+Tunes the recipe's numbers (weightsmith/search/) with candidates merged in memory, writes the
+best recipe, the trial table and a plot into ``--workdir``, and merges the best recipe to disk
+normally when ``--out`` is given. docs/search.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from weightsmith.errors import OutputError, RecipeError, WeightsmithError
+
+_path = click.Path(path_type=str)
+
+
+def load_recipe_dict(path: str) -> dict[str, Any]:
+    try:
+        docs = list(yaml.safe_load_all(Path(path).read_text()))
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"{path}: cannot read the recipe: {e}") from None
+    if len(docs) != 1 or not isinstance(docs[0], dict):
+        raise RecipeError(f"{path}: a search tunes one single-stage recipe (one YAML mapping)")
+    return docs[0]
+
+
+@click.command("search")
+@click.argument("recipe", type=_path)
+@click.option("--space", "space_path", required=True, type=_path, help="SPACE.yaml: recipe paths -> bounds.")
+@click.option("--eval", "data", required=True, type=_path, help="Held-out JSONL the score is taken on.")
+@click.option("--task", required=True, type=click.Choice(["classification", "causal-lm"]))
+@click.option("--trials", required=True, type=int, help="Trials in all (trial 0 is the recipe as given).")
+@click.option("--workdir", required=True, type=_path, help="Trial log, best recipe, table and plot.")
+@click.option("--out", type=_path, default=None, help="Merge the best recipe into this folder.")
+@click.option("--metric", default=None, help="accuracy | loss | ece, or exact_match | loss.")
+@click.option("--control", type=_path, default=None, help="Control-task JSONL (multi-objective).")
+@click.option("--control-weight", type=float, default=0.5, show_default=True,
+              help="w in score = (1-w)*target + w*control, with --control.")
+@click.option("--model-dir", type=_path, default=None, help="Model folder the candidates load into "
+              "(default: the first input model).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sigma", type=float, default=0.3, show_default=True, help="CMA-ES step, in the unit cube.")
+@click.option("--popsize", type=int, default=None, help="CMA-ES population (default: cma's).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-length", type=int, default=512, show_default=True)
+@click.option("--truncate", is_flag=True)
+@click.option("--memory-budget", default="2GB", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the search logged in --workdir.")
+@click.option("--overwrite", is_flag=True, help="Start afresh over a logged search; replace --out.")
+@click.option("--quiet", is_flag=True)
+def search_cmd(
+    recipe: str, space_path: str, data: str, task: str, trials: int, workdir: str, out: str | None,
+    metric: str | None, control: str | None, control_weight: float, model_dir: str | None, seed: int,
+    sigma: float, popsize: int | None, batch_size: int, max_length: int, truncate: bool,
+    memory_budget: str, resume: bool, overwrite: bool, quiet: bool,
+) -> None:
+    """Tune RECIPE's numeric parameters for a score on --eval, merging candidates in memory."""
+    from weightsmith import pipeline
+    from weightsmith.progress import progress
+    from weightsmith.search.objective import Objective
+    from weightsmith.search.optimizer import search
+    from weightsmith.search.report import write_outputs
+    from weightsmith.search.space import Space
+
+    try:
+        base = load_recipe_dict(recipe)
+        space = Space.load(space_path)
+        folder = Path(workdir)
+        log = folder / "trials.jsonl"
+        if log.exists() and not (resume or overwrite):
+            raise OutputError(f"{log}: a search is logged there; pass --resume to continue it or "
+                              "--overwrite to start afresh")
+        if log.exists() and overwrite and not resume:
+            log.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        objective = Objective(
+            base, data, task, control=control, control_weight=control_weight, metric=metric,
+            model_dir=model_dir, batch_size=batch_size, max_length=max_length, truncate=truncate,
+            memory_budget=memory_budget, random_seed=seed,
+        )
+        bar = progress(trials, "search", "trial", enabled=not quiet)
+        try:
+            result = search(space, base, objective, trials=trials, log_path=log,
+                            higher_is_better=objective.higher_is_better, seed=seed, sigma=sigma,
+                            popsize=popsize, bar=bar)
+        finally:
+            bar.close()
+        best = space.apply(base, result.best_trial.unit)
+        write_outputs(result, best, folder)
+        click.echo(f"best: trial {result.best} of {len(result.trials)}, score "
+                   f"{result.best_trial.score:.6g} (recipe as given: {result.trials[0].score:.6g}); "
+                   f"{folder / 'best_recipe.yaml'}")
+        if out:
+            del objective  # its model is a full copy: free it before the merge
+            pipeline.merge(best, out, memory_budget=memory_budget, overwrite=overwrite,
+                           random_seed=seed, progress=not quiet)
+            click.echo(f"wrote {out}")
+    except WeightsmithError as err:
+        click.echo(f"error: {err}", err=True)
+        raise SystemExit(err.exit_code) from None
+
+
+COMMANDS = [search_cmd]
