@@ -164,6 +164,11 @@ def _device_options(fn: Any) -> Any:
 @click.option("--push-to", metavar="REPO_ID", default=None, help="after the merge, push OUT to this Hub repo")
 @click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
 @_executor_option
+@click.option("--out-format", type=click.Choice(["full", "lora"]), default=None,
+              help="lora: write a PEFT adapter of base_model (default: the recipe's out_format, else full)")
+@click.option("--out-rank", type=int, default=None, help="out-format lora, SVD path: rank of every module")
+@click.option("--out-energy", type=float, default=None,
+              help="out-format lora, SVD path: per module, the rank keeping this fraction of sum(s^2)")
 @_common_plan_options
 @_friendly
 def merge_cmd(
@@ -182,6 +187,9 @@ def merge_cmd(
     push_to: str | None,
     ray_address: str | None,
     executor: str,
+    out_format: str | None,
+    out_rank: int | None,
+    out_energy: float | None,
     memory_budget: str,
     random_seed: int | None,
     allow_pickle: bool,
@@ -194,6 +202,7 @@ def merge_cmd(
 
     A multi-stage RECIPE (mergekit-multi: `---`-separated documents with `name:`) runs its
     stages in order, keeping intermediates in --stage-cache and reusing unchanged ones."""
+    from weightsmith.lora_output import LoraMergeResult
     from weightsmith.stages import merge
 
     if push_to:
@@ -223,8 +232,14 @@ def merge_cmd(
         device_memory_budget=device_memory_budget,
         executor=executor,
         ray_address=ray_address,
+        **({"out_format": out_format} if out_format else {}),
+        **({"out_rank": out_rank} if out_rank is not None else {}),
+        **({"out_energy": out_energy} if out_energy is not None else {}),
     )
-    if not quiet:
+    if isinstance(result, LoraMergeResult):
+        if not quiet:
+            click.echo(result.summary())
+    elif not quiet:
         s = result.stats
         rate = (s.bytes_read + s.bytes_written) / max(result.seconds, 1e-9)
         click.echo(

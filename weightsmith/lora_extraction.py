@@ -15,7 +15,6 @@ equals the rank, so peft's scale is 1 and ``B @ A`` is the difference itself.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,10 +22,11 @@ from typing import Any
 
 import torch
 
-from weightsmith.errors import MergeError, OutputError, RecipeError
+from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.append_writer import AppendingSafetensorsWriter
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, is_conv1d
+from weightsmith.io.lora_writer import adapter_config, check_out_outside_inputs, factor_names
 from weightsmith.io.writer import OutputDir
 from weightsmith.ops.lowrank import relative_error, truncated_svd
 
@@ -67,24 +67,6 @@ def _matches(pattern: str, name: str) -> bool:
         return re.search(pattern, name) is not None
     except re.error:
         return pattern in name
-
-
-def _check_out(out: Path, inputs: Sequence[Checkpoint]) -> None:
-    """OUT must not be, contain or sit inside an input's folder: the rename would destroy it."""
-    target = out.absolute().resolve()
-    roots = []
-    for ckpt in inputs:
-        roots.append(ckpt.root)
-        adapter = getattr(ckpt, "adapter", None)  # BASE+ADAPTER inputs read a second folder
-        if adapter is not None:
-            roots.append(adapter.root)
-    for root in roots:
-        real = Path(root).absolute().resolve()
-        if target == real or real in target.parents or target in real.parents:
-            raise OutputError(
-                f"{out}: overlaps the input folder {root}; writing there would replace or mix with "
-                "an input. Choose an OUT outside the inputs"
-            )
 
 
 def _pick_method(svd: str, rank: int | None, shape: tuple[int, ...]) -> str:
@@ -161,7 +143,7 @@ def _extract(
     log: Any,
 ) -> ExtractResult:
     out_dtype = _DTYPES[dtype]
-    _check_out(out, [ft, bs])
+    check_out_outside_inputs(out, [ft, bs])
     model_type = (bs.config or {}).get("model_type")
 
     modules: dict[str, list[str]] = {}
@@ -299,10 +281,8 @@ def _factor(
     r = rank_for_energy(low.singular_values, energy) if energy is not None else low.rank
     b, a = low.b[:, :r].to(out_dtype), low.a[:r].to(out_dtype)
     error = relative_error(matrix, b.float(), a.float())
-    if embedding:  # lora_embedding_A [r, rows], lora_embedding_B [cols, r]: W^T = B_e A_e = b a
-        names = (f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B")
-    else:
-        names = (f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight")
+    # embedding: lora_embedding_A [r, rows], lora_embedding_B [cols, r]: W^T = B_e A_e = b a
+    names = factor_names(module, embedding)
     kind = "embedding-lora" if embedding else "lora"
     return ModuleReport(module, kind, shape, r, error, f"svd {method}"), [(names[0], a), (names[1], b)]
 
@@ -329,36 +309,6 @@ def _require_unambiguous(module: str, all_modules: set[str], field_name: str) ->
             f"module {module!r} would also match {clash[0]!r} in the adapter's {field_name} (peft "
             "matches by suffix); exclude one of them with --exclude"
         )
-
-
-def adapter_config(
-    ranks: dict[str, int], saved: list[str], base: str, ft: Checkpoint, conv1d: bool
-) -> dict[str, Any]:
-    """A LoraConfig for these per-module ranks: the most common rank as ``r``, the rest as
-    exact-name patterns; ``alpha == rank`` everywhere so the scale is 1."""
-    counts = Counter(ranks.values())
-    r = max(counts, key=lambda k: (counts[k], k)) if counts else 1
-    pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
-    archs = (ft.config or {}).get("architectures") or []
-    causal = any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs)
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if causal else None,
-        "base_model_name_or_path": base,
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "target_modules": sorted(ranks),
-        "modules_to_save": sorted(saved) or None,
-        "fan_in_fan_out": conv1d,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_dropout": 0.0,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
 
 
 def _row(rep: ModuleReport) -> str:

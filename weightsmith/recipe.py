@@ -61,6 +61,7 @@ TOP_LEVEL_FIELDS = {
     "evaluation": "held-out data that scores candidate merges: {data: JSONL, task, metric, model} "
     "(soup with mode: greedy)",
     "calibration": "data the input model is run on before the merge: {data: JSONL, task} (antidote)",
+    "out_format": "full (a model, the default) | lora (a PEFT adapter of base_model; docs/methods/lora.md)",
     "numerics": "weightsmith (float32 arithmetic, ties at thresholds kept) | mergekit (mergekit "
     "0.1.5's arithmetic in `dtype`, to reproduce its output bit for bit)",
 }
@@ -207,6 +208,7 @@ class Recipe:
     source: Path | None = None
     text: str | None = None  # the YAML as the user wrote it, comments included
     numerics: str = "weightsmith"  # one of NUMERICS
+    out_format: str = "full"  # full | lora (weightsmith/lora_output.py)
     # Under strict, what mergekit silently ignores (unknown fields, parameters the method does
     # not take) is an error; otherwise one warning each, kept here for the plan.
     strict: bool = False
@@ -333,6 +335,7 @@ def _load_recipe(source: str | Path | dict[str, Any], strict: bool, label: str |
         evaluation=_data_block(raw, "evaluation", where),
         calibration=_data_block(raw, "calibration", where),
         numerics=_choice(raw, "numerics", NUMERICS, where),
+        out_format=_choice(raw, "out_format", ("full", "lora"), where),
         slices=slices,
         modules=modules,
         raw=raw,

@@ -29,6 +29,7 @@ from weightsmith import pipeline
 from weightsmith.engine.parameters import check_parameters
 from weightsmith.errors import RecipeError
 from weightsmith.io.writer import find_leftovers
+from weightsmith.lora_output import merge_as_lora, wants_lora
 from weightsmith.notices import collecting, did_you_mean, warn
 from weightsmith.ops.registry import get_method
 from weightsmith.recipe import Recipe, check_expanded_size, load_recipe, read_recipe_source
@@ -280,10 +281,17 @@ def merge(
     """``weightsmith.merge``: a one-document recipe as ``pipeline.merge``; a multi-stage one
     runs its stages (see the module's doc) and writes the target stage to ``out``. ``options``
     are ``pipeline.merge``'s."""
+    out_format = options.pop("out_format", None)
+    lora_options = {k: options.pop(k) for k in ("out_rank", "out_energy") if k in options}
     if not is_multi_stage(recipe):
         if stage is not None:
             raise RecipeError("--stage: this recipe has one document, so no stages to choose from")
+        if wants_lora(recipe, out_format):  # a PEFT adapter instead of a model
+            return merge_as_lora(recipe, out, strict=strict, log=log, **lora_options, **options)
         return pipeline.merge(recipe, out, strict=strict, **options)
+    if out_format == "lora":
+        raise RecipeError("out_format lora: multi-stage recipes are not supported; write the last stage "
+                          "as a model, then extract-lora it")
     with collecting() as warnings:
         staged = load_stages(recipe, stage=stage, strict=strict)
         cache = cache_folder(out, stage_cache)
