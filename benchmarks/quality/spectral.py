@@ -224,6 +224,24 @@ def report(runs: list[dict[str, Any]], seeds: list[int], refinetune: bool, check
             continue
         ok, why = holds(b, w)
         checks.append([f"{better} > {worse}", "reproduced" if ok else "**did not reproduce**", why])
+    at_one = "; ".join(f"{label} {100 * sum(r[label]['val'][1.0] for r in runs) / len(runs):.1f}"
+                       for label, (_, _, _, grid) in METHODS.items() if 1.0 in grid)
+    edge = [label for label, (_, _, _, grid) in METHODS.items()
+            if any(r[label]["scale"] == max(grid) for r in runs)]
+    if all(c[1] == "saturated" for c in checks):
+        verdict = (
+            "**Not reproduced, and not contradicted: the comparison is saturated.** At the scale its "
+            f"validation grid chose, every merge keeps >= {CEILING:.1%} of each fine-tune's test "
+            "accuracy in every seed, so no method can beat another on this testbed; the papers' gap, "
+            "which grows with the number of tasks and how much they interfere, needs more or harder "
+            "tasks than these four. ")
+    else:
+        verdict = ""
+    verdict += (f"Scale matters more than method here: mean normalised validation accuracy at scale 1 (each "
+                f"method's default) was {at_one} (%).")
+    if edge:
+        verdict += (f" Chosen at the top of its grid in some seed: {', '.join(edge)} (accuracy there was "
+                    "already at its ceiling, so a larger scale could tie, not win).")
     if refinetune:
         seeds_text = (f"Seeds {seeds}: fine-tune seeds (seed {SEED} = the testbed's `ft-<task>`, others "
                       "fine-tuned again from `probe-<task>` with the testbed's settings); the testbed's "
@@ -270,6 +288,8 @@ fraction 0.8; every 2-D tensor (word embeddings included) spectral.
 ### Expected effects (papers: TSV-M and ISO-C/CTS above task arithmetic and TIES; ISO-CTS ≥ ISO-C)
 
 {table(["claim (normalised test acc)", "result", "evidence"], checks)}
+
+{verdict}
 
 Rule (algorithms.md §11): the direction holds in ≥ 2 of 3 seeds and the mean difference exceeds
 one pooled standard deviation. Absolute numbers are not comparable with the papers' (CLIP ViTs on
