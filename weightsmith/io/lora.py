@@ -398,11 +398,11 @@ class LoraCheckpoint(Checkpoint):
             out.copy_(out.float().add_(delta))
         return out
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self, full_hash: bool = False) -> dict[str, Any]:
         assert self.base is not None and self.adapter is not None
-        info = self.base.provenance()
+        info = self.base.provenance(full_hash)
         info["model"] = self.ref
-        adapter = self.adapter.weights.provenance()
+        adapter = self.adapter.weights.provenance(full_hash)
         info["adapter"] = {"model": self.adapter.ref, **{k: v for k, v in adapter.items() if k != "model"}}
         return info
 
