@@ -397,7 +397,7 @@ def plan_cmd(
             f"{plan.method.name} and exceed the budget: {', '.join(plan.oversize[:5])}"
         )
         from weightsmith.engine.tasks import budget_that_fits, over_budget
-        from weightsmith.pipeline import budget_option
+        from weightsmith.output_checks import budget_option
 
         if over_budget(plan):
             click.echo(
