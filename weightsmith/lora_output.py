@@ -37,7 +37,8 @@ from weightsmith.io.lora_writer import adapter_config, check_out_outside_inputs,
 from weightsmith.io.writer import OutputDir
 from weightsmith.lora_extraction import ModuleReport, extract_lora
 from weightsmith.notices import collecting
-from weightsmith.recipe import Conditional, Recipe, load_recipe
+from weightsmith.recipe import Recipe, load_recipe
+from weightsmith.recipe_settings import Conditional
 
 OUT_FORMATS = ("full", "lora")
 REPORT = "lora_merge_report.json"
