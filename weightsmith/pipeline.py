@@ -27,8 +27,9 @@ from weightsmith.engine.vocab_rows import apply_alignment
 from weightsmith.errors import MergeError, OutputError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.model_card import base_license, render_card_from_report
+from weightsmith.io.output_dir import OutputDir
 from weightsmith.io.safetensors_format import DTYPE_NAMES
-from weightsmith.io.writer import OutputDir, ShardWriter
+from weightsmith.io.writer import ShardWriter
 from weightsmith.notices import collecting
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeMethod, get_method
