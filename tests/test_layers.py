@@ -107,3 +107,26 @@ def test_a_new_method_is_one_file(tmp_path):
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
     assert run.stdout.strip() == "found", run.stderr
+
+
+MAX_LINES = 400
+# Being split on another branch; the lead removes this exception when those splits land.
+NOT_YET_SPLIT = {"pipeline.py", "cli.py"}
+
+
+def long_modules(package: Path, limit: int = MAX_LINES) -> list[str]:
+    return sorted(
+        f"{p.relative_to(package)} ({n} lines)"
+        for p in package.rglob("*.py")
+        if str(p.relative_to(package)) not in NOT_YET_SPLIT and (n := len(p.read_text().splitlines())) > limit
+    )
+
+
+def test_no_module_is_over_400_lines(tmp_path):
+    # Small rooms: a module that grows past ~400 lines holds more than one concept; split it.
+    assert not long_modules(PACKAGE), "modules over 400 lines:\n" + "\n".join(long_modules(PACKAGE))
+    # ...and the check can fail: a long module in a copy of the package is named.
+    (tmp_path / "io").mkdir()
+    (tmp_path / "io" / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    (tmp_path / "pipeline.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    assert long_modules(tmp_path) == [f"io/long.py ({MAX_LINES + 1} lines)"]
