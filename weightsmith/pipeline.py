@@ -399,8 +399,7 @@ def run_plan(
             run = functools.partial(execute_on_ray, address=ray_address)
         return _run_plan(
             plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command,
-            kernels, budget, run,
-            kernels, budget, hash_inputs,
+            kernels, budget, run, hash_inputs,
         )
     finally:
         torch.set_num_threads(previous)
