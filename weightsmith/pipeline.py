@@ -22,13 +22,14 @@ from weightsmith.engine.summary import build_summary
 from weightsmith.engine.vocab_rows import apply_alignment
 from weightsmith.errors import OutputError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.io.writer import OutputDir, ShardWriter
+from weightsmith.io.output_dir import OutputDir
+from weightsmith.io.writer import ShardWriter
 from weightsmith.notices import collecting
 from weightsmith.ops import fused
 from weightsmith.ops.registry import MergeMethod
 from weightsmith.output_checks import check_before_work, permission_error
 from weightsmith.plan_inputs import normalize_models, open_inputs, with_numerics
-from weightsmith.progress import Progress
+from weightsmith.progress import progress as progress_of
 from weightsmith.recipe import Recipe, load_recipe
 from weightsmith.resume import plan_fingerprint, resume_command_for
 from weightsmith.side_files import write_side_files
@@ -332,19 +333,19 @@ def _run_plan(
                     file=sys.stderr,
                     flush=True,
                 )
-            bar = _progress_bar(plan, progress)
+            bar = progress_of(plan.bytes_to_write, f"merge ({plan.method.name})", "B", enabled=progress,
+                              unit_scale=True)
             stats = run(
                 plan,
                 writer,
                 device=device,
-                progress=bar.update if bar else None,
+                progress=bar.update if progress else None,
                 journal=folder.journal,
                 reused=reused,
                 kernels=kernels,
                 device_memory_budget=device_memory_budget,
             )
-            if bar:
-                bar.close()
+            bar.close()
             finish_started = time.perf_counter()
             index = writer.finish(fsync=fsync)
             stats.add_time("reserve", reserve_seconds)
@@ -364,11 +365,3 @@ def _size(value: str | int, what: str) -> int:
         return parse_size(value)
     except ValueError as e:
         raise RecipeError(f"{what}: {e}") from None
-
-
-def _progress_bar(plan: MergePlan, enabled: bool) -> Progress | None:
-    if not enabled:
-        return None
-    from weightsmith.progress import progress
-
-    return progress(plan.bytes_to_write, f"merge ({plan.method.name})", "B", unit_scale=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 from weightsmith.engine.executor import RunStats
 from weightsmith.engine.plan import MergePlan
 from weightsmith.io.model_card import base_license, render_card_from_report
+from weightsmith.io.output_dir import OutputDir
 from weightsmith.io.safetensors_format import DTYPE_NAMES
-from weightsmith.io.writer import OutputDir
 from weightsmith.tokenizer_output import tokenizer_root, write_tokenizer
 from weightsmith.version import __version__
 

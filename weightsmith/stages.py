@@ -28,7 +28,7 @@ import yaml
 from weightsmith import pipeline
 from weightsmith.engine.parameters import check_parameters
 from weightsmith.errors import RecipeError
-from weightsmith.io.writer import find_leftovers
+from weightsmith.io.output_dir import find_leftovers
 from weightsmith.lora_output import merge_as_lora, wants_lora
 from weightsmith.notices import collecting, did_you_mean, warn
 from weightsmith.ops.registry import get_method

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from weightsmith.io.chat_templates import resolve_chat_template, write_chat_template
 from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.io.output_dir import OutputDir
 from weightsmith.io.tokenizer_build import VocabAlignment, build_alignment
-from weightsmith.io.writer import OutputDir
 from weightsmith.recipe import Recipe
 
 if TYPE_CHECKING:
