@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 list() {
   cat <<'EOF'
 minilm-task-arithmetic   task vectors of the real MiniLM encoder     inputs: ~3.5 min (2 short fine-tunes)
+minilm-tsv               TSV-M spectral merge of the same inputs     inputs: ~3.5 min (2 short fine-tunes)
 lines                    LiNeS edit of a TinyLM skill                inputs: ~4-7 min (tinylm testbed)
 transfer                 move a TinyLM skill to a newer base         inputs: ~4-7 min (tinylm testbed)
 antidote                 repair a harmful TinyLM fine-tune           inputs: ~4-7 min + 20 s
@@ -52,6 +53,10 @@ case "$NAME" in
     weightsmith plan merges/minilm-task-arithmetic.yaml   # one line per parameter setting; -v: per tensor
     weightsmith merge merges/minilm-task-arithmetic.yaml out/minilm-task-arithmetic --overwrite
     weightsmith inspect out/minilm-task-arithmetic
+    ;;
+  minilm-tsv)
+    python merges/build_inputs.py $IN --quiet
+    merge minilm-tsv
     ;;
   lines | transfer)
     tinylm

@@ -60,7 +60,9 @@ def test_the_facade_still_gives_the_public_api() -> None:
 def test_cli_default_budget_is_the_pipelines() -> None:
     from weightsmith import cli, pipeline
 
-    assert cli.DEFAULT_MEMORY_BUDGET == pipeline.DEFAULT_MEMORY_BUDGET
+    for command in ("merge", "plan"):
+        (option,) = [p for p in cli.main.commands[command].params if p.name == "memory_budget"]
+        assert option.default == pipeline.DEFAULT_MEMORY_BUDGET
 
 
 def test_the_finetune_facade_lists_what_it_gives() -> None:

@@ -96,7 +96,7 @@ def test_device_memory_stays_under_the_budget_with_fewer_slots(tmp_path, family)
 
 def test_small_tensors_are_packed_into_few_launches_with_the_unpacked_bytes(tmp_path, family, monkeypatch):
     base, models = family
-    r = recipe("task_arithmetic", base, models)
+    r = recipe("linear", base, models)
     packed = merge(r, tmp_path / "packed", device="cpu-staged")
     computes = sum(1 for s, _, w in packed.stats.device_log if s == "compute" and w == "start")
     assert packed.stats.packed_units > 1
@@ -112,7 +112,7 @@ def test_small_tensors_are_packed_into_few_launches_with_the_unpacked_bytes(tmp_
 
 def test_packs_never_mix_parameters_and_fit_the_slot(family):
     base, models = family
-    r = recipe("task_arithmetic", base, models)
+    r = recipe("linear", base, models)
     r["models"][0]["parameters"] = {"weight": [{"filter": "norm", "value": 0.9}, {"value": 0.5}]}
     plan = plan_merge(r)
     capacity = 200
@@ -136,7 +136,7 @@ def test_nan_in_a_packed_tensor_names_that_tensor(tmp_path, family):
     state[name][0] = float("nan")
     save_file(state, str(shard), metadata={"format": "pt"})
     with pytest.raises(MergeError, match=name.replace(".", r"\.")):
-        merge(recipe("task_arithmetic", base, models), tmp_path / "out", device="cpu-staged")
+        merge(recipe("linear", base, models), tmp_path / "out", device="cpu-staged")
 
 
 def test_the_kernel_choice_reaches_the_operator(tmp_path, family, monkeypatch):
@@ -177,7 +177,7 @@ def test_plan_and_merge_commands_take_the_device_options(tmp_path, family):
 
     base, models = family
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe("task_arithmetic", base, models)))
+    path.write_text(yaml.safe_dump(recipe("linear", base, models)))
     runner = CliRunner()
     shown = runner.invoke(main, ["plan", str(path), "--device", "cpu-staged", "--json"])
     assert shown.exit_code == 0, shown.output

@@ -10,7 +10,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "weightsmith"
 # Top-level module or folder -> layer. `engine` and `finetune`/`testbeds` stand side by side.
 LAYER = {"errors": 0, "units": 0, "version": 0, "progress": 0, "notices": 0, "recipe": 1,
-         "recipe_slices": 1, "io": 1, "ops": 2, "engine": 3, "finetune": 3, "testbeds": 3,
+         "recipe_slices": 1, "recipe_settings": 1, "recipe_refs": 1,
+         "recipe_tokenizer": 1, "io": 1, "ops": 2, "engine": 3, "finetune": 3, "testbeds": 3,
          "cli": 5}  # anything else (pipeline, lazy, ...) is 4
 NEVER = {("engine", "finetune"), ("engine", "testbeds"), ("finetune", "engine"),
          ("testbeds", "engine"), ("io", "recipe"), ("recipe", "io")}
@@ -106,3 +107,23 @@ def test_a_new_method_is_one_file(tmp_path):
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
     assert run.stdout.strip() == "found", run.stderr
+
+
+MAX_LINES = 400
+
+
+def long_modules(package: Path, limit: int = MAX_LINES) -> list[str]:
+    return sorted(
+        f"{p.relative_to(package)} ({n} lines)"
+        for p in package.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > limit
+    )
+
+
+def test_no_module_is_over_400_lines(tmp_path):
+    # Small rooms: a module that grows past ~400 lines holds more than one concept; split it.
+    assert not long_modules(PACKAGE), "modules over 400 lines:\n" + "\n".join(long_modules(PACKAGE))
+    # ...and the check can fail: a long module in a copy of the package is named.
+    (tmp_path / "io").mkdir()
+    (tmp_path / "io" / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    assert long_modules(tmp_path) == [f"io/long.py ({MAX_LINES + 1} lines)"]

@@ -72,7 +72,7 @@ def _deltas(folder: Path) -> dict[str, torch.Tensor]:
     """module -> ΔW = scale · B @ A of an adapter folder, through weightsmith's reader."""
     ckpt = Checkpoint.open(f"{folder}")  # the adapter weights
     config = json.loads((folder / "adapter_config.json").read_text())
-    from weightsmith.io.lora import lora_scale
+    from weightsmith.io.peft_format import lora_scale
 
     out = {}
     for key in ckpt.keys():
@@ -101,7 +101,7 @@ def test_one_adapter_at_weight_one_returns_it(llama: Path, tmp_path: Path, varia
     # the factors: A's bytes are the input's; B is the input's times its scale (folded)
     src, out = _factors(ad), _factors(tmp_path / "out")
     in_config = json.loads((ad / "adapter_config.json").read_text())
-    from weightsmith.io.lora import lora_scale
+    from weightsmith.io.peft_format import lora_scale
 
     for key, a in src.items():
         if "lora_A" in key:

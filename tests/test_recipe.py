@@ -1,7 +1,8 @@
 import pytest
 
 from weightsmith.errors import RecipeError
-from weightsmith.recipe import Conditional, load_recipe, resolve_setting
+from weightsmith.recipe import load_recipe
+from weightsmith.recipe_settings import Conditional, resolve_setting
 
 
 def test_scalar_gradient_and_filters_resolve_like_mergekit():

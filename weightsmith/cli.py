@@ -12,14 +12,10 @@ from typing import Any
 
 import click
 
+from weightsmith.cli_options import common_plan_options, device_options, executor_option
 from weightsmith.errors import WeightsmithError
 from weightsmith.units import format_size
 from weightsmith.version import __version__
-
-# Kept here, not imported from the pipeline: `weightsmith --help` must not load torch (the
-# pipeline, the engine and the operators load inside the commands that run them).
-# tests/test_cli_startup.py checks both the import and that this equals the pipeline's value.
-DEFAULT_MEMORY_BUDGET = "1.25GB"
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -68,82 +64,10 @@ def main() -> None:
     """weightsmith: merge fine-tuned checkpoints of one base model, streamed tensor by tensor."""
 
 
-def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option(
-        "--memory-budget",
-        default=DEFAULT_MEMORY_BUDGET,
-        show_default=True,
-        help="cap on tensor memory in flight (e.g. 512MB, 4GB)",
-    )(fn)
-    fn = click.option(
-        "--random-seed",
-        type=int,
-        default=None,
-        help="seed for random methods (DARE); per tensor, independent of batching",
-    )(fn)
-    fn = click.option(
-        "--allow-pickle",
-        is_flag=True,
-        help="also read PyTorch .bin pickles (with weights_only=True)",
-    )(fn)
-    fn = click.option(
-        "--numerics",
-        type=click.Choice(["weightsmith", "mergekit"]),
-        default=None,
-        help="mergekit: mergekit 0.1.5's arithmetic in the recipe's dtype, to reproduce its output "
-        "bit for bit; default: the recipe's `numerics:`, else weightsmith (float32, ties kept)",
-    )(fn)
-    fn = click.option(
-        "--strict",
-        is_flag=True,
-        help="errors, not warnings, for what mergekit ignores (unknown fields, parameters a "
-        "method does not take)",
-    )(fn)
-    fn = click.option(
-        "--stage",
-        metavar="NAME",
-        default=None,
-        help="multi-stage recipes: the stage to produce (default: the unnamed document, else the last)",
-    )(fn)
-    fn = click.option(
-        "--stage-cache",
-        metavar="DIR",
-        default=None,
-        help="multi-stage recipes: where intermediate stages are kept and reused "
-        "(default: .weightsmith-stages beside OUT; for plan, in the working directory)",
-    )(fn)
-    return fn
-
-
-def _executor_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--executor",
-        type=click.Choice(["local", "ray"]),
-        default="local",
-        show_default=True,
-        help="run here, or one task per output shard on a Ray cluster (pip install 'weightsmith[ray]')",
-    )(fn)
-
-
-def _device_options(fn: Any) -> Any:
-    fn = click.option(
-        "--device-memory-budget", default=None, metavar="SIZE",
-        help="device memory the merge may hold, e.g. 20GB; default: 4/5 of the free device memory",
-    )(fn)
-    fn = click.option(
-        "--kernels", type=click.Choice(["torch", "cupy"]), default="torch", show_default=True,
-        help="on a GPU: torch ops, or the numba.cuda (CuPy-compatible) kernels of the sparse family",
-    )(fn)
-    return click.option(
-        "--device", default="cpu", show_default=True,
-        help="cpu, cuda[:N], or auto (CUDA when present); cpu-staged runs the device pipeline on the CPU",
-    )(fn)
-
-
 @main.command("merge")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@_device_options
+@device_options
 @click.option("--out-shard-size", default="5GB", show_default=True, help="max bytes per shard")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists (a symlinked OUT: its target)")
 @click.option(
@@ -163,13 +87,13 @@ def _device_options(fn: Any) -> Any:
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
 @click.option("--push-to", metavar="REPO_ID", default=None, help="after the merge, push OUT to this Hub repo")
 @click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
-@_executor_option
+@executor_option
 @click.option("--out-format", type=click.Choice(["full", "lora"]), default=None,
               help="lora: write a PEFT adapter of base_model (default: the recipe's out_format, else full)")
 @click.option("--out-rank", type=int, default=None, help="out-format lora, SVD path: rank of every module")
 @click.option("--out-energy", type=float, default=None,
               help="out-format lora, SVD path: per module, the rank keeping this fraction of sum(s^2)")
-@_common_plan_options
+@common_plan_options
 @_friendly
 def merge_cmd(
     recipe: str,
@@ -307,9 +231,9 @@ def push_cmd(
 @click.option(
     "--out-shard-size", default="5GB", show_default=True, help="max bytes per shard (for --executor ray)"
 )
-@_executor_option
-@_device_options
-@_common_plan_options
+@executor_option
+@device_options
+@common_plan_options
 @_friendly
 def plan_cmd(
     recipe: str,
@@ -334,7 +258,14 @@ def plan_cmd(
     stage once its inputs exist."""
     from weightsmith.devices import device_summary
     from weightsmith.pipeline import plan_merge
-    from weightsmith.plan_report import grouped_lines, summary_lines, tensor_lines
+    from weightsmith.plan_report import (
+        device_line,
+        grouped_lines,
+        plan_json,
+        plan_stages_report,
+        summary_lines,
+        tensor_lines,
+    )
     from weightsmith.stages import is_multi_stage
 
     options = {
@@ -345,14 +276,14 @@ def plan_cmd(
     }
     stages: list[dict[str, Any]] = []
     if is_multi_stage(recipe):
-        plan = _plan_stages(recipe, stage, stage_cache, strict, options, stages, echo=not as_json)
+        plan = plan_stages_report(recipe, stage, stage_cache, strict, options, stages, echo=not as_json)
         if plan is None:
             if as_json:
                 click.echo(json.dumps({"stages": stages}, indent=2, default=str))
             return
     else:
         plan = plan_merge(recipe, strict=strict, **options)
-    report = _plan_json(plan)
+    report = plan_json(plan)
     on_device = device_summary(plan, device, kernels, device_memory_budget)
     if on_device["device"] != "cpu":
         report["summary"]["device"] = on_device
@@ -377,15 +308,7 @@ def plan_cmd(
     for line in summary_lines(plan):
         click.echo(line)
     if on_device["device"] != "cpu":
-        budget = on_device["device_memory_budget"]
-        click.echo(
-            f"device:          {on_device['device']} (kernels: {kernels}); a device slot "
-            f"{format_size(on_device['device_slot_bytes'])} + scratch "
-            f"{format_size(on_device['device_scratch_bytes'])}, three slots "
-            f"{format_size(on_device['device_bytes_for_all_slots'])} of "
-            f"{format_size(budget) if budget is not None else '4/5 of the free device memory'}; "
-            f"{on_device['packed_tensors']} small tensors in {on_device['packed_launches']} packed launches"
-        )
+        click.echo(device_line(on_device, kernels))
     if shards:
         from weightsmith.engine.partition import describe_partition
 
@@ -397,82 +320,13 @@ def plan_cmd(
             f"{plan.method.name} and exceed the budget: {', '.join(plan.oversize[:5])}"
         )
         from weightsmith.engine.tasks import budget_that_fits, over_budget
-        from weightsmith.pipeline import budget_option
+        from weightsmith.output_checks import budget_option
 
         if over_budget(plan):
             click.echo(
                 "                 merge will refuse: the peak passes the budget; it runs with "
                 f"--memory-budget {budget_option(budget_that_fits(plan))} or more"
             )
-
-
-def _plan_json(plan: Any) -> dict[str, Any]:
-    refs = [c.ref for c in plan.checkpoints]
-    rows = []
-    for task in plan.tasks:
-        rows.append(
-            {
-                "tensor": task.name,
-                "shape": list(task.shape),
-                "dtype": str(task.out_dtype).removeprefix("torch."),
-                "operator": plan.method.name if task.kind == "merge" else "copy (non-float)",
-                "base": f"{refs[task.base.ckpt]}:{task.base.key}" if task.base else None,
-                "inputs": [f"{refs[s.ckpt]}:{s.key}" for s in task.models],
-                "params": task.params,
-                "t": round(task.t, 4),
-                "blocks": sum(1 for u in plan.units if u.task is task),
-            }
-        )
-    summary = {
-        "merge_method": plan.method.name,
-        "numerics": plan.recipe.numerics,
-        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
-        "tensors": len(plan.tasks),
-        "bytes_to_read": plan.bytes_to_read,
-        "bytes_to_write": plan.bytes_to_write,
-        "memory_budget": plan.memory_budget,
-        "estimated_peak_bytes": plan.peak_estimate,
-        "over_budget_tensors": plan.oversize,
-        "random_seed": plan.random_seed,
-        "key_mappings": {ref: list(p) for ref, p in plan.key_mappings.items()},
-        "dropped_tensors": plan.dropped,
-        "notes": plan.notes,
-        "warnings": plan.warnings,
-    }
-    return {"summary": summary, "tensors": rows}
-
-
-def _plan_stages(
-    recipe: str,
-    stage: str | None,
-    stage_cache: str | None,
-    strict: bool,
-    options: dict[str, Any],
-    rows: list[dict[str, Any]],
-    echo: bool,
-) -> Any:
-    """Print a multi-stage recipe's stages (filling ``rows``); the final stage's plan or None."""
-    from weightsmith.stages import plan_stages
-
-    planned = plan_stages(recipe, stage=stage, stage_cache=stage_cache, strict=strict, **options)
-    for k, row in enumerate(planned, 1):
-        r = row.recipe
-        final = k == len(planned)
-        state = (
-            "final: written to OUT" if final and row.plan is not None
-            else f"cached in {row.folder}" if row.cached
-            else f"to run, into {row.folder}" if row.folder is not None
-            else "planned once the stages it uses have run"
-        )
-        uses = ", ".join(row.stage.needs) or "-"
-        rows.append({"stage": row.stage.name, "merge_method": r.merge_method, "uses": row.stage.needs,
-                     "models": [m.ref for m in r.models], "state": state})
-        if echo:
-            click.echo(f"stage {k}/{len(planned)} {row.stage.label}: {r.merge_method} of "
-                       f"{len(r.models)} model(s); uses stages: {uses}; {state}")
-    if echo:
-        click.echo("")
-    return planned[-1].plan
 
 
 @main.command("inspect")

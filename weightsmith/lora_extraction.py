@@ -25,9 +25,9 @@ import torch
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.append_writer import AppendingSafetensorsWriter
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, is_conv1d
 from weightsmith.io.lora_writer import adapter_config, check_out_outside_inputs, factor_names
-from weightsmith.io.writer import OutputDir
+from weightsmith.io.output_dir import OutputDir
+from weightsmith.io.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, is_conv1d
 from weightsmith.ops.lowrank import relative_error, truncated_svd
 
 REPORT = "extract_report.json"

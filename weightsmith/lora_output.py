@@ -32,12 +32,14 @@ import torch
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.append_writer import AppendingSafetensorsWriter
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraCheckpoint
+from weightsmith.io.lora import LoraCheckpoint
 from weightsmith.io.lora_writer import adapter_config, check_out_outside_inputs, factor_names
-from weightsmith.io.writer import OutputDir
+from weightsmith.io.output_dir import OutputDir
+from weightsmith.io.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from weightsmith.lora_extraction import ModuleReport, extract_lora
 from weightsmith.notices import collecting
-from weightsmith.recipe import Conditional, Recipe, load_recipe
+from weightsmith.recipe import Recipe, load_recipe
+from weightsmith.recipe_settings import Conditional
 
 OUT_FORMATS = ("full", "lora")
 REPORT = "lora_merge_report.json"

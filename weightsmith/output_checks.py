@@ -1,6 +1,6 @@
 """Checks on OUT made before any work: it must not overlap an input, and its folder must be
 writable. ``--overwrite`` removes the old OUT, so an OUT that is, holds or sits inside an input
-would delete or alter that input."""
+would delete or alter that input. ``check_before_work`` runs them with the memory-budget check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from weightsmith.errors import OutputError
+from weightsmith.engine.plan import MergePlan
+from weightsmith.engine.tasks import budget_that_fits, over_budget
+from weightsmith.errors import MergeError, OutputError
+from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.tokenizer_output import tokenizer_root
+from weightsmith.units import format_size
 
 
 @dataclass(frozen=True)
@@ -81,3 +86,76 @@ def _unique(items: list[Protected]) -> list[Protected]:
     for p in items:
         seen.setdefault(p.path, p)
     return list(seen.values())
+
+
+def check_before_work(plan: MergePlan, out: str | Path, overwrite: bool) -> None:
+    """What can be known wrong before any tensor is read: OUT overlapping an input, an OUT
+    folder we cannot write, a tensor the memory budget cannot hold. Every path that writes a
+    merge (``merge``, ``run_plan``, the lazy API's ``save``) goes through here."""
+    check_clear_of_inputs(out, protected_inputs(plan), overwrite)
+    check_parent_writable(out)
+    check_fits_budget(plan)
+
+
+def protected_inputs(plan: MergePlan) -> list[Protected]:
+    """Every path a merge reads: model folders (Hub snapshots included) or single files, each
+    shard (symlinks resolved: Hub blobs), checkpoints that parameters name, the tokenizer
+    source, the recipe file and data files."""
+    recipe = plan.recipe
+    out: list[Protected] = []
+    n_inputs = (recipe.base_model is not None) + len(recipe.models)
+    for i, ckpt in enumerate(plan.checkpoints):
+        label = f"input model {ckpt.ref!r}" if i < n_inputs else f"checkpoint {ckpt.ref!r} a parameter names"
+        out += _checkpoint_paths(label, ckpt, recipe.search_dirs)
+    source = recipe.tokenizer_source
+    if source not in (None, "base", "union") and not any(c.ref == source for c in plan.checkpoints):
+        out.append(protect(f"tokenizer source {source!r}", tokenizer_root(plan), folder=True))
+    if recipe.source is not None:
+        out.append(protect("recipe file", recipe.source, folder=False))
+    for block in ("evaluation", "calibration"):
+        data = (getattr(recipe, block) or {}).get("data")
+        if isinstance(data, str):
+            out.append(protect(f"{block} data", recipe.data_path(data), folder=False))
+    return out
+
+
+def _checkpoint_paths(label: str, ckpt: Checkpoint, search_dirs: tuple[Path, ...]) -> list[Protected]:
+    ref = Path(ckpt.ref).expanduser()
+    candidates = [ref, *(d / ref for d in search_dirs if not ref.is_absolute())]
+    given = next((p for p in candidates if p.exists()), None)
+    single = given is not None and given.is_file() and not given.name.endswith(".index.json")
+    # A single .safetensors file is protected as a file: writing beside it is fine. Anything
+    # else (a folder, an index, a Hub snapshot) is a model folder.
+    paths = [protect(label, given, folder=False)] if single else [protect(label, ckpt.root, folder=True)]
+    paths += [protect(label, ckpt.root / shard, folder=False) for shard in ckpt.shard_files]
+    adapter = getattr(ckpt, "adapter", None)  # BASE+ADAPTER: the adapter folder is an input too
+    if adapter is not None:
+        paths.append(protect(f"{label} (its LoRA adapter)", adapter.root, folder=True))
+    return paths
+
+
+def check_fits_budget(plan: MergePlan) -> None:
+    """A tensor the method cannot merge in row blocks gets a one-off buffer; when that takes
+    the merge past the memory budget it would die mid-merge (or swap): refuse before any
+    work, saying what it needs and the budget that runs it."""
+    if not over_budget(plan):
+        return
+    fits = budget_that_fits(plan)
+    task = max((t for t in plan.tasks if t.name in plan.oversize), key=lambda t: t.numel)
+    others = f" (and {len(plan.oversize) - 1} more)" if len(plan.oversize) > 1 else ""
+    raise MergeError(
+        f"tensor {task.name!r} {list(task.shape)}{others}: `{plan.method.name}` with these "
+        "parameters cannot merge it in row blocks, so the merge needs about "
+        f"{plan.peak_estimate:,} bytes ({format_size(plan.peak_estimate)}) of tensor memory, over "
+        f"the memory budget of {plan.memory_budget:,} bytes ({format_size(plan.memory_budget)}). "
+        f"Pass --memory-budget {budget_option(fits)} (memory_budget= in Python) or more, or use "
+        "a method or parameters that merge in row blocks (`weightsmith plan` shows them; e.g. "
+        "linear, task_arithmetic, or ties with scope: model)"
+    )
+
+
+def budget_option(n: int) -> str:
+    """A --memory-budget value at least ``n`` bytes, rounded up to whole KB or MB."""
+    if n < 10**6:
+        return f"{-(-n // 10**3)}KB"
+    return f"{-(-n // 10**6)}MB"

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
-import json
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -17,59 +13,29 @@ from typing import Any
 import torch
 
 from weightsmith.data_steps import check_data_blocks, run_data_steps
+from weightsmith.defaults import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, EXECUTORS
 from weightsmith.devices import check_device
 from weightsmith.engine.executor import RunStats, execute
 from weightsmith.engine.modules import build_sliced_plan, is_sliced
 from weightsmith.engine.plan import MergePlan, build_plan
 from weightsmith.engine.summary import build_summary
-from weightsmith.engine.tasks import budget_that_fits, over_budget
 from weightsmith.engine.vocab_rows import apply_alignment
-from weightsmith.errors import MergeError, OutputError, RecipeError
+from weightsmith.errors import OutputError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.io.model_card import base_license, render_card_from_report
-from weightsmith.io.safetensors_format import DTYPE_NAMES
-from weightsmith.io.writer import OutputDir, ShardWriter
+from weightsmith.io.output_dir import OutputDir
+from weightsmith.io.writer import ShardWriter
 from weightsmith.notices import collecting
 from weightsmith.ops import fused
-from weightsmith.ops.registry import MergeMethod, get_method
-from weightsmith.output_checks import (
-    Protected,
-    check_clear_of_inputs,
-    check_parent_writable,
-    permission_error,
-    protect,
-)
-from weightsmith.progress import Progress
-from weightsmith.recipe import NUMERICS, Recipe, load_recipe
-from weightsmith.tokenizer_output import plan_vocabulary, write_tokenizer
+from weightsmith.ops.registry import MergeMethod
+from weightsmith.output_checks import check_before_work, permission_error
+from weightsmith.plan_inputs import normalize_models, open_inputs, with_numerics
+from weightsmith.progress import progress as progress_of
+from weightsmith.recipe import Recipe, load_recipe
+from weightsmith.resume import plan_fingerprint, resume_command_for
+from weightsmith.side_files import write_side_files
+from weightsmith.tokenizer_output import plan_vocabulary
 from weightsmith.units import format_size, parse_size
 from weightsmith.version import __version__
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-# Small files that describe how to use the model rather than its weights.
-TAG_ALONG_FILES = (
-    "generation_config.json",
-    "preprocessor_config.json",
-    "modules.json",
-    "sentence_bert_config.json",
-    "config_sentence_transformers.json",
-)
-
-DEFAULT_MEMORY_BUDGET = "1.25GB"
-DEFAULT_SHARD_SIZE = "5GB"
-# Where the plan runs: this process (engine/executor.py) or a Ray cluster (engine/ray_executor.py).
-EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -78,40 +44,6 @@ class MergeResult:
     plan: MergePlan
     stats: RunStats
     seconds: float
-
-
-def open_inputs(recipe: Recipe, allow_pickle: bool = False) -> list[Checkpoint]:
-    """Open the base (if any) then every model, headers only."""
-    refs = []
-    if recipe.base_model is not None:
-        refs.append(recipe.base_model)
-    refs += [m.ref for m in recipe.models]
-    return [Checkpoint.open(r, allow_pickle=allow_pickle, search_dirs=recipe.search_dirs) for r in refs]
-
-
-def normalize_models(recipe: Recipe) -> Recipe:
-    """A base listed again among the models adds a zero task vector: drop it (as mergekit).
-    (A sliced recipe's models are only the inputs to open: engine/slices.py does this per slice.)"""
-    if is_sliced(recipe):
-        return recipe
-    try:
-        method = get_method(recipe.merge_method)
-    except KeyError as e:
-        raise RecipeError(str(e.args[0])) from None
-    if recipe.base_model is not None and method.base != "unused":
-        recipe.models = [m for m in recipe.models if m.ref != recipe.base_model]
-        if not recipe.models:
-            raise RecipeError("`models` lists only the base model; add the fine-tuned models")
-    return recipe
-
-
-def with_numerics(recipe: Recipe, numerics: str | None) -> Recipe:
-    """The recipe with ``numerics`` (from the command line or the API) in place of its own."""
-    if numerics is None or numerics == recipe.numerics:
-        return recipe
-    if numerics not in NUMERICS:
-        raise RecipeError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
-    return dataclasses.replace(recipe, numerics=numerics)
 
 
 def plan_merge(
@@ -273,79 +205,11 @@ def _merge(
         executor=executor,
         ray_address=ray_address,
         hash_inputs=hash_inputs,
-        resume_command=_resume_command(
+        resume_command=resume_command_for(
             recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle, numerics,
             kernels, device_memory_budget,
         ),
     )
-
-
-def _resume_command(
-    recipe: Any,
-    out: str | Path,
-    out_shard_size: str | int,
-    overwrite: bool,
-    random_seed: int | None,
-    device: str,
-    allow_pickle: bool,
-    numerics: str | None = None,
-    kernels: str = "torch",
-    device_memory_budget: str | int | None = None,
-) -> str:
-    """The command that resumes this merge, for the note about an interrupted one."""
-    api = f"weightsmith.merge(<this recipe>, {str(out)!r}, ..., resume=True)"
-    try:
-        if not isinstance(recipe, (str, Path)) or "\n" in str(recipe) or not Path(recipe).is_file():
-            return api
-    except OSError:  # a one-line YAML string too long for a file name
-        return api
-    words = ["weightsmith", "merge", str(recipe), str(out)]
-    if str(out_shard_size) != DEFAULT_SHARD_SIZE:
-        words += ["--out-shard-size", str(out_shard_size)]
-    if random_seed is not None:
-        words += ["--random-seed", str(random_seed)]
-    if device != "cpu":
-        words += ["--device", device]
-    if kernels != "torch":
-        words += ["--kernels", kernels]
-    if device_memory_budget is not None:
-        words += ["--device-memory-budget", str(device_memory_budget)]
-    if allow_pickle:
-        words.append("--allow-pickle")
-    if numerics is not None:
-        words += ["--numerics", numerics]
-    if overwrite:
-        words.append("--overwrite")
-    return shlex.join([*words, "--resume"])
-
-
-def plan_fingerprint(plan: MergePlan, shard_bytes: int, device: str) -> dict[str, Any]:
-    """What must not change for an interrupted merge to be resumed: the plan (recipe, method,
-    every task with its parameters, dtypes and seed), the inputs' shard fingerprints, and the
-    options that change the output's bytes. The memory budget is not among them: a resumed run
-    may use another one (it only re-splits rows, and re-does the blocks whose span moved)."""
-
-    def digest(value: Any) -> str:
-        return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()
-
-    parts = {
-        "plan": digest(
-            {
-                "recipe": plan.recipe.to_yaml(),
-                "method": plan.method.name,
-                "compute_dtype": str(plan.compute_dtype),
-                "numerics": plan.recipe.numerics,
-                "tasks": [repr(t) for t in plan.tasks],
-            }
-        ),
-        "inputs": digest([c.provenance() for c in plan.checkpoints]),
-        "options": {
-            "out_shard_size": shard_bytes,
-            "device": device.split(":")[0],  # which GPU does not change the bytes
-            "weightsmith_version": __version__,
-        },
-    }
-    return {"fingerprint": digest(parts), "parts": parts}
 
 
 def run_plan(
@@ -469,19 +333,19 @@ def _run_plan(
                     file=sys.stderr,
                     flush=True,
                 )
-            bar = _progress_bar(plan, progress)
+            bar = progress_of(plan.bytes_to_write, f"merge ({plan.method.name})", "B", enabled=progress,
+                              unit_scale=True)
             stats = run(
                 plan,
                 writer,
                 device=device,
-                progress=bar.update if bar else None,
+                progress=bar.update if progress else None,
                 journal=folder.journal,
                 reused=reused,
                 kernels=kernels,
                 device_memory_budget=device_memory_budget,
             )
-            if bar:
-                bar.close()
+            bar.close()
             finish_started = time.perf_counter()
             index = writer.finish(fsync=fsync)
             stats.add_time("reserve", reserve_seconds)
@@ -496,162 +360,8 @@ def _run_plan(
     return MergeResult(path, plan, stats, time.perf_counter() - started)
 
 
-def check_before_work(plan: MergePlan, out: str | Path, overwrite: bool) -> None:
-    """What can be known wrong before any tensor is read: OUT overlapping an input, an OUT
-    folder we cannot write, a tensor the memory budget cannot hold. Every path that writes a
-    merge (``merge``, ``run_plan``, the lazy API's ``save``) goes through here."""
-    check_clear_of_inputs(out, protected_inputs(plan), overwrite)
-    check_parent_writable(out)
-    check_fits_budget(plan)
-
-
-def protected_inputs(plan: MergePlan) -> list[Protected]:
-    """Every path a merge reads: model folders (Hub snapshots included) or single files, each
-    shard (symlinks resolved: Hub blobs), checkpoints that parameters name, the tokenizer
-    source, the recipe file and data files."""
-    recipe = plan.recipe
-    out: list[Protected] = []
-    n_inputs = (recipe.base_model is not None) + len(recipe.models)
-    for i, ckpt in enumerate(plan.checkpoints):
-        label = f"input model {ckpt.ref!r}" if i < n_inputs else f"checkpoint {ckpt.ref!r} a parameter names"
-        out += _checkpoint_paths(label, ckpt, recipe.search_dirs)
-    source = recipe.tokenizer_source
-    if source not in (None, "base", "union") and not any(c.ref == source for c in plan.checkpoints):
-        out.append(protect(f"tokenizer source {source!r}", _tokenizer_root(plan), folder=True))
-    if recipe.source is not None:
-        out.append(protect("recipe file", recipe.source, folder=False))
-    for block in ("evaluation", "calibration"):
-        data = (getattr(recipe, block) or {}).get("data")
-        if isinstance(data, str):
-            out.append(protect(f"{block} data", recipe.data_path(data), folder=False))
-    return out
-
-
-def _checkpoint_paths(label: str, ckpt: Checkpoint, search_dirs: tuple[Path, ...]) -> list[Protected]:
-    ref = Path(ckpt.ref).expanduser()
-    candidates = [ref, *(d / ref for d in search_dirs if not ref.is_absolute())]
-    given = next((p for p in candidates if p.exists()), None)
-    single = given is not None and given.is_file() and not given.name.endswith(".index.json")
-    # A single .safetensors file is protected as a file: writing beside it is fine. Anything
-    # else (a folder, an index, a Hub snapshot) is a model folder.
-    paths = [protect(label, given, folder=False)] if single else [protect(label, ckpt.root, folder=True)]
-    paths += [protect(label, ckpt.root / shard, folder=False) for shard in ckpt.shard_files]
-    adapter = getattr(ckpt, "adapter", None)  # BASE+ADAPTER: the adapter folder is an input too
-    if adapter is not None:
-        paths.append(protect(f"{label} (its LoRA adapter)", adapter.root, folder=True))
-    return paths
-
-
-def check_fits_budget(plan: MergePlan) -> None:
-    """A tensor the method cannot merge in row blocks gets a one-off buffer; when that takes
-    the merge past the memory budget it would die mid-merge (or swap): refuse before any
-    work, saying what it needs and the budget that runs it."""
-    if not over_budget(plan):
-        return
-    fits = budget_that_fits(plan)
-    task = max((t for t in plan.tasks if t.name in plan.oversize), key=lambda t: t.numel)
-    others = f" (and {len(plan.oversize) - 1} more)" if len(plan.oversize) > 1 else ""
-    raise MergeError(
-        f"tensor {task.name!r} {list(task.shape)}{others}: `{plan.method.name}` with these "
-        "parameters cannot merge it in row blocks, so the merge needs about "
-        f"{plan.peak_estimate:,} bytes ({format_size(plan.peak_estimate)}) of tensor memory, over "
-        f"the memory budget of {plan.memory_budget:,} bytes ({format_size(plan.memory_budget)}). "
-        f"Pass --memory-budget {budget_option(fits)} (memory_budget= in Python) or more, or use "
-        "a method or parameters that merge in row blocks (`weightsmith plan` shows them; e.g. "
-        "linear, task_arithmetic, or ties with scope: model)"
-    )
-
-
-def budget_option(n: int) -> str:
-    """A --memory-budget value at least ``n`` bytes, rounded up to whole KB or MB."""
-    if n < 10**6:
-        return f"{-(-n // 10**3)}KB"
-    return f"{-(-n // 10**6)}MB"
-
-
-def write_side_files(
-    plan: MergePlan, folder: OutputDir, stats: RunStats, seconds: float, hash_inputs: bool = False
-) -> None:
-    """config.json, tokenizer, recipe, model card and merge report beside the shards."""
-    recipe = plan.recipe
-    ref = plan.checkpoints[plan.ref_index]
-    if ref.config is not None:
-        config = {**ref.config, **plan.config_updates}
-        float_dtypes = [t.out_dtype for t in plan.tasks if t.kind == "merge"]
-        if float_dtypes:
-            name = str(max(set(float_dtypes), key=float_dtypes.count)).removeprefix("torch.")
-            # transformers >= 4.56 reads `dtype`, earlier versions (which pyproject allows)
-            # only `torch_dtype`: write both.
-            config["torch_dtype"] = config["dtype"] = name
-        rows = plan.out_vocab_rows
-        if rows is not None and "vocab_size" in config:
-            config["vocab_size"] = rows
-        folder.write_json("config.json", config)
-    write_tokenizer(recipe, plan.vocab, _tokenizer_root(plan), folder, TOKENIZER_FILES)
-    for fname in TAG_ALONG_FILES:
-        if (ref.root / fname).is_file():
-            folder.copy_file(ref.root / fname)
-    folder.write_text("weightsmith_recipe.yaml", recipe.to_yaml())
-    inputs = [c.provenance(full_hash=hash_inputs) for c in plan.checkpoints]
-    name = recipe.name or Path(folder.out).name
-    # The license follows the base model (or, without one, the model the output's config follows).
-    lic_src = plan.checkpoints[plan.base_index] if plan.base_index is not None else ref
-    license_ = base_license(
-        lic_src.root,
-        lic_src.config,
-        repo_id=lic_src.ref.partition("@")[0] if lic_src.revision else None,
-        revision=lic_src.revision,
-    )
-    report = {
-        "weightsmith_version": __version__,
-        "name": name,
-        "merge_method": plan.method.name,
-        "method_summary": plan.method.summary,
-        "paper": plan.method.paper,
-        "base_model": recipe.base_model,
-        "license": license_ or None,
-        "inputs": inputs,
-        "input_hashes": "sha256" if hash_inputs else "sampled_fingerprint",
-        "random_seed": plan.random_seed,
-        "key_mappings": [{"model": ref, "strip": strip, "add": add}
-                         for ref, (strip, add) in plan.key_mappings.items()],
-        "dropped_tensors": plan.dropped,
-        "seconds": round(seconds, 3),
-        "stage_seconds": {k: round(v, 3) for k, v in stats.timings.items()},
-        "bytes_read": stats.bytes_read,
-        "bytes_written": stats.bytes_written,
-        **({"resumed": {"reused_blocks": stats.reused_blocks, "reused_bytes": stats.reused_bytes}}
-           if stats.reused_blocks else {}),
-        "tensors": len(plan.tasks),
-        "per_tensor": stats.report,
-        **({"summary": stats.summary} if stats.summary else {}),
-        "dtypes": sorted({DTYPE_NAMES[t.out_dtype] for t in plan.tasks}),
-    }
-    folder.write_text("merge_report.json", json.dumps(report, indent=2) + "\n")
-    folder.write_text("README.md", render_card_from_report(report, recipe.to_yaml(), name=name))
-
-
-def _tokenizer_root(plan: MergePlan) -> Path:
-    source = plan.recipe.tokenizer_source
-    ref = plan.checkpoints[plan.ref_index]
-    if source in (None, "base", "union"):
-        return ref.root
-    for ckpt in plan.checkpoints:
-        if ckpt.ref == source:
-            return ckpt.root
-    return Checkpoint.open(source, search_dirs=plan.recipe.search_dirs).root
-
-
 def _size(value: str | int, what: str) -> int:
     try:
         return parse_size(value)
     except ValueError as e:
         raise RecipeError(f"{what}: {e}") from None
-
-
-def _progress_bar(plan: MergePlan, enabled: bool) -> Progress | None:
-    if not enabled:
-        return None
-    from weightsmith.progress import progress
-
-    return progress(plan.bytes_to_write, f"merge ({plan.method.name})", "B", unit_scale=True)

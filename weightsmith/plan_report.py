@@ -1,11 +1,14 @@
 """What `weightsmith plan` prints: a summary and one line per distinct parameter setting
 (tensors grouped, layers as ranges), or with ``verbose`` one line per tensor; numbers rounded
-for people (0.6, not 0.6000000000000001), parameters the method ignores left out."""
+for people (0.6, not 0.6000000000000001), parameters the method ignores left out. Also
+``--json``'s rows, the device line and a multi-stage recipe's stage lines."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
+
+import click
 
 from weightsmith.engine.keys import layer_index
 from weightsmith.units import format_size
@@ -142,3 +145,86 @@ def _blocks(plan: MergePlan) -> dict[str, int]:
     for unit in plan.units:
         counts[unit.task.name] = counts.get(unit.task.name, 0) + 1
     return counts
+
+
+def plan_json(plan: Any) -> dict[str, Any]:
+    """`weightsmith plan --json`: the summary and one row per tensor."""
+    refs = [c.ref for c in plan.checkpoints]
+    rows = []
+    for task in plan.tasks:
+        rows.append(
+            {
+                "tensor": task.name,
+                "shape": list(task.shape),
+                "dtype": str(task.out_dtype).removeprefix("torch."),
+                "operator": plan.method.name if task.kind == "merge" else "copy (non-float)",
+                "base": f"{refs[task.base.ckpt]}:{task.base.key}" if task.base else None,
+                "inputs": [f"{refs[s.ckpt]}:{s.key}" for s in task.models],
+                "params": task.params,
+                "t": round(task.t, 4),
+                "blocks": sum(1 for u in plan.units if u.task is task),
+            }
+        )
+    summary = {
+        "merge_method": plan.method.name,
+        "numerics": plan.recipe.numerics,
+        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+        "tensors": len(plan.tasks),
+        "bytes_to_read": plan.bytes_to_read,
+        "bytes_to_write": plan.bytes_to_write,
+        "memory_budget": plan.memory_budget,
+        "estimated_peak_bytes": plan.peak_estimate,
+        "over_budget_tensors": plan.oversize,
+        "random_seed": plan.random_seed,
+        "key_mappings": {ref: list(p) for ref, p in plan.key_mappings.items()},
+        "dropped_tensors": plan.dropped,
+        "notes": plan.notes,
+        "warnings": plan.warnings,
+    }
+    return {"summary": summary, "tensors": rows}
+
+
+def device_line(on_device: dict[str, Any], kernels: str) -> str:
+    """`weightsmith plan` on a device: slot sizes against the device budget, packed launches."""
+    budget = on_device["device_memory_budget"]
+    return (
+        f"device:          {on_device['device']} (kernels: {kernels}); a device slot "
+        f"{format_size(on_device['device_slot_bytes'])} + scratch "
+        f"{format_size(on_device['device_scratch_bytes'])}, three slots "
+        f"{format_size(on_device['device_bytes_for_all_slots'])} of "
+        f"{format_size(budget) if budget is not None else '4/5 of the free device memory'}; "
+        f"{on_device['packed_tensors']} small tensors in {on_device['packed_launches']} packed launches"
+    )
+
+
+def plan_stages_report(
+    recipe: str,
+    stage: str | None,
+    stage_cache: str | None,
+    strict: bool,
+    options: dict[str, Any],
+    rows: list[dict[str, Any]],
+    echo: bool,
+) -> Any:
+    """Print a multi-stage recipe's stages (filling ``rows``); the final stage's plan or None."""
+    from weightsmith.stages import plan_stages
+
+    planned = plan_stages(recipe, stage=stage, stage_cache=stage_cache, strict=strict, **options)
+    for k, row in enumerate(planned, 1):
+        r = row.recipe
+        final = k == len(planned)
+        state = (
+            "final: written to OUT" if final and row.plan is not None
+            else f"cached in {row.folder}" if row.cached
+            else f"to run, into {row.folder}" if row.folder is not None
+            else "planned once the stages it uses have run"
+        )
+        uses = ", ".join(row.stage.needs) or "-"
+        rows.append({"stage": row.stage.name, "merge_method": r.merge_method, "uses": row.stage.needs,
+                     "models": [m.ref for m in r.models], "state": state})
+        if echo:
+            click.echo(f"stage {k}/{len(planned)} {row.stage.label}: {r.merge_method} of "
+                       f"{len(r.models)} model(s); uses stages: {uses}; {state}")
+    if echo:
+        click.echo("")
+    return planned[-1].plan

@@ -11,7 +11,6 @@ evaluated at t = 0.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,11 @@ import torch
 import yaml
 
 from weightsmith.errors import RecipeError
-from weightsmith.notices import collecting, did_you_mean, lenient, warn
+from weightsmith.notices import collecting, did_you_mean, lenient
+from weightsmith.recipe_refs import _model_ref
+from weightsmith.recipe_settings import _check_setting
 from weightsmith.recipe_slices import ModuleSpec, SliceSpec, parse_layout, referenced_models
+from weightsmith.recipe_tokenizer import _tokenizer_block
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -82,93 +84,6 @@ NESTED_FIELDS = {
     "layer_range": "a slice's `sources:`",
     "sources": "a `slices:` entry",
 }
-
-
-@dataclass(frozen=True)
-class Conditional:
-    """``{filter: substring, value: ...}``: applies to tensors whose name contains filter."""
-
-    filter: str | None
-    value: Any
-
-
-def _check_finite(value: Any, where: str) -> None:
-    """NaN and infinity are never meaningful weights, densities or scales; a number YAML read
-    as a string (``1e999``) would become one when the parameter is converted. (Words such as
-    ``nan`` may also name a checkpoint folder: numeric parameters catch those at plan time.)"""
-    number = value
-    if isinstance(value, str):
-        if not any(ch.isdigit() for ch in value):
-            return
-        try:
-            number = float(value)
-        except ValueError:
-            return
-    if isinstance(number, float) and not math.isfinite(number):
-        raise RecipeError(f"{where}: {value!r} is not a finite number; give a finite value")
-
-
-def _check_setting(value: Any, where: str, strict: bool = False) -> Any:
-    """Validate a parameter setting's shape once, at load time."""
-    if isinstance(value, (bool, int, float, str)):
-        _check_finite(value, where)
-        return value
-    if isinstance(value, dict):
-        value = [value]
-    if isinstance(value, list):
-        if not value:
-            raise RecipeError(f"{where}: empty list; give a value, a gradient or filters")
-        if all(isinstance(v, (bool, int, float, str)) for v in value):
-            for i, v in enumerate(value):
-                _check_finite(v, f"{where}[{i}]")
-            return list(value)
-        conds = []
-        for i, entry in enumerate(value):
-            if not isinstance(entry, dict) or "value" not in entry:
-                raise RecipeError(f"{where}[{i}]: expected {{filter: substring, value: ...}}, got {entry!r}")
-            for key in sorted(set(entry) - {"filter", "value"}, key=str):
-                hint = did_you_mean(str(key), ("filter", "value")) or " (a conditional has filter and value)"
-                lenient(f"{where}[{i}]: `{key}` is not a conditional field{hint}", strict)
-            filt = entry.get("filter")
-            if filt is not None and not isinstance(filt, str):
-                raise RecipeError(f"{where}[{i}].filter: must be a string, got {filt!r}")
-            conds.append(Conditional(filt, _check_setting(entry["value"], f"{where}[{i}].value", strict)))
-        return conds
-    raise RecipeError(f"{where}: cannot use {value!r} as a parameter value")
-
-
-def resolve_setting(setting: Any, tensor_name: str, t: float, numeric: bool = False) -> Any:
-    """Evaluate a validated setting for one tensor at layer depth t (mergekit semantics).
-
-    ``numeric``: the parameter is a number, so strings in a gradient are read as numbers
-    first (YAML loads ``1e-3`` as a string) and the gradient interpolates, as in mergekit.
-    """
-    if isinstance(setting, list) and setting and isinstance(setting[0], Conditional):
-        for cond in setting:
-            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
-                return resolve_setting(cond.value, tensor_name, t, numeric)
-        return None
-    if isinstance(setting, list) and numeric:
-        setting = [_as_number(v) for v in setting]
-    if isinstance(setting, list):
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
-        if not numbers:
-            return setting[int(t * (len(setting) - 1))]
-        scaled = t * (len(setting) - 1)
-        i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
-        frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
-    return setting
-
-
-def _as_number(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def parse_dtype(name: Any, where: str) -> torch.dtype:
@@ -446,91 +361,6 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _model_ref(value: Any, where: str) -> str:
-    if isinstance(value, dict):  # mergekit's object form {model: {path, revision}, lora: {...}}
-        inner = value.get("model", value)
-        if isinstance(inner, dict) and "path" in inner:
-            ref = _path_at_revision(inner, where)
-            lora = value.get("lora")
-            if isinstance(lora, dict) and "path" in lora:
-                ref += "+" + _path_at_revision(lora, f"{where}.lora")
-            return ref
-    if not isinstance(value, str) or not value.strip():
-        raise RecipeError(f"{where}: expected a local path or a Hub id like org/name")
-    if "+" in value and not Path(value).exists():  # BASE+ADAPTER (LoRA): opened by Checkpoint.open
-        parts = value.split("+")
-        if len(parts) != 2 or not all(p.strip() for p in parts):
-            raise RecipeError(
-                f"{where}: {value!r}: a LoRA reference is BASE+ADAPTER with exactly one '+' (each side "
-                "a local folder or a Hub id, optionally @revision)"
-            )
-    return value
-
-
-def _source_ref(value: Any, where: str) -> str:
-    """A tokenizer source: union, base or a model; the pre-0.1 spelling `model:REF` is read as
-    REF (mergekit 0.1.5 fails on it), with one warning line."""
-    ref = _model_ref(value, where)
-    if ref.startswith("model:") and not Path(ref).exists():
-        ref = ref.removeprefix("model:").strip()
-        warn(f"{where}: `model:{ref}` is the old spelling; read as {ref}")
-    return ref
-
-
-def _tokenizer_block(raw: dict[str, Any], where: str) -> dict[str, Any] | None:
-    """`tokenizer_source` and the `tokenizer:` block as one normalised spec (None: neither)."""
-    block, source = raw.get("tokenizer"), raw.get("tokenizer_source")
-    if block is None:
-        if source is None:
-            return None
-        ref = _source_ref(source, f"{where}: tokenizer_source")
-        return {"source": ref, "tokens": {}, "pad_to_multiple_of": None}
-    if source is not None:
-        raise RecipeError(f"{where}: give `tokenizer_source` or a `tokenizer:` block, not both")
-    if not isinstance(block, dict) or set(block) - {"source", "tokens", "pad_to_multiple_of"}:
-        raise RecipeError(f"{where}: `tokenizer` is a mapping with source, tokens, pad_to_multiple_of")
-    pad = block.get("pad_to_multiple_of")
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
-        raise RecipeError(f"{where}: tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
-    tokens_raw = block.get("tokens") or {}
-    if not isinstance(tokens_raw, dict):
-        raise RecipeError(f"{where}: tokenizer.tokens maps each token to {{source: ..., force: ...}}")
-    tokens = {
-        str(tok): _token_rule(rule, f"{where}: tokenizer.tokens[{tok!r}]") for tok, rule in tokens_raw.items()
-    }
-    return {"source": _source_ref(block.get("source", "union"), f"{where}: tokenizer.source"),
-            "tokens": tokens, "pad_to_multiple_of": pad}
-
-
-def _token_rule(rule: Any, where: str) -> dict[str, Any]:
-    """{kind: model|zero|model_token, model, token_id, token, force} from mergekit's forms."""
-    if not isinstance(rule, dict) or set(rule) - {"source", "force"}:
-        raise RecipeError(f"{where}: a token rule is {{source: MODEL | {{kind: zero}} | ..., force: bool}}")
-    force, src = rule.get("force", False), rule.get("source")
-    if not isinstance(force, bool):
-        raise RecipeError(f"{where}: `force` must be true or false, got {force!r}")
-    if isinstance(src, dict) and src.get("kind") == "zero" and set(src) == {"kind"}:
-        return {"kind": "zero", "force": force}
-    if isinstance(src, dict) and src.get("kind") == "model_token":
-        tid, tok = src.get("token_id"), src.get("token")
-        if set(src) - {"kind", "model", "token_id", "token"} or (tid is None) == (tok is None) or (
-            tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or tid < 0)
-        ):
-            raise RecipeError(f"{where}: model_token takes `model` and one of token_id (>= 0) or token")
-        return {"kind": "model_token", "model": _model_ref(src.get("model"), where), "token_id": tid,
-                "token": tok, "force": force}
-    if src is None or isinstance(src, dict) and "kind" in src:
-        raise RecipeError(f"{where}: `source` is a model, {{kind: zero}} or {{kind: model_token, ...}}")
-    return {"kind": "model", "model": _model_ref(src, where), "force": force}
-
-
-def _path_at_revision(spec: dict[str, Any], where: str) -> str:
-    rev = spec.get("revision")
-    if not isinstance(spec["path"], str) or not (rev is None or isinstance(rev, str)):
-        raise RecipeError(f"{where}: `path` and `revision` must be strings")
-    return f"{spec['path']}@{rev}" if rev else spec["path"]
 
 
 def _data_block(raw: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:

@@ -6,7 +6,7 @@ last one, or the one ``--stage`` names) is merged into a cache folder, by defaul
 stages/`` beside OUT: on OUT's file system (intermediates are model-sized, and OUT's disk is the
 one the user chose for models), independent of the working directory, and kept between runs.
 Each intermediate's folder is named by the stage and a key: the fingerprint a ``--resume`` checks
-(pipeline.plan_fingerprint: the stage's recipe with earlier stages' folders substituted, its
+(resume.plan_fingerprint: the stage's recipe with earlier stages' folders substituted, its
 plan, its inputs' shard fingerprints, shard size, device, version). A rerun whose stage recipe
 and inputs are unchanged finds the folder and reuses it untouched; any change gives a new key
 and a new folder, and a changed stage changes the key of every stage after it (their inputs'
@@ -28,11 +28,13 @@ import yaml
 from weightsmith import pipeline
 from weightsmith.engine.parameters import check_parameters
 from weightsmith.errors import RecipeError
-from weightsmith.io.writer import find_leftovers
+from weightsmith.io.output_dir import find_leftovers
 from weightsmith.lora_output import merge_as_lora, wants_lora
 from weightsmith.notices import collecting, did_you_mean, warn
 from weightsmith.ops.registry import get_method
+from weightsmith.plan_inputs import normalize_models
 from weightsmith.recipe import Recipe, check_expanded_size, load_recipe, read_recipe_source
+from weightsmith.resume import plan_fingerprint
 from weightsmith.units import parse_size
 
 STAGE_CACHE = ".weightsmith-stages"
@@ -143,7 +145,7 @@ def load_stages(source: str | Path, *, stage: str | None = None, strict: bool = 
     staged = StagedRecipe(path, order, skipped, strict, text)
     for st in order:  # every stage's fields and parameters, before any work
         placeholders = {n: Path(STAGE_CACHE) / n for n in st.needs}
-        recipe = pipeline.normalize_models(stage_recipe(staged, st, placeholders))  # method known
+        recipe = normalize_models(stage_recipe(staged, st, placeholders))  # method known
         try:
             check_parameters(recipe, get_method(recipe.merge_method))
         except RecipeError as e:
@@ -327,7 +329,7 @@ def _run_intermediate(
         numerics=options.get("numerics"),
     )
     shard_bytes = parse_size(options.get("out_shard_size", pipeline.DEFAULT_SHARD_SIZE))
-    key = pipeline.plan_fingerprint(plan, shard_bytes, options.get("device", "cpu"))["fingerprint"]
+    key = plan_fingerprint(plan, shard_bytes, options.get("device", "cpu"))["fingerprint"]
     folder = cache / _folder_name(str(st.name), key)
     if (folder / "merge_report.json").is_file():  # folders appear complete (atomic rename)
         return folder, True
@@ -385,7 +387,7 @@ def _plan_stages(
         folder, cached = None, False
         if st is not staged.target:
             shard = parse_size(pipeline.DEFAULT_SHARD_SIZE)
-            key = pipeline.plan_fingerprint(plan, shard, "cpu")["fingerprint"]
+            key = plan_fingerprint(plan, shard, "cpu")["fingerprint"]
             folder = cache / _folder_name(str(st.name), key)
             cached = (folder / "merge_report.json").is_file()
             if cached:

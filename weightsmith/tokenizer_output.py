@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from weightsmith.io.chat_templates import resolve_chat_template, write_chat_template
 from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.io.output_dir import OutputDir
 from weightsmith.io.tokenizer_build import VocabAlignment, build_alignment
-from weightsmith.io.writer import OutputDir
 from weightsmith.recipe import Recipe
+
+if TYPE_CHECKING:
+    from weightsmith.engine.tasks import MergePlan
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
@@ -66,3 +70,16 @@ def write_tokenizer(
     template = resolve_chat_template(recipe.chat_template)
     if template is not None:
         write_chat_template(folder.path(""), template)
+
+
+def tokenizer_root(plan: MergePlan) -> Path:
+    """The folder the output's tokenizer files come from (``tokenizer_source``, else the
+    model the output's config follows)."""
+    source = plan.recipe.tokenizer_source
+    ref = plan.checkpoints[plan.ref_index]
+    if source in (None, "base", "union"):
+        return ref.root
+    for ckpt in plan.checkpoints:
+        if ckpt.ref == source:
+            return ckpt.root
+    return Checkpoint.open(source, search_dirs=plan.recipe.search_dirs).root

@@ -14,6 +14,9 @@ mergekit is LGPL: install it in its own venv, never in weightsmith's:
 ``--numerics`` works on the ``numerics: mergekit`` set instead (recipes_numerics/ into
 golden_numerics/: the same recipes with ``dtype: bfloat16`` / ``float16``). Either
 way it says, for each golden it writes, whether the bytes are new, unchanged or changed.
+``--multi`` works on the multi-stage recipes (recipes_multi/ into golden_multi/): it runs
+``mergekit-multi`` (beside ``--mergekit``) with an intermediate folder and keeps the final
+(unnamed) stage's output.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
 import test_parity_mergekit as parity  # noqa: E402
+import test_parity_multistage as multi  # noqa: E402
 
 
 def mergekit_version(exe: Path) -> str:
@@ -54,12 +58,23 @@ def main() -> None:
         action="store_true",
         help="the --numerics mergekit set: recipes_numerics/ (bf16/fp16 arithmetic) into golden_numerics/",
     )
+    parser.add_argument(
+        "--multi",
+        action="store_true",
+        help="the multi-stage set: recipes_multi/ run by mergekit-multi into golden_multi/",
+    )
     args = parser.parse_args()
     exe = args.mergekit.absolute()
     if not exe.is_file():
         sys.exit(f"{exe}: no mergekit-yaml there (see this script's docstring)")
-    recipes = parity.NUMERICS_RECIPES if args.numerics else parity.RECIPES
-    golden_dir = parity.NUMERICS_GOLDEN if args.numerics else parity.GOLDEN
+    if args.multi and args.numerics:
+        sys.exit("--multi and --numerics: one set at a time")
+    if args.numerics:
+        recipes, golden_dir = parity.NUMERICS_RECIPES, parity.NUMERICS_GOLDEN
+    elif args.multi:
+        recipes, golden_dir = multi.MULTI_RECIPES, multi.MULTI_GOLDEN
+    else:
+        recipes, golden_dir = parity.RECIPES, parity.GOLDEN
     # The numerics goldens are xz-compressed (bf16 exponents compress by about a third).
     suffix = ".safetensors.xz" if args.numerics else ".safetensors"
 
@@ -79,9 +94,10 @@ def main() -> None:
         if again != digests:
             sys.exit("building the inputs twice gave different tensors: the generator is not bit-stable")
 
-        if args.only and digests != json.loads((parity.DATA / "inputs.json").read_text()).get("sha256"):
+        recorded = json.loads((parity.DATA / "inputs.json").read_text()).get("sha256")
+        if args.only and digests != recorded:
             sys.exit("the inputs differ from those of the existing goldens: regenerate them all")
-        if args.numerics and digests != json.loads((parity.DATA / "inputs.json").read_text()).get("sha256"):
+        if (args.numerics or args.multi) and digests != recorded:
             sys.exit("the inputs differ from those of the float32 goldens: regenerate those first")
         golden_dir.mkdir(parents=True, exist_ok=True)
         before = {p.name.removesuffix(suffix): golden_bytes(p) for p in golden_dir.glob(f"*{suffix}")}
@@ -89,8 +105,15 @@ def main() -> None:
             for old in golden_dir.glob(f"*{suffix}"):
                 old.unlink()
         for recipe in recipes:
-            raw = parity.materialize(recipe, folders)
-            out = parity.run_mergekit(str(exe), raw, root / "out" / recipe.stem, root)
+            if args.multi:
+                docs = multi.materialize_stages(recipe, folders)
+                config = multi.write_stages(docs, root / f"{recipe.stem}.yaml")
+                stages = root / "stages" / recipe.stem  # mergekit-multi's --intermediate-dir
+                out = root / "out" / recipe.stem
+                multi.run_mergekit_multi(multi.mergekit_multi(exe), config, out, stages)
+            else:
+                raw = parity.materialize(recipe, folders)
+                out = parity.run_mergekit(str(exe), raw, root / "out" / recipe.stem, root)
             shards = sorted(out.glob("*.safetensors"))
             if len(shards) != 1:
                 sys.exit(f"{recipe.stem}: expected one output shard from mergekit, got {shards}")

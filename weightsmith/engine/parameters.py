@@ -9,7 +9,8 @@ from typing import Any
 from weightsmith.errors import RecipeError
 from weightsmith.notices import did_you_mean, lenient
 from weightsmith.ops.registry import REQUIRED, MergeMethod, Param
-from weightsmith.recipe import Recipe, resolve_setting
+from weightsmith.recipe import Recipe
+from weightsmith.recipe_settings import resolve_setting
 
 
 def _convert(param: Param, value: Any, where: str) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 
 from weightsmith.engine.keys import LAYER_COUNT_KEYS, LAYER_PATTERN
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.recipe import Conditional
+from weightsmith.recipe_settings import Conditional
 from weightsmith.recipe_slices import SliceSpec
 
 # Config keys that are never per-layer lists, whatever their length.

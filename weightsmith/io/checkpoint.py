@@ -6,7 +6,6 @@ from disk into a fresh buffer with ``pread``, so memory is bounded by what the c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,8 +18,10 @@ from typing import Any
 import torch
 
 from weightsmith.errors import CheckpointError
+from weightsmith.io.fingerprints import _fingerprint, file_sha256
+from weightsmith.io.pickle_checkpoint import _load_pickle
 from weightsmith.io.regular_file import open_regular, read_regular_bytes, require_regular_file
-from weightsmith.io.safetensors_format import TensorEntry, element_size, read_header
+from weightsmith.io.safetensors_format import TensorEntry, read_header
 from weightsmith.io.shard_index import check_shards_inside, read_index
 
 # Openers of composite references such as ``BASE+ADAPTER``: each returns a checkpoint, or None
@@ -333,33 +334,6 @@ class Checkpoint:
         return f"Checkpoint({self.ref!r}, {len(self.entries)} tensors, {self.total_bytes} bytes)"
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """The sha256 of a whole file, read in 4 MiB chunks (what ``sha256sum`` prints)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fingerprint(path: Path, size: int, blocks: int = 16, block: int = 1 << 16) -> str:
-    digest = hashlib.sha256(size.to_bytes(8, "little"))
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if 8 + n > size:
-            # Not a safetensors header (a torch zip starts "PK\x03\x04..."): sample the
-            # whole file instead of seeking to an offset past its end.
-            n = 0
-        digest.update(head + f.read(min(n, 10**8)))
-        start = 8 + n
-        span = max(size - start - block, 0)
-        for i in range(blocks):
-            f.seek(start + span * i // max(blocks - 1, 1))
-            digest.update(f.read(block))
-    return digest.hexdigest()
-
-
 def _read_index(path: Path) -> tuple[list[str], dict[str, str]]:
     weight_map = read_index(path)
     check_shards_inside(path, weight_map)
@@ -384,26 +358,3 @@ def _read_config(path: Path) -> dict[str, Any] | None:
     return config
 
 
-def _load_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorEntry], dict[str, torch.Tensor]]:
-    if not allow_pickle:
-        raise CheckpointError(
-            f"{path}: this is a PyTorch pickle; weightsmith does not unpickle files by default. "
-            "Convert it to safetensors, or pass --allow-pickle to load it with weights_only=True"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for corrupt archives
-        raise CheckpointError(f"{path}: cannot load with weights_only=True ({e})") from e
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise CheckpointError(
-            f"{path}: holds a {type(state).__name__}, not a state dict of tensor name -> tensor; "
-            "save model.state_dict() instead"
-        )
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    entries = {
-        k: TensorEntry(k, v.dtype, tuple(v.shape), str(path), 0, v.numel() * element_size(v.dtype))
-        for k, v in tensors.items()
-    }
-    return entries, tensors

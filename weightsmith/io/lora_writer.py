@@ -16,7 +16,7 @@ from typing import Any
 
 from weightsmith.errors import OutputError
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.io.lora import PEFT_PREFIX
+from weightsmith.io.peft_format import PEFT_PREFIX
 
 
 def factor_names(module: str, embedding: bool) -> tuple[str, str]:

@@ -1,0 +1,82 @@
+"""What lets an interrupted merge be resumed: the fingerprint of its plan (kept in the output's
+journal) and the command that resumes it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from weightsmith.defaults import DEFAULT_SHARD_SIZE
+from weightsmith.engine.plan import MergePlan
+from weightsmith.version import __version__
+
+
+def resume_command_for(
+    recipe: Any,
+    out: str | Path,
+    out_shard_size: str | int,
+    overwrite: bool,
+    random_seed: int | None,
+    device: str,
+    allow_pickle: bool,
+    numerics: str | None = None,
+    kernels: str = "torch",
+    device_memory_budget: str | int | None = None,
+) -> str:
+    """The command that resumes this merge, for the note about an interrupted one."""
+    api = f"weightsmith.merge(<this recipe>, {str(out)!r}, ..., resume=True)"
+    try:
+        if not isinstance(recipe, (str, Path)) or "\n" in str(recipe) or not Path(recipe).is_file():
+            return api
+    except OSError:  # a one-line YAML string too long for a file name
+        return api
+    words = ["weightsmith", "merge", str(recipe), str(out)]
+    if str(out_shard_size) != DEFAULT_SHARD_SIZE:
+        words += ["--out-shard-size", str(out_shard_size)]
+    if random_seed is not None:
+        words += ["--random-seed", str(random_seed)]
+    if device != "cpu":
+        words += ["--device", device]
+    if kernels != "torch":
+        words += ["--kernels", kernels]
+    if device_memory_budget is not None:
+        words += ["--device-memory-budget", str(device_memory_budget)]
+    if allow_pickle:
+        words.append("--allow-pickle")
+    if numerics is not None:
+        words += ["--numerics", numerics]
+    if overwrite:
+        words.append("--overwrite")
+    return shlex.join([*words, "--resume"])
+
+
+def plan_fingerprint(plan: MergePlan, shard_bytes: int, device: str) -> dict[str, Any]:
+    """What must not change for an interrupted merge to be resumed: the plan (recipe, method,
+    every task with its parameters, dtypes and seed), the inputs' shard fingerprints, and the
+    options that change the output's bytes. The memory budget is not among them: a resumed run
+    may use another one (it only re-splits rows, and re-does the blocks whose span moved)."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()
+
+    parts = {
+        "plan": digest(
+            {
+                "recipe": plan.recipe.to_yaml(),
+                "method": plan.method.name,
+                "compute_dtype": str(plan.compute_dtype),
+                "numerics": plan.recipe.numerics,
+                "tasks": [repr(t) for t in plan.tasks],
+            }
+        ),
+        "inputs": digest([c.provenance() for c in plan.checkpoints]),
+        "options": {
+            "out_shard_size": shard_bytes,
+            "device": device.split(":")[0],  # which GPU does not change the bytes
+            "weightsmith_version": __version__,
+        },
+    }
+    return {"fingerprint": digest(parts), "parts": parts}
