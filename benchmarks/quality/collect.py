@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER = ["lines", "bang", "soups", "antidote", "transfer", "graft"]
+ORDER = ["lines", "bang", "soups", "antidote", "transfer", "graft", "spectral"]
 SCRIPTS = {name: f"benchmarks/quality/{name}.py" for name in ORDER}
 
 
