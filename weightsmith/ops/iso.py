@@ -36,26 +36,7 @@ import torch
 
 from weightsmith.errors import RecipeError
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-
-
-def _polar_factor(x: torch.Tensor) -> torch.Tensor:
-    """The matrix with orthonormal columns (rows, if wide) nearest to ``x``: P Q^T."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
-
-
-def _svd_dtype(x: torch.Tensor) -> torch.dtype:
-    # LAPACK has no half-precision SVD; float64 inputs (dtype: float64 recipes) stay float64.
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _weighted_task_vectors_(inputs: MergeInputs, weight: list[float]) -> torch.Tensor:
-    assert inputs.base is not None
-    tau = inputs.models.sub_(inputs.base.unsqueeze(0))
-    for i, w in enumerate(weight):
-        if w != 1.0:
-            tau[i].mul_(w)
-    return tau
+from weightsmith.ops.tsv import numerical_rank, polar_factor, svd_dtype, weighted_task_vectors_
 
 
 def _task_sum(tau: torch.Tensor) -> torch.Tensor:
@@ -65,21 +46,15 @@ def _task_sum(tau: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _numerical_rank(s: torch.Tensor, shape: tuple[int, ...]) -> int:
-    """Singular values above max(s) * max(m, n) * eps (torch.linalg.matrix_rank's tolerance)."""
-    if s.numel() == 0:
-        return 0
-    tol = float(s[0]) * max(shape) * torch.finfo(s.dtype).eps
-    return int((s > tol).sum())
 
 
 def iso_c_delta(tau: torch.Tensor) -> torch.Tensor:
     """ISO-C's merged task vector of stacked matrices ``tau`` [T, m, n] (not scaled by alpha)."""
-    dtype = _svd_dtype(tau)
+    dtype = svd_dtype(tau)
     u, s, vh = torch.linalg.svd(_task_sum(tau).to(dtype), full_matrices=False)
     # Directions of a zero singular value are LAPACK's arbitrary choice: left out (full-rank
     # sums, the reference's case, keep all k).
-    rank = _numerical_rank(s, tuple(tau.shape[1:]))
+    rank = numerical_rank(s, tuple(tau.shape[1:]))
     if rank == 0:
         return torch.zeros(tau.shape[1:], dtype=tau.dtype, device=tau.device)
     return (u[:, :rank].mul_(s[:rank].mean()) @ vh[:rank]).to(tau.dtype)
@@ -99,12 +74,12 @@ def iso_cts_delta(tau: torch.Tensor, common_space_fraction: float = 0.8) -> torc
     """ISO-CTS's merged task vector of stacked matrices ``tau`` [T, m, n] (not scaled)."""
     n_tasks, m, n = tau.shape
     common, per_task = subspace_sizes(min(m, n), n_tasks, common_space_fraction)
-    dtype = _svd_dtype(tau)
+    dtype = svd_dtype(tau)
     u, s, vh = torch.linalg.svd(_task_sum(tau).to(dtype), full_matrices=False)
     # Common directions first (the reference puts them last: the polar factor and a constant
     # spectrum make the order irrelevant). Zero singular values' directions are left out, as
     # in iso_c.
-    common = min(common, _numerical_rank(s, (m, n)))
+    common = min(common, numerical_rank(s, (m, n)))
     u_common = u[:, :common].clone()
     us, ss, vs = [u_common], [s[:common].clone()], [vh[:common].T.clone()]
     del u, s, vh
@@ -113,7 +88,7 @@ def iso_cts_delta(tau: torch.Tensor, common_space_fraction: float = 0.8) -> torc
         residual = tau[t].to(dtype)
         residual = residual - u_common @ (u_common.T @ residual)
         ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
-        keep = min(per_task, _numerical_rank(st, (m, n)))
+        keep = min(per_task, numerical_rank(st, (m, n)))
         us.append(ut[:, :keep].clone())
         ss.append(st[:keep].clone())
         vs.append(vht[:keep].T.clone())
@@ -122,9 +97,9 @@ def iso_cts_delta(tau: torch.Tensor, common_space_fraction: float = 0.8) -> torc
     if s_cat.numel() == 0:
         return torch.zeros(m, n, dtype=tau.dtype, device=tau.device)
     del u_common
-    u_orth = _polar_factor(torch.cat(us, 1))
+    u_orth = polar_factor(torch.cat(us, 1))
     del us
-    v_orth = _polar_factor(torch.cat(vs, 1))
+    v_orth = polar_factor(torch.cat(vs, 1))
     del vs
     return (u_orth.mul_(s_cat.mean()) @ v_orth.T).to(tau.dtype)
 
@@ -140,7 +115,7 @@ def _merge(
     if alpha == 0:
         # The base bit for bit (also its signed zeros), and no SVD.
         return inputs.output_buffer().copy_(inputs.base)
-    tau = _weighted_task_vectors_(inputs, weight)
+    tau = weighted_task_vectors_(inputs, weight)
     if spectral and inputs.base.dim() == 2:
         delta = delta_fn(tau)
         inputs.stats["svd_matrices"] = 1.0
