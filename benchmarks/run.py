@@ -190,8 +190,17 @@ def main() -> None:
                 # otherwise this run's writes are throttled by their writeback, and the floor
                 # alone was seen to vary from 1.7 s to 5.3 s for the same bytes.
                 os.sync()
-                figures = timed(cmd, env)
-                figures.update(method=method, tool=tool, repeat=rep)
+                load_before = os.getloadavg()[0]
+                try:
+                    figures = timed(cmd, env)
+                except RuntimeError as exc:
+                    # One tool failing one method must not lose the other rows of a long run.
+                    failed = {"method": method, "tool": tool, "repeat": rep, "error": str(exc)[-500:]}
+                    runs.append(failed)
+                    print(json.dumps(failed), flush=True)
+                    shutil.rmtree(out, ignore_errors=True)
+                    continue
+                figures.update(method=method, tool=tool, repeat=rep, load_avg_1m=round(load_before, 2))
                 figures["bytes_per_s"] = round((input_bytes + out_bytes) / figures["wall_s"])
                 runs.append(figures)
                 print(json.dumps(figures), flush=True)
@@ -213,6 +222,8 @@ def table(result: dict) -> str:
     """Best-of-repeats per (method, tool), with ratios to mergekit and to the floor."""
     best: dict[tuple[str, str], dict] = {}
     for r in result["runs"]:
+        if "error" in r:
+            continue
         key = (r["method"], r["tool"])
         if key not in best or r["wall_s"] < best[key]["wall_s"]:
             best[key] = r
