@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from weightsmith.search.space import Space
@@ -23,20 +24,22 @@ from weightsmith.search.space import Space
 pytest.importorskip("transformers")
 pytest.importorskip("cma")
 
-TASKS = ("sentiment", "topic", "question")
-SEARCH_ROWS = 64
+# The example in merges/ (minilm-search.yaml, spaces/minilm-search.yaml, search_minilm.py) is
+# what this test runs, so docs/search.md's figures are the example's.
+MERGES = Path(__file__).resolve().parent.parent / "merges"
+TASKS = ("sentiment", "topic", "question", "formality")  # the recipe's models, in order
+SEARCH_ROWS = 32
 TRIALS = 8
 SEED = 0
-SPACE = Space.parse({**{f"models[{i}].parameters.weight": [0.0, 1.5] for i in range(len(TASKS))},
-                     "parameters.lambda": [0.2, 1.2]})
+SPACE = Space.load(MERGES / "spaces" / "minilm-search.yaml")
 
 
 def minilm_recipe(bed: Path) -> dict[str, object]:
     """The recipe as written (the default the search must not lose to): equal weights, lambda 1."""
-    return {"merge_method": "task_arithmetic", "base_model": str(bed / "base"),
-            "models": [{"model": str(bed / f"ft-{t}"), "parameters": {"weight": 1.0}} for t in TASKS],
-            "parameters": {"lambda": 1.0}, "dtype": "float32", "out_dtype": "float32",
-            "extra_keys": "ignore"}  # the fine-tunes' heads: each task is scored with its own
+    text = (MERGES / "minilm-search.yaml").read_text().replace("inputs/minilm/", f"{bed}/")
+    recipe = yaml.safe_load(text)
+    assert [m["model"] for m in recipe["models"]] == [f"{bed}/ft-{t}" for t in TASKS]
+    return recipe
 
 
 def disk_scores(folder: Path, heads: list, metric: str) -> dict[str, float]:
@@ -155,6 +158,7 @@ def test_search_on_the_minilm_testbed_beats_the_default_on_held_out_data(tmp_pat
           f"search split {SEARCH_ROWS} val rows/task, held-out = test (200 rows/task)\n"
           f"  held-out mean loss: default {default:.4f} -> best {found:.4f} (trial {first.best}: "
           f"{json.dumps({k: round(v, 3) for k, v in first.best_trial.params.items()})})\n"
+          f"  search-split mean loss per trial: {', '.join(f'{t.score:.4f}' for t in first.trials)}\n"
           f"  per task, loss / accuracy: default {per_task(default_metrics)}\n"
           f"                             best    {per_task(best_metrics)}\n"
           f"  wall: testbed {built - started:.1f} s, search + checks {done - built:.1f} s; "
