@@ -276,7 +276,8 @@ def plan_cmd(
     }
     stages: list[dict[str, Any]] = []
     if is_multi_stage(recipe):
-        plan = plan_stages_report(recipe, stage, stage_cache, strict, options, stages, echo=not as_json)
+        keyed = {**options, "out_shard_size": out_shard_size, "device": device, "kernels": kernels}
+        plan = plan_stages_report(recipe, stage, stage_cache, strict, keyed, stages, echo=not as_json)
         if plan is None:
             if as_json:
                 click.echo(json.dumps({"stages": stages}, indent=2, default=str))
