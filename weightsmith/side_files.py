@@ -11,6 +11,7 @@ from weightsmith.engine.plan import MergePlan
 from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.output_dir import OutputDir
 from weightsmith.io.safetensors_format import DTYPE_NAMES
+from weightsmith.model_ref import never_local, parse_model_ref
 from weightsmith.tokenizer_output import tokenizer_root, write_tokenizer
 from weightsmith.version import __version__
 
@@ -66,7 +67,8 @@ def write_side_files(
     license_ = base_license(
         lic_src.root,
         lic_src.config,
-        repo_id=lic_src.ref.partition("@")[0] if lic_src.revision else None,
+        # only a Hub input has a revision; for BASE+ADAPTER it is the base's
+        repo_id=parse_model_ref(lic_src.ref, exists=never_local).path if lic_src.revision else None,
         revision=lic_src.revision,
     )
     report = {

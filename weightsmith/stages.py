@@ -30,6 +30,7 @@ from weightsmith.engine.parameters import check_parameters
 from weightsmith.errors import RecipeError
 from weightsmith.io.output_dir import find_leftovers
 from weightsmith.lora_output import merge_as_lora, wants_lora
+from weightsmith.model_ref import ModelRef, local_path_exists, parse_model_ref
 from weightsmith.notices import collecting, did_you_mean, warn
 from weightsmith.ops.registry import get_method
 from weightsmith.plan_inputs import normalize_models
@@ -206,10 +207,10 @@ def _substitute(node: Any, paths: dict[str, Path], used: set[str]) -> Any:
         if key == "models" and isinstance(value, list):  # the short form `models: [a, b]`
             value = [{"model": v} if isinstance(v, str) else v for v in value]
         if key in MODEL_KEYS and isinstance(value, str):
-            head, plus, rest = value.partition("+")
-            if head in paths:
-                used.add(head)
-                value = f"{paths[head]}{plus}{rest}"
+            ref = _parse_ref(value)
+            if ref.revision is None and ref.path in paths:  # STAGE or STAGE+ADAPTER
+                used.add(ref.path)
+                value = str(ModelRef(str(paths[ref.path]), None, ref.adapter))
             out[key] = value
         elif key in MODEL_KEYS and isinstance(value, dict) and value.get("path") in paths:
             used.add(value["path"])
@@ -222,18 +223,29 @@ def _substitute(node: Any, paths: dict[str, Path], used: set[str]) -> Any:
 def _check_unknown_refs(st: Stage, names: list[str], where: str, path: Path | None) -> None:
     """A bare word that is neither a stage nor a local folder is a misspelled stage name (Hub
     ids have an org/ part), found now rather than after the earlier stages ran."""
+    folders = [Path(), *([path.parent] if path is not None else [])]  # as Checkpoint.open looks
+
+    def exists(text: str) -> bool:
+        return any(local_path_exists(str(folder / text)) for folder in folders)
+
     refs: list[str] = []
     _collect_refs(st.raw, refs)
     for ref in refs:
-        head = ref.partition("+")[0]
-        if head in names or "/" in head or "\\" in head or Path(head).exists():
-            continue
-        if path is not None and (path.parent / head).exists():
+        head = str(parse_model_ref(ref, exists=exists, where=f"{where}: stage {st.label}").base)
+        if head in names or "/" in head or "\\" in head or exists(head):
             continue
         raise RecipeError(
             f"{where}: stage {st.label} uses `{head}`, which is no stage of this recipe and no "
             f"local folder{did_you_mean(head, names) or ';'} stages: {', '.join(names) or '(none)'}"
         )
+
+
+def _parse_ref(ref: str) -> ModelRef:
+    # A malformed reference (a+b+c) is reported by _check_unknown_refs, which names the stage.
+    try:
+        return parse_model_ref(ref)
+    except RecipeError:
+        return ModelRef(ref)
 
 
 def _collect_refs(node: Any, out: list[str]) -> None:
