@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from weightsmith.dtype_names import dtype_name
 from weightsmith.engine.executor import RunStats
 from weightsmith.engine.plan import MergePlan
 from weightsmith.io.model_card import base_license, render_card_from_report
@@ -47,7 +48,7 @@ def write_side_files(
         config = {**ref.config, **plan.config_updates}
         float_dtypes = [t.out_dtype for t in plan.tasks if t.kind == "merge"]
         if float_dtypes:
-            name = str(max(set(float_dtypes), key=float_dtypes.count)).removeprefix("torch.")
+            name = dtype_name(max(set(float_dtypes), key=float_dtypes.count))
             # transformers >= 4.56 reads `dtype`, earlier versions (which pyproject allows)
             # only `torch_dtype`: write both.
             config["torch_dtype"] = config["dtype"] = name
