@@ -238,6 +238,8 @@ def plan_patches(adapter: LoraAdapter, base: Checkpoint) -> dict[str, LoraPatch]
 
 
 # ----------------------------------------------------------------------------------------- math
+# The one arithmetic in io/, on purpose: decoding the adapter is part of reading this view, which
+# io/ cannot delegate to ops/ (no upward import); see docs/architecture.md, "Layers".
 def lora_delta(adapter: Checkpoint, patch: LoraPatch, rows: tuple[int, int] | None) -> torch.Tensor:
     """``scale * B @ A`` in float32 for the base tensor's rows ``[r0, r1)`` (all rows if None).
 
