@@ -21,7 +21,7 @@ antidote                 repair a harmful TinyLM fine-tune           inputs: ~4-
 graft                    apply a skill-grafting mask                 inputs: ~4-7 min + ~6 min mask search
 soup-greedy              greedy soup of MiniLM sentiment fine-tunes  inputs: ~4-7 min (minilm testbed) + 1 min
 bang                     BANG vs WiSE-FT on MiniLM (a script)        inputs: ~4-7 min (minilm testbed)
-minilm-search            CMA-ES search of weights and lambda (MiniLM) inputs: ~4-7 min (minilm testbed) + ~1-4 min
+minilm-search            CMA-ES search of weights and lambda (MiniLM) inputs: ~4-7 min (minilm testbed) + ~1-5 min
 EOF
 }
 
