@@ -12,8 +12,10 @@ from weightsmith.recipe_slices import SliceSpec
 
 # Config keys that are never per-layer lists, whatever their length.
 NOT_PER_LAYER = {"architectures", "auto_map"}
-# Where a text model's config keeps its layer count: (sub-config or None, count keys).
-DEFAULT_SCOPES: tuple[tuple[str | None, tuple[str, ...]], ...] = (
+# Where a config keeps a layer count: (sub-config or None for the top level, count keys).
+Scopes = tuple[tuple[str | None, tuple[str, ...]], ...]
+# A text model's: the top level, or a VLM-style ``text_config``.
+DEFAULT_SCOPES: Scopes = (
     (None, LAYER_COUNT_KEYS),
     ("text_config", LAYER_COUNT_KEYS),
 )
@@ -76,7 +78,7 @@ def config_updates(
     checkpoints: list[Checkpoint],
     ref_index: int,
     layer_sources: list[tuple[int, int]],
-    scopes: tuple[tuple[str | None, tuple[str, ...]], ...] = DEFAULT_SCOPES,
+    scopes: Scopes = DEFAULT_SCOPES,
 ) -> dict[str, Any]:
     """The output config's layer count, and its per-layer lists (``layer_types`` and the like:
     any list as long as the stack) rebuilt from each output layer's source model and layer."""
