@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from weightsmith.engine.keys import LAYER_COUNT_KEYS
+from weightsmith.engine.keys import LAYER_COUNT_KEYS, layer_index
+from weightsmith.engine.layer_origin import LayerOrigin
 from weightsmith.engine.plan_context import PlanContext, finish_plan, keep_all
-from weightsmith.engine.slice_layout import DEFAULT_SCOPES, Scopes
-from weightsmith.engine.slices import plan_as_models, plan_slices
+from weightsmith.engine.slice_layout import DEFAULT_SCOPES, Scopes, same_layer_origins
+from weightsmith.engine.slices import plan_as_models, plan_slices, with_layer_map
 from weightsmith.engine.tasks import MergePlan, Source, TensorTask
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
@@ -128,8 +129,11 @@ def _plan_module(
         plan = plan_slices(ctx, module.slices)
     if keep is not None:
         plan.tasks = [t for t in plan.tasks if keep(t.name)]
-        if module.models is None:
-            plan.notes = [f"module {name}: {n}" for n in plan.notes]
+    if module.models is not None:
+        layers = [n for t in plan.tasks if (n := layer_index(t.name)) is not None]
+        with_layer_map(plan, same_layer_origins([m.ref for m in module.models], layers, name))
+    if keep is not None:
+        plan.notes = [f"module {name}: {n}" for n in plan.notes]
     return plan
 
 
@@ -139,6 +143,7 @@ def _join(ctx: PlanContext, subplans: list[MergePlan]) -> MergePlan:
     joined = list(ctx.checkpoints)
     tasks: list[TensorTask] = []
     notes: list[str] = []
+    origins: list[LayerOrigin] = []
     updates: dict[str, Any] = {}
     for sub in subplans:
         where = {}
@@ -151,6 +156,7 @@ def _join(ctx: PlanContext, subplans: list[MergePlan]) -> MergePlan:
         for task in sub.tasks:
             tasks.append(_remap(task, where))
         notes += sub.notes
+        origins += sub.layer_origins
         for key, value in sub.config_updates.items():
             updates[key] = {**updates.get(key, {}), **value} if isinstance(value, dict) else value
     names = [t.name for t in tasks]
@@ -171,6 +177,7 @@ def _join(ctx: PlanContext, subplans: list[MergePlan]) -> MergePlan:
         ctx.memory_budget,
         first.num_layers,
         notes=notes,
+        layer_origins=origins,
     )
     plan.config_updates = updates
     return finish_plan(plan)

@@ -28,10 +28,18 @@ from weightsmith.engine.keys import (
     is_float,
     layer_index,
 )
+from weightsmith.engine.layer_origin import LayerOrigin
 from weightsmith.engine.parameters import check_parameters, resolve_params
 from weightsmith.engine.plan import _seed_for, build_plan
 from weightsmith.engine.plan_context import PlanContext, finish_plan
-from weightsmith.engine.slice_layout import _with_layer, chain, config_updates, layer_map
+from weightsmith.engine.slice_layout import (
+    LAYER_MAP_TITLE,
+    _with_layer,
+    chain,
+    config_updates,
+    layer_map,
+    slice_origins,
+)
 from weightsmith.engine.tasks import MergePlan, Source, TensorTask
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.recipe import ModelSpec, Recipe
@@ -47,8 +55,17 @@ def plan_slices(ctx: PlanContext, slices: list[SliceSpec]) -> MergePlan:
     config)."""
     if _is_full_range(ctx, slices):
         piece = slices[0]
-        return plan_as_models(ctx, [ModelSpec(s.ref, s.parameters) for s in piece.sources], piece.parameters)
+        plan = plan_as_models(ctx, [ModelSpec(s.ref, s.parameters) for s in piece.sources], piece.parameters)
+        return with_layer_map(plan, slice_origins(slices, ctx.module))
     return _stacked_plan(ctx, slices)
+
+
+def with_layer_map(plan: MergePlan, origins: list[LayerOrigin]) -> MergePlan:
+    """``plan`` knowing where its output layers come from, the map first among its notes."""
+    plan.layer_origins = origins
+    if origins:
+        plan.notes[:0] = [LAYER_MAP_TITLE, *layer_map(origins)]
+    return plan
 
 
 def _is_full_range(ctx: PlanContext, slices: list[SliceSpec]) -> bool:
@@ -131,6 +148,7 @@ def _stacked_plan(ctx: PlanContext, slices: list[SliceSpec]) -> MergePlan:
     post = [n for n in pieces[-1].outside_names() if not PRE_STACK.search(n)]
     tasks = [pieces[0].outside_task(n) for n in pre] + tasks + [pieces[-1].outside_task(n) for n in post]
     widest = max(pieces, key=lambda p: len(p.models))
+    origins = slice_origins(slices, ctx.module)
     plan = MergePlan(
         ctx.recipe,
         ctx.method,
@@ -141,7 +159,8 @@ def _stacked_plan(ctx: PlanContext, slices: list[SliceSpec]) -> MergePlan:
         tasks,
         ctx.memory_budget,
         out_layer,
-        notes=["layer map (output <- model:input layers):", *layer_map(slices)],
+        layer_origins=origins,
+        notes=[LAYER_MAP_TITLE, *layer_map(origins)],
     )
     plan.config_updates = config_updates(ctx.checkpoints, ref_index, layer_sources, ctx.scopes)
     return finish_plan(plan)
