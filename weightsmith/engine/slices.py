@@ -148,7 +148,6 @@ def _stacked_plan(ctx: PlanContext, slices: list[SliceSpec]) -> MergePlan:
     post = [n for n in pieces[-1].outside_names() if not PRE_STACK.search(n)]
     tasks = [pieces[0].outside_task(n) for n in pre] + tasks + [pieces[-1].outside_task(n) for n in post]
     widest = max(pieces, key=lambda p: len(p.models))
-    origins = slice_origins(slices, ctx.module)
     plan = MergePlan(
         ctx.recipe,
         ctx.method,
@@ -159,11 +158,9 @@ def _stacked_plan(ctx: PlanContext, slices: list[SliceSpec]) -> MergePlan:
         tasks,
         ctx.memory_budget,
         out_layer,
-        layer_origins=origins,
-        notes=[LAYER_MAP_TITLE, *layer_map(origins)],
     )
     plan.config_updates = config_updates(ctx.checkpoints, ref_index, layer_sources, ctx.scopes)
-    return finish_plan(plan)
+    return finish_plan(with_layer_map(plan, slice_origins(slices, ctx.module)))
 
 
 class _SlicePlan:
