@@ -101,8 +101,9 @@ def test_all_finite_catches_nan_and_inf_in_every_float_dtype():
 
 @pytest.mark.parametrize("shape", [(3, 300, 70), (2, 5000), (4, 3, 5, 7), (1, 0), (2, 1)])
 def test_task_vector_norms_equal_the_per_model_norms(shape):
-    # One stacked reduction stands in for N vector_norm calls: the same float32 norms (to the
-    # last bit in every shape tried; held to float rounding here), squared in double.
+    # merge_report.json's sq_tv[i]: model i's float32 norm squared in double, per model (a
+    # stacked reduction along dim 1 gives the same bits but parallelizes over N outputs only),
+    # within float32 rounding of the exact sum of squares.
     from weightsmith.ops.task_arithmetic import record_task_vector_norms, squared_norm
 
     tau = torch.randn(shape, generator=torch.Generator().manual_seed(3))
