@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from weightsmith.cli_options import common_plan_options, device_options, executor_option
+from weightsmith.dtype_names import dtype_name
 from weightsmith.errors import WeightsmithError
 from weightsmith.units import format_size
 from weightsmith.version import __version__
@@ -229,7 +230,7 @@ def push_cmd(
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (every tensor, every digit)")
 @click.option("--verbose", "-v", is_flag=True, help="one line per tensor, not one per parameter setting")
 @click.option(
-    "--out-shard-size", default="5GB", show_default=True, help="max bytes per shard (for --executor ray)"
+    "--out-shard-size", default="5GB", show_default=True, help="max bytes per output shard"
 )
 @executor_option
 @device_options
@@ -266,7 +267,9 @@ def plan_cmd(
         summary_lines,
         tensor_lines,
     )
+    from weightsmith.sliced_report import sliced_json, sliced_lines
     from weightsmith.stages import is_multi_stage
+    from weightsmith.units import parse_size
 
     options = {
         "memory_budget": memory_budget,
@@ -276,7 +279,8 @@ def plan_cmd(
     }
     stages: list[dict[str, Any]] = []
     if is_multi_stage(recipe):
-        plan = plan_stages_report(recipe, stage, stage_cache, strict, options, stages, echo=not as_json)
+        keyed = {**options, "out_shard_size": out_shard_size, "device": device, "kernels": kernels}
+        plan = plan_stages_report(recipe, stage, stage_cache, strict, keyed, stages, echo=not as_json)
         if plan is None:
             if as_json:
                 click.echo(json.dumps({"stages": stages}, indent=2, default=str))
@@ -284,20 +288,16 @@ def plan_cmd(
     else:
         plan = plan_merge(recipe, strict=strict, **options)
     report = plan_json(plan)
+    report["summary"].update(sliced_json(plan, parse_size(out_shard_size)))
     on_device = device_summary(plan, device, kernels, device_memory_budget)
     if on_device["device"] != "cpu":
         report["summary"]["device"] = on_device
     shards = []
     if executor == "ray":
-        from weightsmith.engine.partition import partition
-        from weightsmith.units import parse_size
+        from weightsmith.engine.partition import partition, partition_rows
 
         shards = partition(plan, parse_size(out_shard_size))
-        report["summary"]["ray_partition"] = [
-            {"task": w.shard, "shard": w.name, "tensors": len(w.tensors), "units": len(w.units),
-             "bytes_to_read": w.bytes_to_read, "bytes_to_write": w.bytes_to_write}
-            for w in shards
-        ]
+        report["summary"]["ray_partition"] = partition_rows(shards)
     if as_json:
         extra = {"stages": stages} if stages else {}
         click.echo(json.dumps({**extra, **report}, indent=2, default=str))
@@ -306,6 +306,8 @@ def plan_cmd(
         click.echo(line)
     click.echo("")
     for line in summary_lines(plan):
+        click.echo(line)
+    for line in sliced_lines(plan, None if shards else parse_size(out_shard_size), per_layer=verbose):
         click.echo(line)
     if on_device["device"] != "cpu":
         click.echo(device_line(on_device, kernels))
@@ -340,7 +342,7 @@ def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
     from weightsmith.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(model, allow_pickle=allow_pickle)
-    dtypes = Counter(str(e.dtype).removeprefix("torch.") for e in ckpt.entries.values())
+    dtypes = Counter(dtype_name(e.dtype) for e in ckpt.entries.values())
     click.echo(f"model:       {ckpt.ref} ({ckpt.root})")
     if ckpt.revision:
         click.echo(f"revision:    {ckpt.revision}")
@@ -358,7 +360,7 @@ def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
         click.echo(f"architecture: {', '.join(map(str, archs if isinstance(archs, list) else [archs]))}")
     if show_keys:
         for name, e in ckpt.entries.items():
-            click.echo(f"  {name} {list(e.shape)} {str(e.dtype).removeprefix('torch.')}")
+            click.echo(f"  {name} {list(e.shape)} {dtype_name(e.dtype)}")
 
 
 @main.command("methods")
