@@ -302,3 +302,38 @@ def test_search_workdir_overlapping_an_input_is_refused_before_any_work(family, 
     assert label in result.output
     assert not (family["bad"] / "runs").exists() and not (tmp_path / "trials.jsonl").exists()
     assert before == {p: p.stat().st_mtime_ns for p in before}
+
+
+def test_search_command_hands_ray_options_to_the_pool(family, tmp_path: Path, monkeypatch) -> None:
+    """The command's wiring of --executor ray (the pool itself: tests/test_ray_search.py)."""
+    from click.testing import CliRunner
+
+    from weightsmith.cli import main
+    from weightsmith.search import population
+    from weightsmith.search.objective import Score
+
+    asked = []
+
+    def fake_open_pool(executor, args, address, workers, population_size):
+        asked.append((executor, address, workers, population_size, args["data"]))
+
+        def objective(recipe):
+            a, b = (m["parameters"]["weight"] for m in recipe["models"])
+            return Score(a - b, a - b)
+
+        return population.SequentialPool(objective)
+
+    monkeypatch.setattr(population, "open_pool", fake_open_pool)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(linear_recipe(family)))
+    space = tmp_path / "space.yaml"
+    space.write_text("models[0].parameters.weight: [0, 1]\nmodels[1].parameters.weight: [0, 1]\n")
+    args = ["search", str(recipe), "--space", str(space), "--eval", str(family["val"]), "--task",
+            "classification", "--trials", "6", "--workdir", str(tmp_path / "work"), "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--executor", "ray", "--ray-address", "10.0.0.1:6379",
+                                       "--ray-workers", "3"])
+    assert result.exit_code == 0, result.output
+    assert asked == [("ray", "10.0.0.1:6379", 3, 6, str(family["val"]))]  # 6: cma's default popsize in 2-D
+    assert len(json.loads((tmp_path / "work" / "trials.json").read_text())["trials"]) == 6
+    refused = CliRunner().invoke(main, [*args, "--ray-workers", "3", "--overwrite"])
+    assert refused.exit_code == 2 and "need --executor ray" in refused.output
