@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from weightsmith.cli_options import common_plan_options, device_options, executor_option
+from weightsmith.dtype_names import dtype_name
 from weightsmith.errors import WeightsmithError
 from weightsmith.units import format_size
 from weightsmith.version import __version__
@@ -276,7 +277,8 @@ def plan_cmd(
     }
     stages: list[dict[str, Any]] = []
     if is_multi_stage(recipe):
-        plan = plan_stages_report(recipe, stage, stage_cache, strict, options, stages, echo=not as_json)
+        keyed = {**options, "out_shard_size": out_shard_size, "device": device, "kernels": kernels}
+        plan = plan_stages_report(recipe, stage, stage_cache, strict, keyed, stages, echo=not as_json)
         if plan is None:
             if as_json:
                 click.echo(json.dumps({"stages": stages}, indent=2, default=str))
@@ -340,7 +342,7 @@ def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
     from weightsmith.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(model, allow_pickle=allow_pickle)
-    dtypes = Counter(str(e.dtype).removeprefix("torch.") for e in ckpt.entries.values())
+    dtypes = Counter(dtype_name(e.dtype) for e in ckpt.entries.values())
     click.echo(f"model:       {ckpt.ref} ({ckpt.root})")
     if ckpt.revision:
         click.echo(f"revision:    {ckpt.revision}")
@@ -358,7 +360,7 @@ def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
         click.echo(f"architecture: {', '.join(map(str, archs if isinstance(archs, list) else [archs]))}")
     if show_keys:
         for name, e in ckpt.entries.items():
-            click.echo(f"  {name} {list(e.shape)} {str(e.dtype).removeprefix('torch.')}")
+            click.echo(f"  {name} {list(e.shape)} {dtype_name(e.dtype)}")
 
 
 @main.command("methods")
