@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from test_search import SPACE, family, linear_recipe  # noqa: F401  (family: the fixture)
 
 from weightsmith.search.ray_pool import DIE_ONCE_ENV, RayPool
@@ -43,8 +44,13 @@ def local_log(family, tmp_path_factory) -> Path:  # noqa: F811
 
     log = tmp_path_factory.mktemp("local") / "trials.jsonl"
     recipe = linear_recipe(family)
-    search(SPACE, recipe, Objective(recipe, family["val"], "classification", random_seed=SEED),
-           trials=TRIALS, log_path=log, seed=SEED, popsize=POPSIZE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as an actor runs (Ray's OMP_NUM_THREADS=1): much faster on busy cores
+    try:
+        search(SPACE, recipe, Objective(recipe, family["val"], "classification", random_seed=SEED),
+               trials=TRIALS, log_path=log, seed=SEED, popsize=POPSIZE)
+    finally:
+        torch.set_num_threads(threads)
     return log
 
 
