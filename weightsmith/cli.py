@@ -230,7 +230,7 @@ def push_cmd(
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (every tensor, every digit)")
 @click.option("--verbose", "-v", is_flag=True, help="one line per tensor, not one per parameter setting")
 @click.option(
-    "--out-shard-size", default="5GB", show_default=True, help="max bytes per shard (for --executor ray)"
+    "--out-shard-size", default="5GB", show_default=True, help="max bytes per output shard"
 )
 @executor_option
 @device_options
@@ -267,7 +267,9 @@ def plan_cmd(
         summary_lines,
         tensor_lines,
     )
+    from weightsmith.sliced_report import sliced_json, sliced_lines
     from weightsmith.stages import is_multi_stage
+    from weightsmith.units import parse_size
 
     options = {
         "memory_budget": memory_budget,
@@ -286,20 +288,16 @@ def plan_cmd(
     else:
         plan = plan_merge(recipe, strict=strict, **options)
     report = plan_json(plan)
+    report["summary"].update(sliced_json(plan, parse_size(out_shard_size)))
     on_device = device_summary(plan, device, kernels, device_memory_budget)
     if on_device["device"] != "cpu":
         report["summary"]["device"] = on_device
     shards = []
     if executor == "ray":
-        from weightsmith.engine.partition import partition
-        from weightsmith.units import parse_size
+        from weightsmith.engine.partition import partition, partition_rows
 
         shards = partition(plan, parse_size(out_shard_size))
-        report["summary"]["ray_partition"] = [
-            {"task": w.shard, "shard": w.name, "tensors": len(w.tensors), "units": len(w.units),
-             "bytes_to_read": w.bytes_to_read, "bytes_to_write": w.bytes_to_write}
-            for w in shards
-        ]
+        report["summary"]["ray_partition"] = partition_rows(shards)
     if as_json:
         extra = {"stages": stages} if stages else {}
         click.echo(json.dumps({**extra, **report}, indent=2, default=str))
@@ -308,6 +306,8 @@ def plan_cmd(
         click.echo(line)
     click.echo("")
     for line in summary_lines(plan):
+        click.echo(line)
+    for line in sliced_lines(plan, None if shards else parse_size(out_shard_size), per_layer=verbose):
         click.echo(line)
     if on_device["device"] != "cpu":
         click.echo(device_line(on_device, kernels))
