@@ -74,7 +74,8 @@ def task_arithmetic(
                 "them; set normalize: false (the usual choice for task arithmetic)"
             )
         merged.div_(total)
-    merged.mul_(lam)
+    if lam != 1.0:  # x * 1.0 is x for every finite and infinite x: skip a full pass
+        merged.mul_(lam)
     inputs.stats["sq_delta_out"] = squared_norm(merged)  # |output - base|, before the base is added
     return merged.add_(inputs.base)
 
