@@ -227,6 +227,7 @@ def execute_on_ray(
     writer: ShardWriter,
     *,
     address: str | None = None,
+    shared_fs: bool = True,
     progress: Callable[[int], None] | None = None,
     device: str = "cpu",
     journal: Journal | None = None,
@@ -237,6 +238,8 @@ def execute_on_ray(
     """``execute``'s contract, on Ray: every unit written through ``writer``'s layout. The
     statistics passes run on the CPU; ``device``, ``kernels`` and ``device_memory_budget``
     apply to each task's output pass."""
+    if not shared_fs:
+        raise MergeError("--ray-no-shared-fs is not implemented yet; run with a shared output folder")
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
