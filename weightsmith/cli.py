@@ -111,6 +111,7 @@ def merge_cmd(
     push_to: str | None,
     ray_address: str | None,
     executor: str,
+    ray_no_shared_fs: bool,
     out_format: str | None,
     out_rank: int | None,
     out_energy: float | None,
@@ -156,6 +157,7 @@ def merge_cmd(
         device_memory_budget=device_memory_budget,
         executor=executor,
         ray_address=ray_address,
+        **({"ray_shared_fs": False} if ray_no_shared_fs else {}),
         **({"out_format": out_format} if out_format else {}),
         **({"out_rank": out_rank} if out_rank is not None else {}),
         **({"out_energy": out_energy} if out_energy is not None else {}),
@@ -241,6 +243,7 @@ def plan_cmd(
     verbose: bool,
     out_shard_size: str,
     executor: str,
+    ray_no_shared_fs: bool,
     device: str,
     kernels: str,
     device_memory_budget: str | None,
@@ -295,9 +298,11 @@ def plan_cmd(
         shards = partition(plan, parse_size(out_shard_size))
         report["summary"]["ray_partition"] = [
             {"task": w.shard, "shard": w.name, "tensors": len(w.tensors), "units": len(w.units),
-             "bytes_to_read": w.bytes_to_read, "bytes_to_write": w.bytes_to_write}
+             "bytes_to_read": w.bytes_to_read, "bytes_to_write": w.bytes_to_write,
+             "bytes_streamed": w.bytes_to_write if ray_no_shared_fs else 0}
             for w in shards
         ]
+        report["summary"]["ray_shared_fs"] = not ray_no_shared_fs
     if as_json:
         extra = {"stages": stages} if stages else {}
         click.echo(json.dumps({**extra, **report}, indent=2, default=str))
@@ -312,7 +317,7 @@ def plan_cmd(
     if shards:
         from weightsmith.engine.partition import describe_partition
 
-        for line in describe_partition(shards):
+        for line in describe_partition(shards, streamed=ray_no_shared_fs):
             click.echo(line)
     if plan.oversize:
         click.echo(

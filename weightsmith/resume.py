@@ -39,6 +39,12 @@ def resume_command_for(recipe: Any, out: str | Path, options: RunOptions) -> str
         words.append("--allow-pickle")
     if o.numerics is not None:
         words += ["--numerics", o.numerics]
+    if o.executor != "local":
+        words += ["--executor", o.executor]
+    if o.ray_address is not None:
+        words += ["--ray-address", o.ray_address]
+    if not o.ray_shared_fs:
+        words.append("--ray-no-shared-fs")
     if o.overwrite:
         words.append("--overwrite")
     return shlex.join([*words, "--resume"])

@@ -50,12 +50,21 @@ def partition(plan: MergePlan, shard_bytes: int) -> list[ShardWork]:
     return work
 
 
-def describe_partition(work: list[ShardWork]) -> list[str]:
-    """Lines for ``weightsmith plan --executor ray``: one Ray task per shard and its bytes."""
+def describe_partition(work: list[ShardWork], streamed: bool = False) -> list[str]:
+    """Lines for ``weightsmith plan --executor ray``: one Ray task per shard and its bytes;
+    ``streamed`` (--ray-no-shared-fs): each shard also crosses the object store to the driver."""
     lines = [f"ray partition: {len(work)} task(s), one per output shard"]
     for w in work:
         lines.append(
             f"  task {w.shard}: {w.name}  {len(w.tensors)} tensors, {len(w.units)} units, "
             f"reads {format_size(w.bytes_to_read)}, writes {format_size(w.bytes_to_write)}"
+            + (f", streams {format_size(w.bytes_to_write)} back" if streamed else "")
+        )
+    if streamed:
+        total = sum(w.bytes_to_write for w in work)
+        lines.append(
+            f"  no shared filesystem for OUT: shards come back streamed to this process, "
+            f"{format_size(total)} through Ray's object store in all (the output's size, plus "
+            "each shard's header)"
         )
     return lines
