@@ -1,6 +1,10 @@
 """Local executor vs `--executor ray` with 1 and 2 worker CPUs, on synthetic checkpoints.
 
     python benchmarks/ray_scaling.py .bench/ray --params 0.05B --models 3 --shard 25MB
+    python benchmarks/ray_scaling.py .bench/ray --workers 2 --modes shared,streamed
+
+``--modes streamed`` runs `--ray-no-shared-fs` (shards streamed back to the driver); each row
+gives the driver's peak resident memory during that run (VmHWM, reset before each run).
 
 Builds (or reuses) the checkpoints with make_checkpoints.py, then merges them with task
 arithmetic and with TIES ``scope: model`` (statistics passes reduced over the cluster),
@@ -17,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from itertools import product
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +33,15 @@ def same_shards(a: Path, b: Path) -> bool:
     return names == sorted(p.name for p in b.glob("*.safetensors")) and all(
         (a / n).read_bytes() == (b / n).read_bytes() for n in names
     )
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from VmRSS
+
+
+def peak_rss() -> str:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    return line.split(":", 1)[1].strip()
 
 
 def recipes(root: Path, models: int) -> dict[str, dict]:
@@ -47,6 +61,8 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=3)
     ap.add_argument("--shard", default="25MB", help="output shard size: one Ray task per shard")
     ap.add_argument("--budget", default="256MB", help="memory budget (per worker on Ray)")
+    ap.add_argument("--workers", default="1,2", help="Ray worker CPUs, comma-separated")
+    ap.add_argument("--modes", default="shared", help="shared (workers write OUT), streamed, or both")
     args = ap.parse_args()
     import ray
 
@@ -57,21 +73,25 @@ def main() -> None:
     rows = []
     options = {"memory_budget": args.budget, "out_shard_size": args.shard, "fsync": False, "overwrite": True}
     for name, recipe in recipes(args.root, args.models).items():
+        reset_peak_rss()
         started = time.perf_counter()
         local = weightsmith.merge(recipe, out / f"{name}-local", **options)
         rows.append({"recipe": name, "executor": "local", "workers": 1,
-                     "seconds": round(time.perf_counter() - started, 2),
+                     "seconds": round(time.perf_counter() - started, 2), "driver_peak_rss": peak_rss(),
                      "shards": len(set(json.loads((local.out / "model.safetensors.index.json").read_text())
                                        ["weight_map"].values()))})
-    for workers in (1, 2):
+    for workers in [int(w) for w in args.workers.split(",")]:
         ray.init(num_cpus=workers, include_dashboard=False, address="local", log_to_driver=False)
         try:
-            for name, recipe in recipes(args.root, args.models).items():
+            runs = product(recipes(args.root, args.models).items(), args.modes.split(","))
+            for (name, recipe), mode in runs:
+                reset_peak_rss()
                 started = time.perf_counter()
-                result = weightsmith.merge(recipe, out / f"{name}-ray{workers}", executor="ray", **options)
+                result = weightsmith.merge(recipe, out / f"{name}-ray{workers}-{mode}", executor="ray",
+                                           ray_shared_fs=mode != "streamed", **options)
                 seconds = time.perf_counter() - started
-                rows.append({"recipe": name, "executor": "ray", "workers": workers,
-                             "seconds": round(seconds, 2),
+                rows.append({"recipe": name, "executor": "ray", "workers": workers, "mode": mode,
+                             "seconds": round(seconds, 2), "driver_peak_rss": peak_rss(),
                              "passes": result.stats.global_passes,
                              "identical": same_shards(result.out, out / f"{name}-local")})
         finally:

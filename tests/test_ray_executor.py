@@ -1,6 +1,8 @@
 """`--executor ray`: one Ray task per output shard on a local two-worker cluster, bytes identical
 to the local executor (statistics passes reduced over the cluster included), a worker killed
-mid-merge retried to the same output, and the partition `weightsmith plan` shows."""
+mid-merge retried to the same output, and the partition `weightsmith plan` shows; with
+--ray-no-shared-fs, the shards streamed back to the driver (same bytes, no task argument naming
+OUT, a worker killed mid-stream retried, a killed local merge resumed streamed)."""
 
 import json
 import os
@@ -192,6 +194,26 @@ def test_a_worker_killed_mid_stream_is_retried_to_the_same_bytes(cluster, inputs
                out_shard_size="20KB", ray_options={"ray_shared_fs": False})
     assert not marker.exists()  # a worker did die mid-stream (and its task was run again)
     assert not spool_of(cluster)  # its spool folder was swept by the next task
+
+
+@pytest.mark.slow
+def test_a_killed_local_merge_resumes_streamed_on_ray(cluster, inputs, tmp_path, capfd):
+    # The blocks the killed run left are kept on the driver and neither recomputed nor streamed.
+    from test_resume import killed_merge
+
+    base, models = inputs
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe("task_arithmetic", base, models)))
+    options = {"memory_budget": "64KB", "out_shard_size": "20KB"}
+    weightsmith.merge(str(path), tmp_path / "local", **options)
+    out = tmp_path / "run" / "local"  # the same folder name: the report carries it
+    out.parent.mkdir()
+    killed_merge(path, out, 5, "--memory-budget", "64KB", "--out-shard-size", "20KB")
+    capfd.readouterr()
+    result = weightsmith.merge(str(path), out, resume=True, executor="ray", ray_shared_fs=False, **options)
+    assert "resume: 5 written blocks check out" in capfd.readouterr().err
+    assert result.stats.reused_blocks == 5
+    assert_same_output(out, tmp_path / "local")
 
 
 def test_plan_shows_the_partition_by_shard(inputs, tmp_path):
