@@ -52,7 +52,7 @@ def files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def assert_same_output(got, want):
+def assert_same_output(got, want, resumed=False):
     got_files, want_files = files(got), files(want)
     assert sorted(got_files) == sorted(want_files)
     for name in got_files:
@@ -60,6 +60,9 @@ def assert_same_output(got, want):
             assert got_files[name] == want_files[name], name
     strip = ("seconds", "stage_seconds", "name")  # name: the output folder's
     reports = [json.loads(f["merge_report.json"]) for f in (got_files, want_files)]
+    if resumed:  # the resumed run's report says what it kept, and wrote only the rest
+        kept = reports[0].pop("resumed")["reused_bytes"]
+        assert kept > 0 and reports[0].pop("bytes_written") == reports[1].pop("bytes_written") - kept
     for report in reports:
         for key in strip:
             report.pop(key, None)
@@ -213,7 +216,7 @@ def test_a_killed_local_merge_resumes_streamed_on_ray(cluster, inputs, tmp_path,
     result = weightsmith.merge(str(path), out, resume=True, executor="ray", ray_shared_fs=False, **options)
     assert "resume: 5 written blocks check out" in capfd.readouterr().err
     assert result.stats.reused_blocks == 5
-    assert_same_output(out, tmp_path / "local")
+    assert_same_output(out, tmp_path / "local", resumed=True)
 
 
 def test_plan_shows_the_partition_by_shard(inputs, tmp_path):
