@@ -43,6 +43,8 @@ class MemoryPeaks:
 
     def __enter__(self) -> MemoryPeaks:
         self.peaks = {"RssAnon": 0, "RssShmem": 0}
+        self._read()
+        self.start = dict(self.peaks)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -50,17 +52,22 @@ class MemoryPeaks:
 
     def _sample(self) -> None:
         while not self.stop.wait(0.02):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                key = line.split(":", 1)[0]
-                if key in self.peaks:
-                    self.peaks[key] = max(self.peaks[key], int(line.split()[1]))
+            self._read()
+
+    def _read(self) -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in self.peaks:
+                self.peaks[key] = max(self.peaks[key], int(line.split()[1]))
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
 
     def row(self) -> dict[str, str]:
-        return {f"driver_peak_{k[3:].lower()}": f"{v // 1024} MB" for k, v in self.peaks.items()}
+        """Peak and growth over the run's start, per kind (the process keeps what earlier runs touched)."""
+        return {f"driver_{k[3:].lower()}": f"peak {v // 1024} MB, +{(v - self.start[k]) // 1024} MB"
+                for k, v in self.peaks.items()}
 
 
 def recipes(root: Path, models: int, names: str = "task_arithmetic,ties_model") -> dict[str, dict]:
@@ -83,9 +90,16 @@ def main() -> None:
     ap.add_argument("--budget", default="256MB", help="memory budget (per worker on Ray)")
     ap.add_argument("--workers", default="1,2", help="Ray worker CPUs, comma-separated")
     ap.add_argument("--recipes", default="task_arithmetic,ties_model", help="comma-separated")
+    ap.add_argument("--chunk", default=None, help="streamed mode: bytes per chunk (default 8MiB)")
     ap.add_argument("--modes", default="shared", help="shared (workers write OUT), streamed, or both")
     args = ap.parse_args()
     import ray
+
+    from weightsmith.engine import ray_stream
+    from weightsmith.units import parse_size
+
+    if args.chunk:
+        ray_stream.CHUNK_BYTES = parse_size(args.chunk)
 
     here = Path(__file__).resolve().parent
     subprocess.run([sys.executable, str(here / "make_checkpoints.py"), str(args.root), "--params",
