@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from weightsmith.cli_options import common_plan_options, device_options, executor_option
+from weightsmith.dtype_names import dtype_name
 from weightsmith.errors import WeightsmithError
 from weightsmith.units import format_size
 from weightsmith.version import __version__
@@ -279,7 +280,8 @@ def plan_cmd(
     }
     stages: list[dict[str, Any]] = []
     if is_multi_stage(recipe):
-        plan = plan_stages_report(recipe, stage, stage_cache, strict, options, stages, echo=not as_json)
+        keyed = {**options, "out_shard_size": out_shard_size, "device": device, "kernels": kernels}
+        plan = plan_stages_report(recipe, stage, stage_cache, strict, keyed, stages, echo=not as_json)
         if plan is None:
             if as_json:
                 click.echo(json.dumps({"stages": stages}, indent=2, default=str))
@@ -292,17 +294,11 @@ def plan_cmd(
         report["summary"]["device"] = on_device
     shards = []
     if executor == "ray":
-        from weightsmith.engine.partition import partition
+        from weightsmith.engine.partition import partition, partition_summary
         from weightsmith.units import parse_size
 
         shards = partition(plan, parse_size(out_shard_size))
-        report["summary"]["ray_partition"] = [
-            {"task": w.shard, "shard": w.name, "tensors": len(w.tensors), "units": len(w.units),
-             "bytes_to_read": w.bytes_to_read, "bytes_to_write": w.bytes_to_write,
-             "bytes_streamed": w.bytes_to_write if ray_no_shared_fs else 0}
-            for w in shards
-        ]
-        report["summary"]["ray_shared_fs"] = not ray_no_shared_fs
+        report["summary"].update(partition_summary(shards, streamed=ray_no_shared_fs))
     if as_json:
         extra = {"stages": stages} if stages else {}
         click.echo(json.dumps({**extra, **report}, indent=2, default=str))
@@ -345,7 +341,7 @@ def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
     from weightsmith.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(model, allow_pickle=allow_pickle)
-    dtypes = Counter(str(e.dtype).removeprefix("torch.") for e in ckpt.entries.values())
+    dtypes = Counter(dtype_name(e.dtype) for e in ckpt.entries.values())
     click.echo(f"model:       {ckpt.ref} ({ckpt.root})")
     if ckpt.revision:
         click.echo(f"revision:    {ckpt.revision}")
@@ -363,7 +359,7 @@ def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
         click.echo(f"architecture: {', '.join(map(str, archs if isinstance(archs, list) else [archs]))}")
     if show_keys:
         for name, e in ckpt.entries.items():
-            click.echo(f"  {name} {list(e.shape)} {str(e.dtype).removeprefix('torch.')}")
+            click.echo(f"  {name} {list(e.shape)} {dtype_name(e.dtype)}")
 
 
 @main.command("methods")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.dtype_names import FACTOR_DTYPES, canonical_name, parse_dtype
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.append_writer import AppendingSafetensorsWriter
 from weightsmith.io.checkpoint import Checkpoint
@@ -40,7 +41,6 @@ _EMBEDDING_NAMES = frozenset({
     "embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings",
     "token_type_embeddings", "embed_positions", "tok_embeddings", "shared",
 })
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -111,8 +111,8 @@ def extract_lora(
         raise RecipeError(f"extract-lora: --svd is auto, exact or randomized, got {svd!r}")
     if svd == "randomized" and energy is not None:
         raise RecipeError("extract-lora: --energy needs every singular value; use --svd exact or auto")
-    if dtype not in _DTYPES:
-        raise RecipeError(f"extract-lora: --dtype is one of {', '.join(sorted(_DTYPES))}, got {dtype!r}")
+    parse_dtype(dtype, "extract-lora: --dtype", FACTOR_DTYPES)  # refused before any work
+    dtype = str(canonical_name(dtype))  # `bf16` is written as bfloat16 in adapter_config.json
     ft = Checkpoint.open(str(fine_tune), allow_pickle=allow_pickle)
     bs = Checkpoint.open(str(base), allow_pickle=allow_pickle)
     try:
@@ -142,7 +142,7 @@ def _extract(
     overwrite: bool,
     log: Any,
 ) -> ExtractResult:
-    out_dtype = _DTYPES[dtype]
+    out_dtype = parse_dtype(dtype, "extract-lora: --dtype", FACTOR_DTYPES)
     check_out_outside_inputs(out, [ft, bs])
     model_type = (bs.config or {}).get("model_type")
 

@@ -254,7 +254,7 @@ def _run_plan(
         output = OutputDir(
             out,
             overwrite=options.overwrite,
-            journal_header=plan_fingerprint(plan, shard_bytes, device),
+            journal_header=plan_fingerprint(plan, shard_bytes, device, options.kernels),
             resume=options.resume,
             resume_command=resume_command,
             durable=options.fsync,

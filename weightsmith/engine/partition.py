@@ -9,6 +9,7 @@ Plain data and pure functions: ``weightsmith plan --executor ray`` prints this w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from weightsmith.engine.tasks import MergePlan, aux_sources
 from weightsmith.io.writer import shard_groups, shard_names
@@ -48,6 +49,18 @@ def partition(plan: MergePlan, shard_bytes: int) -> list[ShardWork]:
     for i, unit in enumerate(plan.units):
         work[shard_of[unit.task.name]].units.append(i)
     return work
+
+
+def partition_summary(work: list[ShardWork], streamed: bool = False) -> dict[str, Any]:
+    """``weightsmith plan --json``'s part: the tasks, and what each streams back to the driver
+    (``streamed``: --ray-no-shared-fs; the shard's header, a few KB, not counted)."""
+    tasks = [
+        {"task": w.shard, "shard": w.name, "tensors": len(w.tensors), "units": len(w.units),
+         "bytes_to_read": w.bytes_to_read, "bytes_to_write": w.bytes_to_write,
+         "bytes_streamed": w.bytes_to_write if streamed else 0}
+        for w in work
+    ]
+    return {"ray_partition": tasks, "ray_shared_fs": not streamed}
 
 
 def describe_partition(work: list[ShardWork], streamed: bool = False) -> list[str]:

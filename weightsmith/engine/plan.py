@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from weightsmith.dtype_names import dtype_name
 from weightsmith.engine.keys import (
     _align_shapes,
     _find_key,
@@ -229,14 +230,12 @@ def _check_same_kind(checkpoints: list[Checkpoint], ref: int, name: str, idx: in
     other_dtype = checkpoints[other].entry(key if other == idx else name).dtype
     raise MergeError(
         f"model {checkpoints[odd].ref!r} ({checkpoints[odd].root}): tensor {name!r} is "
-        f"{_dtype_name(odd_dtype)} but {checkpoints[other].ref!r} has it as "
-        f"{_dtype_name(other_dtype)}; integer and float tensors cannot be merged. Re-save that "
+        f"{dtype_name(odd_dtype)} but {checkpoints[other].ref!r} has it as "
+        f"{dtype_name(other_dtype)}; integer and float tensors cannot be merged. Re-save that "
         "model with the tensor in floating point (or check it is the right checkpoint)"
     )
 
 
-def _dtype_name(dtype: object) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _open_aux_checkpoints(
