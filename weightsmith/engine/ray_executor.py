@@ -34,7 +34,7 @@ import torch
 
 from weightsmith.engine import ray_stream
 from weightsmith.engine.executor import UnitKey
-from weightsmith.engine.partition import ShardWork
+from weightsmith.engine.partition import ShardWork, sub_plan
 from weightsmith.engine.passes import (
     MAX_PASSES,
     prepare_statistics,
@@ -42,7 +42,7 @@ from weightsmith.engine.passes import (
     unit_bytes,
     unit_partials,
 )
-from weightsmith.engine.ray_shard import ShardResult, merge_shard, sub_plan
+from weightsmith.engine.ray_shard import ShardResult, merge_shard
 from weightsmith.engine.run_stats import RunStats
 from weightsmith.engine.slots import SlotPool
 from weightsmith.engine.tasks import MergePlan, WorkUnit

@@ -9,11 +9,11 @@ to the driver (engine/ray_stream.py).
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from weightsmith.engine.executor import UnitKey, execute
+from weightsmith.engine.partition import sub_plan
 from weightsmith.engine.run_stats import RunStats
 from weightsmith.engine.tasks import MergePlan
 from weightsmith.io.journal import Entry
@@ -24,17 +24,6 @@ from weightsmith.io.writer import ShardWriter
 DIE_ONCE_ENV = "WEIGHTSMITH_TEST_RAY_DIE_ONCE"
 
 ShardResult = tuple[RunStats, list[Entry], dict[str, int]]
-
-
-def sub_plan(plan: MergePlan, indices: list[int]) -> MergePlan:
-    """The plan restricted to some of its units (one shard's), tasks in plan order."""
-    units = [plan.units[i] for i in indices]
-    tasks, seen = [], set()
-    for unit in units:
-        if id(unit.task) not in seen:
-            seen.add(id(unit.task))
-            tasks.append(unit.task)
-    return replace(plan, tasks=tasks, units=units, notes=[])
 
 
 class _Recorder:
