@@ -249,6 +249,8 @@ def test_plan_says_the_shards_come_back_streamed_without_shared_fs(inputs, tmp_p
     assert sum(t["bytes_streamed"] for t in summary["ray_partition"]) == summary["bytes_to_write"]
     shared = json.loads(CliRunner().invoke(main, args[:-1] + ["--json"]).output)["summary"]
     assert shared["ray_shared_fs"] is True and {t["bytes_streamed"] for t in shared["ray_partition"]} == {0}
+    local = CliRunner().invoke(main, ["plan", str(path), "--ray-no-shared-fs"])
+    assert local.exit_code != 0 and "applies to --executor ray only" in local.output
 
 
 def test_checkpoints_pickle_by_reference_and_reopen(inputs, tmp_path, monkeypatch):

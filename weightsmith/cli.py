@@ -214,6 +214,8 @@ def plan_cmd(
 
     A multi-stage RECIPE: its stages in order (cached or to run), then the plan of the final
     stage once its inputs exist."""
+    if ray_no_shared_fs and executor != "ray":
+        raise click.UsageError("--ray-no-shared-fs applies to --executor ray only; add --executor ray")
     from weightsmith.devices import device_summary
     from weightsmith.pipeline import plan_merge
     from weightsmith.plan_report import (
