@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from classifier_family import labelled_by, noisy_copy, random_sentences, write_jsonl
 from models import load_folder
-from safetensors.torch import load_file, save_file
 
 from weightsmith.errors import RecipeError
 from weightsmith.pipeline import merge
@@ -20,44 +19,16 @@ pytest.importorskip("transformers")
 pytest.importorskip("cma")
 
 
-def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny classifier A, a noisy copy with a negated head, and data labelled by A: a search
     data set and a disjoint held-out one."""
-    from weightsmith.finetune import Evaluator
-    from weightsmith.finetune.encoding import collate, pad_id
     from weightsmith.testbeds.tiny import make_tiny_bert
 
     root = tmp_path_factory.mktemp("search")
     good = make_tiny_bert(root / "a", num_labels=2, seed=1)
-    state = load_file(str(good / "model.safetensors"))
-    g = torch.Generator().manual_seed(0)
-    noisy = {k: v + 0.3 * torch.randn(v.shape, generator=g) * v.std() if v.is_floating_point()
-             and v.numel() > 1 else v.clone() for k, v in state.items()}
-    for k in ("classifier.weight", "classifier.bias"):
-        noisy[k] = -state[k]
-    bad = root / "b"
-    bad.mkdir()
-    for f in good.iterdir():
-        if f.name != "model.safetensors":
-            (bad / f.name).write_bytes(f.read_bytes())
-    save_file(noisy, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    rng = random.Random(0)
-    words = ["apple", "river", "stone", "cloud", "violin", "tiger", "lamp", "zebra"]
-    rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))), "label": 0}
-            for _ in range(48)]
-    draft = write_jsonl(root / "draft.jsonl", rows)
-    ev = Evaluator(good, draft, "classification")
-    ev.model.eval()
-    with torch.no_grad():
-        batch = collate(ev.features, pad_id(ev.loaded.tokenizer))
-        preds = ev.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1)
-    labelled = [{**r, "label": int(p)} for r, p in zip(rows, preds, strict=True)]
+    bad = noisy_copy(good, root / "b", 0.3, torch.Generator().manual_seed(0))
+    labelled = labelled_by(good, random_sentences(48), root / "draft.jsonl")
     return {"good": good, "bad": bad, "val": write_jsonl(root / "val.jsonl", labelled[:24]),
             "held_out": write_jsonl(root / "held_out.jsonl", labelled[24:])}
 
