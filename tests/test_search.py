@@ -13,6 +13,7 @@ from models import load_folder
 
 from weightsmith.errors import RecipeError
 from weightsmith.pipeline import merge
+from weightsmith.search.optimizer import search
 from weightsmith.search.space import Space
 
 pytest.importorskip("transformers")
@@ -213,3 +214,97 @@ def test_control_task_is_a_weighted_scalarisation(family) -> None:
     assert both.value == pytest.approx(0.75 * both.target + 0.25 * both.control)
     with pytest.raises(RecipeError, match="control-weight"):
         Objective(recipe, family["val"], "classification", control=family["held_out"], control_weight=2)
+
+
+# --------------------------------------------------------------------------- inputs opened once
+def test_inputs_are_opened_once_per_search_not_per_trial(family, tmp_path: Path, monkeypatch) -> None:
+    from weightsmith.io.checkpoint import Checkpoint
+    from weightsmith.search.objective import Objective
+
+    opened = []
+    real_open = Checkpoint.open.__func__
+
+    def counting_open(cls, ref, *args, **kwargs):
+        opened.append(ref)
+        return real_open(cls, ref, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "open", classmethod(counting_open))
+    recipe = linear_recipe(family)
+    objective = Objective(recipe, family["val"], "classification")
+    assert sorted(opened) == sorted([str(family["good"]), str(family["bad"])])
+    first = {ref: ckpt for ref, ckpt in objective.inputs.items()}
+    result = search(SPACE, recipe, objective, trials=6, log_path=tmp_path / "t.jsonl", popsize=4)
+    assert len(result.trials) == 6 and len(opened) == 2  # six trials re-merged, nothing reopened
+    assert all(objective.inputs[ref] is ckpt and ckpt._fds for ref, ckpt in first.items())  # kept open
+    # A candidate still merges what a fresh plan merges (the open inputs are not stale).
+    unit = result.best_trial.unit
+    writer = objective.merge_in_memory(SPACE.apply(recipe, unit))
+    disk = load_folder(merge(SPACE.apply(recipe, unit), tmp_path / "out").out)
+    assert all(torch.equal(writer.tensors[k], disk[k]) for k in disk)
+
+
+# --------------------------------------------------------------------------- workdir checks
+@pytest.mark.parametrize("where", ["model folder", "inside model folder", "recipe", "eval data",
+                                   "log named like an input"])
+def test_search_workdir_overlapping_an_input_is_refused_before_any_work(family, tmp_path: Path,
+                                                                        where: str) -> None:
+    from click.testing import CliRunner
+
+    from weightsmith.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(linear_recipe(family)))
+    space = tmp_path / "space.yaml"
+    space.write_text("models[0].parameters.weight: [0, 1]\n")
+    data = family["val"]
+    if where == "log named like an input":  # the eval data would be overwritten by trials.json
+        data = tmp_path / "trials.json"
+        data.write_bytes(family["val"].read_bytes())
+    workdir = {"model folder": family["good"], "inside model folder": family["bad"] / "runs",
+               "recipe": recipe, "eval data": data, "log named like an input": tmp_path}[where]
+    before = {p: p.stat().st_mtime_ns for p in (family["good"], family["bad"], recipe, data)}
+    result = CliRunner().invoke(main, ["search", str(recipe), "--space", str(space), "--eval", str(data),
+                                       "--task", "classification", "--trials", "2", "--workdir",
+                                       str(workdir), "--quiet"])
+    assert result.exit_code == 5, result.output  # OutputError
+    assert "--workdir" in result.output and "choose" in result.output
+    label = {"model folder": "input model", "inside model folder": "input model", "recipe": "recipe file",
+             "eval data": "eval data", "log named like an input": "eval data"}[where]
+    assert label in result.output
+    assert not (family["bad"] / "runs").exists() and not (tmp_path / "trials.jsonl").exists()
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+
+
+def test_search_command_hands_ray_options_to_the_pool(family, tmp_path: Path, monkeypatch) -> None:
+    """The command's wiring of --executor ray (the pool itself: tests/test_ray_search.py)."""
+    from click.testing import CliRunner
+
+    from weightsmith.cli import main
+    from weightsmith.search import population
+    from weightsmith.search.objective import Score
+
+    asked = []
+
+    def fake_open_pool(executor, args, address, workers, population_size):
+        asked.append((executor, address, workers, population_size, args["data"]))
+
+        def objective(recipe):
+            a, b = (m["parameters"]["weight"] for m in recipe["models"])
+            return Score(a - b, a - b)
+
+        return population.SequentialPool(objective)
+
+    monkeypatch.setattr(population, "open_pool", fake_open_pool)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(linear_recipe(family)))
+    space = tmp_path / "space.yaml"
+    space.write_text("models[0].parameters.weight: [0, 1]\nmodels[1].parameters.weight: [0, 1]\n")
+    args = ["search", str(recipe), "--space", str(space), "--eval", str(family["val"]), "--task",
+            "classification", "--trials", "6", "--workdir", str(tmp_path / "work"), "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--executor", "ray", "--ray-address", "10.0.0.1:6379",
+                                       "--ray-workers", "3"])
+    assert result.exit_code == 0, result.output
+    assert asked == [("ray", "10.0.0.1:6379", 3, 6, str(family["val"]))]  # 6: cma's default popsize in 2-D
+    assert len(json.loads((tmp_path / "work" / "trials.json").read_text())["trials"]) == 6
+    refused = CliRunner().invoke(main, [*args, "--ray-workers", "3", "--overwrite"])
+    assert refused.exit_code == 2 and "need --executor ray" in refused.output
