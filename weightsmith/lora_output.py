@@ -327,4 +327,8 @@ def refactor_plan_lines(recipe: Recipe, out_rank: int | None, out_energy: float 
         plan = _refactor_plan(base, out_rank, energy, [], False, memory_budget)
     finally:
         base.close()
-    return plan.lines()
+    lines = plan.lines()
+    if out_rank is None:
+        lines.insert(1, "  (exact SVDs, the largest; merge --out-rank R far below a matrix's size uses "
+                        "randomized ones)")
+    return lines
