@@ -169,18 +169,12 @@ MEASURE = """
 import sys, torch
 torch.set_num_threads(1)
 from pathlib import Path
-from safetensors.torch import save_file
 from weightsmith.lora_extraction import extract_lora, plan_extract_lora
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-m, n, svd, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-for name, seed in (("ft", 1), ("base", 2)):
-    g = torch.Generator().manual_seed(seed)
-    (root / name).mkdir(parents=True)
-    save_file({"a.weight": torch.randn(m, n, generator=g), "w.weight": torch.randn(40, 30, generator=g)},
-              str(root / name / "model.safetensors"))
+svd, root = sys.argv[1], Path(sys.argv[2])
 opts = dict(rank=64, svd=svd) if svd == "randomized" else dict(energy=0.99)
 extract_lora(root / "ft", root / "base", root / "warm", include=["w"], **opts)  # loads LAPACK
 plan = plan_extract_lora(root / "ft", root / "base", memory_budget=None, **opts)
@@ -197,8 +191,16 @@ print(status("VmHWM:") - rss, plan.peak)
                                             ((1024, 1024), "randomized")])
 def test_measured_extract_peak_stays_under_the_planned_budget(tmp_path, shape, svd):
     # RSS growth of a whole extract-lora run (reads, SVD, error, writes), one thread, run with
-    # --memory-budget set to the plan's peak: it must not pass it.
-    out = subprocess.run([sys.executable, "-c", MEASURE, *map(str, shape), svd, str(tmp_path)],
+    # --memory-budget set to the plan's peak: it must not pass it. The inputs are written here,
+    # not in the measuring process, whose allocator would otherwise keep their pages.
+    from safetensors.torch import save_file
+
+    for name, seed in (("ft", 1), ("base", 2)):
+        g = torch.Generator().manual_seed(seed)
+        (tmp_path / name).mkdir()
+        save_file({"a.weight": torch.randn(shape, generator=g), "w.weight": torch.randn(40, 30, generator=g)},
+                  str(tmp_path / name / "model.safetensors"))
+    out = subprocess.run([sys.executable, "-c", MEASURE, svd, str(tmp_path)],
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     measured, budget = map(int, out.stdout.split())
