@@ -8,8 +8,9 @@ Steps, each reported whatever happens to the others:
 
 1. the environment: torch / CUDA / device, numba.cuda, CuPy, what is missing; then the CPU
    and CUDA kernels are compiled (or loaded from numba's cache) before anything is timed;
-2. ``pytest -m gpu tests/test_gpu.py`` (the CUDA kernels against the CPU fused kernels, bit for
-   bit, and ``--device cuda`` merges against CPU bytes);
+2. ``pytest -m gpu tests/test_gpu.py tests/test_gpu_svd.py`` (the CUDA kernels against the CPU
+   fused kernels, bit for bit, and ``--device cuda`` merges against CPU bytes; the spectral
+   merges' and extract-lora's SVDs on the GPU);
 3. 4 synthetic bf16 checkpoints (``benchmarks/make_checkpoints.py``) merged with
    task_arithmetic, ties and ties ``scope: model`` on the CPU, with ``--device cuda`` (the
    device pipeline, torch path) and with ``--device cuda --kernels cupy`` (the numba.cuda
@@ -185,7 +186,8 @@ def nvvm_version() -> str | None:
 
 # --------------------------------------------------------------------------- tests
 def run_gpu_tests(timeout_s: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "tests/test_gpu_svd.py",
+           "-p", "no:cacheprovider"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
