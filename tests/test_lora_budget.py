@@ -109,6 +109,13 @@ def test_weightsmith_plan_shows_the_refactor_peak(tmp_path: Path) -> None:
     assert shown.exit_code == 0, shown.output
     assert "lora re-factor:" in shown.output and "SVD scratch included" in shown.output
     assert "over budget: refused" in shown.output
+    as_json = CliRunner().invoke(main, ["plan", str(recipe), "--json", "--memory-budget", "40KB"])
+    refactor = json.loads(as_json.output)["summary"]["lora_refactor"]
+    assert refactor["fits"] is False and refactor["peak_bytes"] > 40_000
+    assert refactor["biggest"]["step"] == "svd exact" and refactor["svds"] > 0
+    plain = {**_lora_recipe(base, models), "out_format": "full"}
+    recipe.write_text(json.dumps(plain))
+    assert "lora re-factor" not in CliRunner().invoke(main, ["plan", str(recipe)]).output
 
 
 # ------------------------------------------------------------------------------- the device

@@ -314,11 +314,6 @@ def plan_cmd(
 
         for line in describe_partition(shards):
             click.echo(line)
-    if plan.recipe.out_format == "lora":  # the adapter's SVD re-factor: its own per-tensor peak
-        from weightsmith.lora_output import refactor_plan_lines
-
-        for line in refactor_plan_lines(plan.recipe, None, None, memory_budget, allow_pickle):
-            click.echo(line)
     if plan.oversize:
         click.echo(
             f"over budget:     {len(plan.oversize)} tensor(s) cannot be split by "

@@ -314,21 +314,16 @@ def _refactor_plan(
     )
 
 
-def refactor_plan_lines(recipe: Recipe, out_rank: int | None, out_energy: float | None,
-                        memory_budget: str | int, allow_pickle: bool = False) -> list[str]:
-    """``weightsmith plan`` of an ``out_format: lora`` recipe: the SVD re-factor's per-tensor
-    peak (SVD scratch included), from the base's headers; exact SVDs (the largest) unless
-    ``out_rank`` is given. (The concatenation path, when it applies, does no SVD.)"""
-    if recipe.base_model is None:
-        return []
-    base = Checkpoint.open(recipe.base_model, allow_pickle=allow_pickle, search_dirs=recipe.search_dirs)
-    try:
-        energy = None if out_rank is not None else (out_energy or 1.0)
-        plan = _refactor_plan(base, out_rank, energy, [], False, memory_budget)
-    finally:
-        base.close()
-    lines = plan.lines()
-    if out_rank is None:
-        lines.insert(1, "  (exact SVDs, the largest; merge --out-rank R far below a matrix's size uses "
-                        "randomized ones)")
-    return lines
+def refactor_plan(plan: Any) -> ExtractPlan | None:
+    """``weightsmith plan`` of an ``out_format: lora`` recipe (a MergePlan): the SVD re-factor's
+    per-tensor peak (SVD scratch included) under the plan's memory budget, from the base's
+    headers, assuming exact SVDs (the largest; ``merge --out-rank R`` far below a matrix's
+    size uses randomized ones). None for other recipes. (The concatenation path, when the
+    inputs allow it, does no SVD.)"""
+    recipe = plan.recipe
+    if recipe.out_format != "lora" or recipe.base_model is None:
+        return None
+    base = next((c for c in plan.checkpoints if c.ref == recipe.base_model), None)
+    if base is None:
+        return None
+    return _refactor_plan(base, None, 1.0, [], False, plan.memory_budget)

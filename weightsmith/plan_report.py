@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from weightsmith.engine.keys import layer_index
+from weightsmith.lora_output import refactor_plan
 from weightsmith.units import format_size
 
 if TYPE_CHECKING:
@@ -137,7 +138,8 @@ def summary_lines(plan: MergePlan) -> list[str]:
             lines.append(f"left out:        {plural(len(names), 'tensor')} of {ref} (extra_keys: ignore): "
                          f"{describe_tensors(names)}")
     lines += [f"note:            {note}" for note in plan.notes]
-    return lines
+    refactor = refactor_plan(plan)  # out_format: lora: the adapter's SVDs, exact (the largest)
+    return lines + (refactor.lines() if refactor is not None else [])
 
 
 def _blocks(plan: MergePlan) -> dict[str, int]:
@@ -181,6 +183,9 @@ def plan_json(plan: Any) -> dict[str, Any]:
         "notes": plan.notes,
         "warnings": plan.warnings,
     }
+    refactor = refactor_plan(plan)
+    if refactor is not None:
+        summary["lora_refactor"] = refactor.as_dict()
     return {"summary": summary, "tensors": rows}
 
 
