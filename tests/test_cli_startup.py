@@ -78,4 +78,3 @@ def test_extract_lora_command_names_agree_with_the_library() -> None:
     from weightsmith.commands import extract_lora
 
     assert extract_lora.REPORT == lora_extraction.REPORT
-    assert set(extract_lora._DTYPE_NAMES) == set(lora_extraction._DTYPES)

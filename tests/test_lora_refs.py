@@ -19,7 +19,8 @@ peft = pytest.importorskip("peft")
 
 from weightsmith.errors import CheckpointError, RecipeError  # noqa: E402
 from weightsmith.io.checkpoint import Checkpoint  # noqa: E402
-from weightsmith.io.lora import LoraCheckpoint, split_lora_reference  # noqa: E402
+from weightsmith.io.lora import LoraCheckpoint  # noqa: E402
+from weightsmith.model_ref import ModelRef, parse_model_ref  # noqa: E402
 
 LLAMA = {k: v for k, v in LLAMA_CONFIG.items() if k != "dtype"}
 
@@ -216,7 +217,8 @@ def test_recipe_lora_reference_forms(tmp_path: Path) -> None:
         ],
     })
     assert [m.ref for m in recipe.models] == ["org/base@v1+org/adapter@abc", "org/base@r1+org/ad"]
-    assert split_lora_reference("org/base@v1+org/adapter@abc") == ("org/base@v1", "org/adapter@abc")
+    parsed = parse_model_ref("org/base@v1+org/adapter@abc")
+    assert parsed == ModelRef("org/base", "v1", ModelRef("org/adapter", "abc"))
     with pytest.raises(RecipeError, match="exactly one"):
         load_recipe({"merge_method": "linear", "models": [{"model": "a+b+c", "parameters": {"weight": 1}}]})
 

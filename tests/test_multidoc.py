@@ -196,3 +196,38 @@ def test_corpus_multi_document_recipe_stage_graph():
     from weightsmith.stages import _stage_refs
 
     assert _stage_refs(docs[2], {"knowledge_core", "rp_blend"}) == {"knowledge_core", "rp_blend"}
+
+
+def test_plan_and_merge_agree_on_stage_keys(family, tmp_path):
+    # `plan` must name the folder `merge` wrote, with the options that change bytes (shard size,
+    # numerics) in the key and the others (threads, progress, memory budget; the seed of a
+    # method without randomness, like linear) out of it.
+    base, models = family
+    recipe = tmp_path / "multi.yaml"
+    recipe.write_text(three_stages(base, models))
+    cache = tmp_path / "stages"
+    opts = {"out_shard_size": "300KB", "random_seed": 7}
+    merged = weightsmith.merge(str(recipe), tmp_path / "out", stage_cache=cache, threads=1, **opts)
+    written = [o.out for o in merged.stages[:-1]]
+    same = plan_stages(recipe, stage_cache=cache, threads=2, progress=True, memory_budget="2GB",
+                       device="cpu-staged", **opts)  # cpu-staged writes the CPU's bytes
+    assert [(r.folder, r.cached) for r in same[:-1]] == [(w, True) for w in written]
+    assert same[-1].plan is not None  # the final stage is planned from the cached intermediates
+    assert plan_stages(recipe, stage_cache=cache, **{**opts, "random_seed": 8})[0].cached
+    for changed in ({"out_shard_size": "5GB"}, {"numerics": "mergekit"}):
+        rows = plan_stages(recipe, stage_cache=cache, **{**opts, **changed})
+        assert rows[0].folder != written[0] and not rows[0].cached, changed
+    res = CliRunner().invoke(main, ["plan", str(recipe), "--stage-cache", str(cache),
+                                    "--out-shard-size", "300KB", "--random-seed", "7"])
+    assert res.exit_code == 0, res.output
+    assert f"stage 1/3 `first`: linear of 2 model(s); uses stages: -; cached in {written[0]}" in res.output
+    again = weightsmith.merge(str(recipe), tmp_path / "again", stage_cache=cache, progress=False, **opts)
+    assert [o.reused for o in again.stages] == [True, True, False]
+
+
+def test_byte_route_keeps_only_what_changes_bytes():
+    from weightsmith.resume import byte_route
+
+    assert byte_route("cpu") == byte_route("cpu-staged", "cupy") == {"device": "cpu", "kernels": None}
+    assert byte_route("cuda:0") == byte_route("cuda:1", "torch") == {"device": "cuda", "kernels": "torch"}
+    assert byte_route("cuda", "cupy") != byte_route("cuda", "torch")

@@ -3,59 +3,14 @@
 from __future__ import annotations
 
 import json
-import signal
-import sys
-from collections import Counter
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 import click
 
+from weightsmith.cli_errors import friendly as _friendly
 from weightsmith.cli_options import common_plan_options, device_options, executor_option
-from weightsmith.errors import WeightsmithError
 from weightsmith.units import format_size
 from weightsmith.version import __version__
-
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one clear line and an exit code; Ctrl-C/SIGTERM into 130.
-
-    The first Ctrl-C or SIGTERM starts the clean-up; later ones are ignored until the process
-    exits, so a burst of them cannot cut the clean-up short (leaving a temporary folder) or
-    raise into the interpreter's exit handlers.
-    """
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        signalled = []
-
-        def on_signal(signum: int, frame: Any) -> None:
-            signalled.append(signum)
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_IGN)
-            raise KeyboardInterrupt
-
-        try:
-            previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: leave signal handling as it is
-            previous = {}
-        try:
-            return fn(*args, **kwargs)
-        except WeightsmithError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            for sig in previous:
-                signal.signal(sig, signal.SIG_IGN)  # exiting: nothing more to interrupt
-            click.echo("interrupted: nothing was written (the partial output was removed)", err=True)
-            sys.exit(130)
-        finally:
-            if not signalled:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -229,7 +184,7 @@ def push_cmd(
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (every tensor, every digit)")
 @click.option("--verbose", "-v", is_flag=True, help="one line per tensor, not one per parameter setting")
 @click.option(
-    "--out-shard-size", default="5GB", show_default=True, help="max bytes per shard (for --executor ray)"
+    "--out-shard-size", default="5GB", show_default=True, help="max bytes per output shard"
 )
 @executor_option
 @device_options
@@ -266,7 +221,9 @@ def plan_cmd(
         summary_lines,
         tensor_lines,
     )
+    from weightsmith.sliced_report import sliced_json, sliced_lines
     from weightsmith.stages import is_multi_stage
+    from weightsmith.units import parse_size
 
     options = {
         "memory_budget": memory_budget,
@@ -276,7 +233,8 @@ def plan_cmd(
     }
     stages: list[dict[str, Any]] = []
     if is_multi_stage(recipe):
-        plan = plan_stages_report(recipe, stage, stage_cache, strict, options, stages, echo=not as_json)
+        keyed = {**options, "out_shard_size": out_shard_size, "device": device, "kernels": kernels}
+        plan = plan_stages_report(recipe, stage, stage_cache, strict, keyed, stages, echo=not as_json)
         if plan is None:
             if as_json:
                 click.echo(json.dumps({"stages": stages}, indent=2, default=str))
@@ -284,20 +242,16 @@ def plan_cmd(
     else:
         plan = plan_merge(recipe, strict=strict, **options)
     report = plan_json(plan)
+    report["summary"].update(sliced_json(plan, parse_size(out_shard_size)))
     on_device = device_summary(plan, device, kernels, device_memory_budget)
     if on_device["device"] != "cpu":
         report["summary"]["device"] = on_device
     shards = []
     if executor == "ray":
-        from weightsmith.engine.partition import partition
-        from weightsmith.units import parse_size
+        from weightsmith.engine.partition import partition, partition_rows
 
         shards = partition(plan, parse_size(out_shard_size))
-        report["summary"]["ray_partition"] = [
-            {"task": w.shard, "shard": w.name, "tensors": len(w.tensors), "units": len(w.units),
-             "bytes_to_read": w.bytes_to_read, "bytes_to_write": w.bytes_to_write}
-            for w in shards
-        ]
+        report["summary"]["ray_partition"] = partition_rows(shards)
     if as_json:
         extra = {"stages": stages} if stages else {}
         click.echo(json.dumps({**extra, **report}, indent=2, default=str))
@@ -306,6 +260,8 @@ def plan_cmd(
         click.echo(line)
     click.echo("")
     for line in summary_lines(plan):
+        click.echo(line)
+    for line in sliced_lines(plan, None if shards else parse_size(out_shard_size), per_layer=verbose):
         click.echo(line)
     if on_device["device"] != "cpu":
         click.echo(device_line(on_device, kernels))
@@ -327,51 +283,6 @@ def plan_cmd(
                 "                 merge will refuse: the peak passes the budget; it runs with "
                 f"--memory-budget {budget_option(budget_that_fits(plan))} or more"
             )
-
-
-@main.command("inspect")
-@click.argument("model")
-@click.option("--keys", "show_keys", is_flag=True, help="list every tensor")
-@click.option("--allow-pickle", is_flag=True, help="also read PyTorch .bin pickles")
-@_friendly
-def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
-    """Keys, dtypes, parameter count, shards and layer count of MODEL (headers only)."""
-    from weightsmith.engine.keys import _num_layers
-    from weightsmith.io.checkpoint import Checkpoint
-
-    ckpt = Checkpoint.open(model, allow_pickle=allow_pickle)
-    dtypes = Counter(str(e.dtype).removeprefix("torch.") for e in ckpt.entries.values())
-    click.echo(f"model:       {ckpt.ref} ({ckpt.root})")
-    if ckpt.revision:
-        click.echo(f"revision:    {ckpt.revision}")
-    click.echo(f"tensors:     {len(ckpt.entries)}")
-    click.echo(f"parameters:  {ckpt.num_parameters:,}")
-    click.echo(f"bytes:       {format_size(ckpt.total_bytes)}")
-    click.echo(f"dtypes:      {', '.join(f'{k} x{v}' for k, v in dtypes.most_common())}")
-    click.echo(
-        f"shards:      {len(ckpt.shard_files)} ({', '.join(ckpt.shard_files[:4])}"
-        f"{' ...' if len(ckpt.shard_files) > 4 else ''})"
-    )
-    click.echo(f"layers:      {_num_layers(ckpt)}")
-    if ckpt.config:
-        archs = ckpt.config.get("architectures") or ["?"]  # any JSON value: print, never crash
-        click.echo(f"architecture: {', '.join(map(str, archs if isinstance(archs, list) else [archs]))}")
-    if show_keys:
-        for name, e in ckpt.entries.items():
-            click.echo(f"  {name} {list(e.shape)} {str(e.dtype).removeprefix('torch.')}")
-
-
-@main.command("methods")
-def methods_cmd() -> None:
-    """List merge methods and their parameters."""
-    from weightsmith.ops.registry import methods
-
-    for name, m in methods().items():
-        params = ", ".join(
-            f"{p.name}{'[per model]' if p.per_model else ''}{'' if p.required else '=' + str(p.default)}"
-            for p in m.params
-        )
-        click.echo(f"{name:18s} {m.summary}\n{'':18s} parameters: {params}")
 
 
 def _register_optional_commands() -> None:

@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
+from weightsmith.dtype_names import parse_dtype
 from weightsmith.engine.tasks import MergePlan, Source, TensorTask
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.ops.registry import MergeInputs, MergeMethod
 from weightsmith.pipeline import DEFAULT_MEMORY_BUDGET, MergeResult, plan_checkpoints, run_plan
-from weightsmith.recipe import ModelSpec, Recipe, parse_dtype
+from weightsmith.recipe import ModelSpec, Recipe
 
 
 class Expr:

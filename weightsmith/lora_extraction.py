@@ -15,13 +15,14 @@ equals the rank, so peft's scale is 1 and ``B @ A`` is the difference itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from weightsmith.defaults import DEFAULT_MEMORY_BUDGET
+from weightsmith.dtype_names import FACTOR_DTYPES, canonical_name, parse_dtype
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.append_writer import AppendingSafetensorsWriter
 from weightsmith.io.checkpoint import Checkpoint
@@ -43,7 +44,6 @@ from weightsmith.output_checks import check_clear_of_inputs, check_parent_writab
 from weightsmith.svd_runner import SvdRunner
 
 REPORT = "extract_report.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -95,10 +95,7 @@ class ExtractOptions:
             raise RecipeError(f"extract-lora: --svd is auto, exact or randomized, got {self.svd!r}")
         if self.svd == "randomized" and energy is not None:
             raise RecipeError("extract-lora: --energy needs every singular value; use --svd exact or auto")
-        if self.dtype not in _DTYPES:
-            raise RecipeError(
-                f"extract-lora: --dtype is one of {', '.join(sorted(_DTYPES))}, got {self.dtype!r}"
-            )
+        parse_dtype(self.dtype, "extract-lora: --dtype", FACTOR_DTYPES)  # refused before any work
 
 
 def extract_lora(
@@ -120,6 +117,8 @@ def extract_lora(
     budget is refused before anything is written."""
     opts = ExtractOptions(**options)
     opts.check()
+    # `bf16` is written as bfloat16 in adapter_config.json
+    opts = replace(opts, dtype=str(canonical_name(opts.dtype)))
     ft = Checkpoint.open(str(fine_tune), allow_pickle=allow_pickle)
     bs = Checkpoint.open(str(base), allow_pickle=allow_pickle)
     try:
@@ -161,7 +160,7 @@ def _extract(
     overwrite: bool,
     log: Any,
 ) -> ExtractResult:
-    out_dtype = _DTYPES[opts.dtype]
+    out_dtype = parse_dtype(opts.dtype, "extract-lora: --dtype", FACTOR_DTYPES)
     inputs = checkpoint_paths(f"input model {ft.ref!r}", ft) + checkpoint_paths(f"input model {bs.ref!r}", bs)
     check_clear_of_inputs(out, inputs, overwrite)
     check_parent_writable(out)

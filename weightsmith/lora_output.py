@@ -39,6 +39,7 @@ from weightsmith.io.output_dir import OutputDir
 from weightsmith.io.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from weightsmith.lora_extraction import ModuleReport, extract_lora
 from weightsmith.lora_plan import ExtractPlan, check_extraction_fits, plan_extraction
+from weightsmith.model_ref import parse_model_ref
 from weightsmith.notices import collecting
 from weightsmith.output_checks import check_clear_of_inputs, checkpoint_paths, protect
 from weightsmith.recipe import Recipe, load_recipe
@@ -95,7 +96,7 @@ def merge_as_lora(
     """Merge ``recipe`` and write the result to ``out`` as a PEFT adapter (see the module doc)."""
     say = log or print
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, strict=strict)
-    if rec.base_model is None or _split(rec.base_model) is not None:
+    if rec.base_model is None or parse_model_ref(rec.base_model).adapter is not None:
         raise RecipeError(
             "out_format: lora writes an adapter of `base_model`; set base_model to the plain base "
             "checkpoint the adapters (or fine-tunes) belong to"
@@ -131,12 +132,6 @@ def merge_as_lora(
             "--out-energy F (merge(..., out_rank=R) / out_energy=F)"
         )
     return _write_svd(rec, Path(out), out_rank, out_energy, overwrite, strict, say, options)
-
-
-def _split(ref: str) -> tuple[str, str] | None:
-    if "+" not in ref or Path(ref).exists():
-        return None
-    return tuple(ref.split("+", 1))  # type: ignore[return-value]
 
 
 def _same_base(ckpt: LoraCheckpoint, base: Checkpoint) -> bool:

@@ -291,7 +291,7 @@ def _run_plan(
         output = OutputDir(
             out,
             overwrite=overwrite,
-            journal_header=plan_fingerprint(plan, shard_bytes, device),
+            journal_header=plan_fingerprint(plan, shard_bytes, device, kernels),
             resume=resume,
             resume_command=resume_command,
             durable=fsync,

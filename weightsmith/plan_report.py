@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from weightsmith.dtype_names import dtype_name
 from weightsmith.engine.keys import layer_index
 from weightsmith.lora_output import refactor_plan
 from weightsmith.units import format_size
@@ -104,7 +105,7 @@ def tensor_lines(plan: MergePlan) -> list[str]:
     blocks = _blocks(plan)
     lines = []
     for task in plan.tasks:
-        dtype = str(task.out_dtype).removeprefix("torch.")
+        dtype = dtype_name(task.out_dtype)
         if task.kind != "merge":
             source = f" from {refs[task.base.ckpt]}" if task.base else ""
             lines.append(f"{task.name} {list(task.shape)} {dtype} <- copy (non-float){source}")
@@ -158,7 +159,7 @@ def plan_json(plan: Any) -> dict[str, Any]:
             {
                 "tensor": task.name,
                 "shape": list(task.shape),
-                "dtype": str(task.out_dtype).removeprefix("torch."),
+                "dtype": dtype_name(task.out_dtype),
                 "operator": plan.method.name if task.kind == "merge" else "copy (non-float)",
                 "base": f"{refs[task.base.ckpt]}:{task.base.key}" if task.base else None,
                 "inputs": [f"{refs[s.ckpt]}:{s.key}" for s in task.models],
@@ -170,7 +171,7 @@ def plan_json(plan: Any) -> dict[str, Any]:
     summary = {
         "merge_method": plan.method.name,
         "numerics": plan.recipe.numerics,
-        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+        "compute_dtype": dtype_name(plan.compute_dtype),
         "tensors": len(plan.tasks),
         "bytes_to_read": plan.bytes_to_read,
         "bytes_to_write": plan.bytes_to_write,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 
+from weightsmith.dtype_names import parse_dtype
 from weightsmith.errors import RecipeError
 from weightsmith.notices import collecting, did_you_mean, lenient
 from weightsmith.recipe_refs import _model_ref
@@ -25,22 +26,6 @@ from weightsmith.recipe_settings import _check_setting
 from weightsmith.recipe_slices import ModuleSpec, SliceSpec, parse_layout, referenced_models
 from weightsmith.recipe_tokenizer import _tokenizer_block
 
-DTYPE_ALIASES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "double": torch.float64,
-    # Storage only: arithmetic still runs in float32 (see Recipe.compute_dtype).
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-}
 # A recipe is a few hundred values; YAML aliases can make a few hundred bytes expand to
 # billions of values ("billion laughs"). Refuse past this many values once aliases expand.
 MAX_RECIPE_NODES = 100_000
@@ -84,15 +69,6 @@ NESTED_FIELDS = {
     "layer_range": "a slice's `sources:`",
     "sources": "a `slices:` entry",
 }
-
-
-def parse_dtype(name: Any, where: str) -> torch.dtype:
-    if isinstance(name, str) and name.lower() in DTYPE_ALIASES:
-        return DTYPE_ALIASES[name.lower()]
-    raise RecipeError(
-        f"{where}: unknown dtype {name!r}; use one of float32, bfloat16, float16, float64, "
-        "float8_e4m3fn, float8_e5m2"
-    )
 
 
 @dataclass

@@ -7,27 +7,24 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.errors import RecipeError
+from weightsmith.model_ref import ModelRef, parse_model_ref
 from weightsmith.notices import warn
 
 
 def _model_ref(value: Any, where: str) -> str:
+    """The reference as text (model_ref.py parses it): a string as written, checked; the
+    object form written as ``path@revision+lora_path@revision``."""
     if isinstance(value, dict):  # mergekit's object form {model: {path, revision}, lora: {...}}
         inner = value.get("model", value)
         if isinstance(inner, dict) and "path" in inner:
             ref = _path_at_revision(inner, where)
             lora = value.get("lora")
             if isinstance(lora, dict) and "path" in lora:
-                ref += "+" + _path_at_revision(lora, f"{where}.lora")
-            return ref
+                ref = ModelRef(ref.path, ref.revision, _path_at_revision(lora, f"{where}.lora"))
+            return str(ref)
     if not isinstance(value, str) or not value.strip():
         raise RecipeError(f"{where}: expected a local path or a Hub id like org/name")
-    if "+" in value and not Path(value).exists():  # BASE+ADAPTER (LoRA): opened by Checkpoint.open
-        parts = value.split("+")
-        if len(parts) != 2 or not all(p.strip() for p in parts):
-            raise RecipeError(
-                f"{where}: {value!r}: a LoRA reference is BASE+ADAPTER with exactly one '+' (each side "
-                "a local folder or a Hub id, optionally @revision)"
-            )
+    parse_model_ref(value, where=where)  # BASE+ADAPTER (LoRA) has two sides; Checkpoint.open opens it
     return value
 
 
@@ -41,8 +38,8 @@ def _source_ref(value: Any, where: str) -> str:
     return ref
 
 
-def _path_at_revision(spec: dict[str, Any], where: str) -> str:
+def _path_at_revision(spec: dict[str, Any], where: str) -> ModelRef:
     rev = spec.get("revision")
     if not isinstance(spec["path"], str) or not (rev is None or isinstance(rev, str)):
         raise RecipeError(f"{where}: `path` and `revision` must be strings")
-    return f"{spec['path']}@{rev}" if rev else spec["path"]
+    return ModelRef(spec["path"], rev or None)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.defaults import DEFAULT_SHARD_SIZE
+from weightsmith.engine.device import STAGED_CPU
 from weightsmith.engine.plan import MergePlan
 from weightsmith.version import __version__
 
@@ -53,11 +54,25 @@ def resume_command_for(
     return shlex.join([*words, "--resume"])
 
 
-def plan_fingerprint(plan: MergePlan, shard_bytes: int, device: str) -> dict[str, Any]:
-    """What must not change for an interrupted merge to be resumed: the plan (recipe, method,
-    every task with its parameters, dtypes and seed), the inputs' shard fingerprints, and the
-    options that change the output's bytes. The memory budget is not among them: a resumed run
-    may use another one (it only re-splits rows, and re-does the blocks whose span moved)."""
+def byte_route(device: str, kernels: str = "torch") -> dict[str, str | None]:
+    """The part of ``--device`` / ``--kernels`` that decides the output's bytes: the CPU and the
+    ``cpu-staged`` fake write the same bytes (tests/test_device_pipeline.py), whichever GPU is
+    used does not matter, and the kernels matter only on a GPU (on the CPU the operators pick
+    the CPU kernels whatever the choice; ops/kernel_choice.py)."""
+    on_gpu = device.split(":")[0] not in ("cpu", STAGED_CPU)
+    return {"device": device.split(":")[0] if on_gpu else "cpu", "kernels": kernels if on_gpu else None}
+
+
+def plan_fingerprint(
+    plan: MergePlan, shard_bytes: int, device: str, kernels: str = "torch"
+) -> dict[str, Any]:
+    """What must not change for an interrupted merge to be resumed (and what names a
+    multi-stage recipe's cached intermediate, stage_keys.py): the plan (recipe, method, every
+    task with its parameters, dtypes and seed), the inputs' shard fingerprints, and the options
+    that change the output's bytes (shard size; device and kernels as ``byte_route``). The
+    memory budget is not among them: a resumed run may use another one (it only re-splits
+    rows, and re-does the blocks whose span moved); nor are threads, progress, fsync,
+    the executor (Ray writes the same bytes) or the device memory budget."""
 
     def digest(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()
@@ -75,7 +90,7 @@ def plan_fingerprint(plan: MergePlan, shard_bytes: int, device: str) -> dict[str
         "inputs": digest([c.provenance() for c in plan.checkpoints]),
         "options": {
             "out_shard_size": shard_bytes,
-            "device": device.split(":")[0],  # which GPU does not change the bytes
+            **byte_route(device, kernels),
             "weightsmith_version": __version__,
         },
     }

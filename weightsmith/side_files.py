@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from weightsmith.dtype_names import dtype_name
 from weightsmith.engine.executor import RunStats
 from weightsmith.engine.plan import MergePlan
 from weightsmith.io.model_card import base_license, render_card_from_report
 from weightsmith.io.output_dir import OutputDir
 from weightsmith.io.safetensors_format import DTYPE_NAMES
+from weightsmith.model_ref import never_local, parse_model_ref
 from weightsmith.tokenizer_output import tokenizer_root, write_tokenizer
 from weightsmith.version import __version__
 
@@ -46,7 +48,7 @@ def write_side_files(
         config = {**ref.config, **plan.config_updates}
         float_dtypes = [t.out_dtype for t in plan.tasks if t.kind == "merge"]
         if float_dtypes:
-            name = str(max(set(float_dtypes), key=float_dtypes.count)).removeprefix("torch.")
+            name = dtype_name(max(set(float_dtypes), key=float_dtypes.count))
             # transformers >= 4.56 reads `dtype`, earlier versions (which pyproject allows)
             # only `torch_dtype`: write both.
             config["torch_dtype"] = config["dtype"] = name
@@ -66,7 +68,8 @@ def write_side_files(
     license_ = base_license(
         lic_src.root,
         lic_src.config,
-        repo_id=lic_src.ref.partition("@")[0] if lic_src.revision else None,
+        # only a Hub input has a revision; for BASE+ADAPTER it is the base's
+        repo_id=parse_model_ref(lic_src.ref, exists=never_local).path if lic_src.revision else None,
         revision=lic_src.revision,
     )
     report = {

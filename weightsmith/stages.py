@@ -5,9 +5,10 @@ The stages run in dependency order. Every stage but the target (the unnamed docu
 last one, or the one ``--stage`` names) is merged into a cache folder, by default ``.weightsmith-
 stages/`` beside OUT: on OUT's file system (intermediates are model-sized, and OUT's disk is the
 one the user chose for models), independent of the working directory, and kept between runs.
-Each intermediate's folder is named by the stage and a key: the fingerprint a ``--resume`` checks
-(resume.plan_fingerprint: the stage's recipe with earlier stages' folders substituted, its
-plan, its inputs' shard fingerprints, shard size, device, version). A rerun whose stage recipe
+Each intermediate's folder is named by the stage and a key (stage_keys.py, the one key ``merge``
+and ``plan`` use): the fingerprint a ``--resume`` checks (resume.plan_fingerprint: the stage's
+recipe with earlier stages' folders substituted, its plan, its inputs' shard fingerprints, and
+the options that change bytes: shard size, device and kernels, version). A rerun whose stage recipe
 and inputs are unchanged finds the folder and reuses it untouched; any change gives a new key
 and a new folder, and a changed stage changes the key of every stage after it (their inputs'
 fingerprints change). Every stage's recipe is checked, and the stage graph (unknown names,
@@ -16,7 +17,6 @@ cycles) too, before any work.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,12 +30,12 @@ from weightsmith.engine.parameters import check_parameters
 from weightsmith.errors import RecipeError
 from weightsmith.io.output_dir import find_leftovers
 from weightsmith.lora_output import merge_as_lora, wants_lora
+from weightsmith.model_ref import ModelRef, local_path_exists, parse_model_ref
 from weightsmith.notices import collecting, did_you_mean, warn
 from weightsmith.ops.registry import get_method
 from weightsmith.plan_inputs import normalize_models
 from weightsmith.recipe import Recipe, check_expanded_size, load_recipe, read_recipe_source
-from weightsmith.resume import plan_fingerprint
-from weightsmith.units import parse_size
+from weightsmith.stage_keys import plan_options, stage_folder
 
 STAGE_CACHE = ".weightsmith-stages"
 # Keys whose string values are model references (mergekit substitutes stage names in each).
@@ -207,10 +207,10 @@ def _substitute(node: Any, paths: dict[str, Path], used: set[str]) -> Any:
         if key == "models" and isinstance(value, list):  # the short form `models: [a, b]`
             value = [{"model": v} if isinstance(v, str) else v for v in value]
         if key in MODEL_KEYS and isinstance(value, str):
-            head, plus, rest = value.partition("+")
-            if head in paths:
-                used.add(head)
-                value = f"{paths[head]}{plus}{rest}"
+            ref = _parse_ref(value)
+            if ref.revision is None and ref.path in paths:  # STAGE or STAGE+ADAPTER
+                used.add(ref.path)
+                value = str(ModelRef(str(paths[ref.path]), None, ref.adapter))
             out[key] = value
         elif key in MODEL_KEYS and isinstance(value, dict) and value.get("path") in paths:
             used.add(value["path"])
@@ -223,18 +223,29 @@ def _substitute(node: Any, paths: dict[str, Path], used: set[str]) -> Any:
 def _check_unknown_refs(st: Stage, names: list[str], where: str, path: Path | None) -> None:
     """A bare word that is neither a stage nor a local folder is a misspelled stage name (Hub
     ids have an org/ part), found now rather than after the earlier stages ran."""
+    folders = [Path(), *([path.parent] if path is not None else [])]  # as Checkpoint.open looks
+
+    def exists(text: str) -> bool:
+        return any(local_path_exists(str(folder / text)) for folder in folders)
+
     refs: list[str] = []
     _collect_refs(st.raw, refs)
     for ref in refs:
-        head = ref.partition("+")[0]
-        if head in names or "/" in head or "\\" in head or Path(head).exists():
-            continue
-        if path is not None and (path.parent / head).exists():
+        head = str(parse_model_ref(ref, exists=exists, where=f"{where}: stage {st.label}").base)
+        if head in names or "/" in head or "\\" in head or exists(head):
             continue
         raise RecipeError(
             f"{where}: stage {st.label} uses `{head}`, which is no stage of this recipe and no "
             f"local folder{did_you_mean(head, names) or ';'} stages: {', '.join(names) or '(none)'}"
         )
+
+
+def _parse_ref(ref: str) -> ModelRef:
+    # A malformed reference (a+b+c) is reported by _check_unknown_refs, which names the stage.
+    try:
+        return parse_model_ref(ref)
+    except RecipeError:
+        return ModelRef(ref)
 
 
 def _collect_refs(node: Any, out: list[str]) -> None:
@@ -264,10 +275,6 @@ def stage_recipe(staged: StagedRecipe, st: Stage, folders: dict[str, Path], echo
 
 def cache_folder(out: str | Path, stage_cache: str | Path | None) -> Path:
     return Path(stage_cache) if stage_cache is not None else Path(out).absolute().parent / STAGE_CACHE
-
-
-def _folder_name(name: str, fingerprint: str) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{fingerprint[:16]}"
 
 
 def merge(
@@ -321,16 +328,8 @@ def _run_intermediate(
     staged: StagedRecipe, st: Stage, folders: dict[str, Path], cache: Path, options: dict[str, Any]
 ) -> tuple[Path, bool]:
     recipe = stage_recipe(staged, st, folders, echo=False)
-    plan = pipeline.plan_merge(
-        recipe,
-        memory_budget=options.get("memory_budget", pipeline.DEFAULT_MEMORY_BUDGET),
-        random_seed=options.get("random_seed"),
-        allow_pickle=options.get("allow_pickle", False),
-        numerics=options.get("numerics"),
-    )
-    shard_bytes = parse_size(options.get("out_shard_size", pipeline.DEFAULT_SHARD_SIZE))
-    key = plan_fingerprint(plan, shard_bytes, options.get("device", "cpu"))["fingerprint"]
-    folder = cache / _folder_name(str(st.name), key)
+    plan = pipeline.plan_merge(recipe, **plan_options(options))
+    folder = stage_folder(cache, str(st.name), plan, options)
     if (folder / "merge_report.json").is_file():  # folders appear complete (atomic rename)
         return folder, True
     cache.mkdir(parents=True, exist_ok=True)
@@ -359,7 +358,9 @@ def plan_stages(
     **options: Any,
 ) -> list[StagePlan]:
     """Each stage the target needs, in order: its recipe, whether the cache holds it, and its
-    plan where its inputs exist (a stage after one still to run is planned when that has run)."""
+    plan where its inputs exist (a stage after one still to run is planned when that has run).
+    ``options`` are ``merge``'s: give the ones the merge will get (shard size, device, kernels,
+    seed, ...) and each stage's folder is the one that merge writes or reuses."""
     with collecting():  # each warning once, though stages are checked first and planned after
         return _plan_stages(recipe, out, stage, stage_cache, strict, options)
 
@@ -383,12 +384,10 @@ def _plan_stages(
         if not ready:
             rows.append(StagePlan(st, recipe_obj, None, False))
             continue
-        plan = pipeline.plan_merge(recipe_obj, **options)
+        plan = pipeline.plan_merge(recipe_obj, **plan_options(options))
         folder, cached = None, False
         if st is not staged.target:
-            shard = parse_size(pipeline.DEFAULT_SHARD_SIZE)
-            key = plan_fingerprint(plan, shard, "cpu")["fingerprint"]
-            folder = cache / _folder_name(str(st.name), key)
+            folder = stage_folder(cache, str(st.name), plan, options)
             cached = (folder / "merge_report.json").is_file()
             if cached:
                 folders[str(st.name)] = folder

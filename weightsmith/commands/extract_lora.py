@@ -7,10 +7,10 @@ from __future__ import annotations
 import click
 
 from weightsmith.defaults import DEFAULT_MEMORY_BUDGET
+from weightsmith.dtype_names import FACTOR_DTYPES
 from weightsmith.errors import WeightsmithError
 
 REPORT = "extract_report.json"  # as lora_extraction.REPORT (tests/test_cli_startup.py checks)
-_DTYPE_NAMES = ("bfloat16", "float16", "float32")  # lora_extraction._DTYPES' keys
 
 
 @click.command("extract-lora")
@@ -29,7 +29,7 @@ _DTYPE_NAMES = ("bfloat16", "float16", "float32")  # lora_extraction._DTYPES' ke
 @click.option("--embed-lora", is_flag=True, help="Factor input embeddings too (lora_embedding_A/B).")
 @click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
               help="auto: randomized for --rank far below the matrix size, exact otherwise.")
-@click.option("--dtype", type=click.Choice(_DTYPE_NAMES), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(FACTOR_DTYPES), default="float32", show_default=True,
               help="dtype of the written factors")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Also read PyTorch .bin pickles (weights_only=True).")

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.dtype_names import dtype_name
 from weightsmith.engine.reading import _read_input
 from weightsmith.engine.slots import unit_shape
 from weightsmith.engine.tasks import MergePlan, WorkUnit
@@ -54,7 +55,7 @@ def _check_float8_range(plan: MergePlan, unit: WorkUnit, out: torch.Tensor) -> N
         )
     if out.numel() and float(out.abs().max()) > torch.finfo(task.out_dtype).max:
         raise MergeError(
-            f"tensor {task.name!r}: values overflow {str(task.out_dtype).removeprefix('torch.')} "
+            f"tensor {task.name!r}: values overflow {dtype_name(task.out_dtype)} "
             f"(largest {torch.finfo(task.out_dtype).max:g}); write a wider out_dtype or lower the weights"
         )
 
@@ -103,6 +104,6 @@ def cast_checked(plan: MergePlan, unit: WorkUnit, out: torch.Tensor, cast: torch
                 f"tensor {task.name!r}: the merge produced NaN/Inf; {nonfinite_culprit(plan, unit)}"
             )
         raise MergeError(
-            f"tensor {task.name!r}: values overflow {str(task.out_dtype).removeprefix('torch.')}; "
+            f"tensor {task.name!r}: values overflow {dtype_name(task.out_dtype)}; "
             "write a wider out_dtype or lower the weights"
         )

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from weightsmith.engine.executor import UnitKey, execute
-from weightsmith.engine.partition import ShardWork
+from weightsmith.engine.partition import ShardWork, sub_plan
 from weightsmith.engine.passes import (
     MAX_PASSES,
     prepare_statistics,
@@ -65,17 +64,6 @@ def import_ray() -> Any:
             "--executor ray needs Ray: pip install 'weightsmith[ray]' (or pip install 'ray>=2.9')"
         ) from None
     return ray
-
-
-def sub_plan(plan: MergePlan, indices: list[int]) -> MergePlan:
-    """The plan restricted to some of its units (one shard's), tasks in plan order."""
-    units = [plan.units[i] for i in indices]
-    tasks, seen = [], set()
-    for unit in units:
-        if id(unit.task) not in seen:
-            seen.add(id(unit.task))
-            tasks.append(unit.task)
-    return replace(plan, tasks=tasks, units=units, notes=[])
 
 
 class _Recorder:

@@ -23,19 +23,13 @@ from weightsmith.io.pickle_checkpoint import _load_pickle
 from weightsmith.io.regular_file import open_regular, read_regular_bytes, require_regular_file
 from weightsmith.io.safetensors_format import TensorEntry, read_header
 from weightsmith.io.shard_index import check_shards_inside, read_index
+from weightsmith.model_ref import looks_like_hub_id
 
 # Openers of composite references such as ``BASE+ADAPTER``: each returns a checkpoint, or None
 # when the reference is not its kind. Registered by the modules that implement them (imported
 # by weightsmith/io/__init__.py), so this reader does not import them back.
 ReferenceOpener = Callable[[str, bool, "tuple[Path, ...]"], "Checkpoint | None"]
 REFERENCE_OPENERS: list[ReferenceOpener] = []
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-
-
-def looks_like_hub_id(ref: str) -> bool:
-    return bool(_HUB_ID.match(ref)) and not ref.startswith((".", "/"))
-
 
 def pread_into(fd: int, buf: memoryview, offset: int, path: str, name: str) -> None:
     """Fill ``buf`` from ``fd`` at ``offset``; a short read means the file shrank under us."""

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from weightsmith.errors import CheckpointError
+from weightsmith.model_ref import at_revision
 
 ALLOW_PATTERNS = [
     "*.safetensors",
@@ -20,11 +21,6 @@ ALLOW_PATTERNS = [
     "merges.txt",
     "*.jinja",
 ]
-
-
-def split_revision(ref: str) -> tuple[str, str | None]:
-    repo_id, _, revision = ref.partition("@")
-    return repo_id, revision or None
 
 
 def redact_token(text: str) -> str:
@@ -65,7 +61,8 @@ def resolve_hub_model(ref: str) -> tuple[Path, str | None]:
     Gated and private repos use the standard token sources of huggingface_hub (HF_TOKEN, the
     token file written by ``hf auth login``); weightsmith never takes, stores or prints a token.
     """
-    repo_id, revision = split_revision(ref)
+    parsed = at_revision(ref)
+    repo_id, revision = parsed.path, parsed.revision
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
@@ -130,6 +127,6 @@ def _check_snapshot_shards(ref: str, folder: Path) -> None:
             raise CheckpointError(
                 f"model {ref!r}: the cached snapshot {folder} lacks {len(missing)} shard(s) its index "
                 f"lists: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. The download was "
-                f"interrupted; re-run it with network access (hf download {split_revision(ref)[0]}) "
+                f"interrupted; re-run it with network access (hf download {at_revision(ref).path}) "
                 "or unset HF_HUB_OFFLINE so weightsmith fetches them."
             )

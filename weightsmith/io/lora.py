@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from weightsmith.errors import CheckpointError
-from weightsmith.io.checkpoint import REFERENCE_OPENERS, Checkpoint, looks_like_hub_id
+from weightsmith.io.checkpoint import REFERENCE_OPENERS, Checkpoint
 from weightsmith.io.peft_format import (
     _LORA_KEY,
     ADAPTER_CONFIG,
@@ -36,6 +36,7 @@ from weightsmith.io.peft_format import (
     is_conv1d,
     lora_scale,
 )
+from weightsmith.model_ref import LORA_FORM, looks_like_hub_id, never_local, parse_model_ref
 
 
 @dataclass
@@ -64,24 +65,15 @@ class LoraAdapter:
 
 
 # ---------------------------------------------------------------------------------------- refs
-def split_lora_reference(ref: str) -> tuple[str, str]:
-    """``"base+adapter"`` -> ``("base", "adapter")``; each side may carry ``@revision``."""
-    parts = ref.split("+")
-    if len(parts) != 2 or not all(p.strip() for p in parts):
-        raise CheckpointError(
-            f"model {ref!r}: a LoRA reference is BASE+ADAPTER with exactly one '+' (each side a "
-            "local folder or a Hub id, optionally @revision)"
-        )
-    return parts[0].strip(), parts[1].strip()
-
-
 def open_lora_reference(
     ref: str, *, allow_pickle: bool = False, search_dirs: tuple[Path, ...] = ()
 ) -> LoraCheckpoint:
-    """Open ``BASE+ADAPTER`` as the lazily adapted base."""
-    base_ref, adapter_ref = split_lora_reference(ref)
-    base = Checkpoint.open(base_ref, allow_pickle=allow_pickle, search_dirs=search_dirs)
-    adapter = read_adapter(adapter_ref, search_dirs=search_dirs)
+    """Open ``BASE+ADAPTER`` as the lazily adapted base (each side may carry ``@revision``)."""
+    parsed = parse_model_ref(ref, exists=never_local, error=CheckpointError)
+    if parsed.adapter is None:
+        raise CheckpointError(f"model: {ref!r}: {LORA_FORM}")
+    base = Checkpoint.open(str(parsed.base), allow_pickle=allow_pickle, search_dirs=search_dirs)
+    adapter = read_adapter(str(parsed.adapter), search_dirs=search_dirs)
     adapter.patches = plan_patches(adapter, base)
     return LoraCheckpoint(
         ref=ref,
@@ -98,8 +90,9 @@ def open_lora_reference(
 def _open_if_lora_reference(
     ref: str, allow_pickle: bool, search_dirs: tuple[Path, ...]
 ) -> LoraCheckpoint | None:
-    """``Checkpoint.open``'s hook: a reference with a ``+`` that is not an existing path."""
-    if "+" not in ref:
+    """``Checkpoint.open``'s hook, called once no local path is named ``ref``: a reference with
+    a ``+`` (model_ref.py parses it)."""
+    if parse_model_ref(ref, exists=never_local, error=CheckpointError).adapter is None:
         return None
     return open_lora_reference(ref, allow_pickle=allow_pickle, search_dirs=search_dirs)
 
@@ -245,6 +238,8 @@ def plan_patches(adapter: LoraAdapter, base: Checkpoint) -> dict[str, LoraPatch]
 
 
 # ----------------------------------------------------------------------------------------- math
+# The one arithmetic in io/, on purpose: decoding the adapter is part of reading this view, which
+# io/ cannot delegate to ops/ (no upward import); see docs/architecture.md, "Layers".
 def lora_delta(adapter: Checkpoint, patch: LoraPatch, rows: tuple[int, int] | None) -> torch.Tensor:
     """``scale * B @ A`` in float32 for the base tensor's rows ``[r0, r1)`` (all rows if None).
 
