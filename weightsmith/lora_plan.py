@@ -92,12 +92,12 @@ class ExtractPlan:
     def fits(self) -> bool:
         return self.memory_budget is None or self.peak <= self.memory_budget
 
-    def lines(self, top: int = 5) -> list[str]:
+    def lines(self, top: int = 5, title: str = "lora re-factor:") -> list[str]:
         """What ``extract-lora --plan`` and ``weightsmith plan`` print."""
         svds = [t for t in self.tensors if t.step.startswith("svd")]
         budget = "unlimited" if self.memory_budget is None else format_size(self.memory_budget)
         out = [
-            f"lora re-factor:  {len(svds)} SVDs, {len(self.tensors) - len(svds)} tensors compared or "
+            f"{title:16s} {len(svds)} SVDs, {len(self.tensors) - len(svds)} tensors compared or "
             f"copied; peak {format_size(self.peak)} per tensor (SVD scratch included), budget {budget}"
         ]
         for t in sorted(self.tensors, key=lambda t: -t.peak)[:top]:

@@ -76,16 +76,20 @@ def extract_lora_cmd(
                 save_modules=save_modules, embed_lora=embed_lora, svd=svd, allow_pickle=allow_pickle,
                 memory_budget=memory_budget,
             )
-            for line in plan.lines(top=10):
+            for line in plan.lines(top=10, title="extract-lora:"):
                 click.echo(line)
             return
-        if not quiet:
-            click.echo(f"{'module':60s} {'kind':15s} {'shape':>12s} {'rank':>5s} {'rel.err':>8s}")
+        header = [f"{'module':60s} {'kind':15s} {'shape':>12s} {'rank':>5s} {'rel.err':>8s}"]
+
+        def row(line: str) -> None:  # the table's header with its first row (not before a refusal)
+            while header:
+                click.echo(header.pop())
+            click.echo(line)
         result = extract_lora(
             fine_tune, base, out, rank=rank, energy=energy, include=include, exclude=exclude,
             save_modules=save_modules, save_above_error=save_above_error, embed_lora=embed_lora,
             svd=svd, dtype=dtype, **options,
-            overwrite=overwrite, allow_pickle=allow_pickle, log=None if quiet else click.echo,
+            overwrite=overwrite, allow_pickle=allow_pickle, log=None if quiet else row,
         )
     except WeightsmithError as err:
         click.echo(f"error: {err}", err=True)
