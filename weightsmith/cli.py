@@ -66,6 +66,7 @@ def merge_cmd(
     push_to: str | None,
     ray_address: str | None,
     executor: str,
+    ray_no_shared_fs: bool,
     out_format: str | None,
     out_rank: int | None,
     out_energy: float | None,
@@ -111,6 +112,7 @@ def merge_cmd(
         device_memory_budget=device_memory_budget,
         executor=executor,
         ray_address=ray_address,
+        **({"ray_shared_fs": False} if ray_no_shared_fs else {}),
         **({"out_format": out_format} if out_format else {}),
         **({"out_rank": out_rank} if out_rank is not None else {}),
         **({"out_energy": out_energy} if out_energy is not None else {}),
@@ -196,6 +198,7 @@ def plan_cmd(
     verbose: bool,
     out_shard_size: str,
     executor: str,
+    ray_no_shared_fs: bool,
     device: str,
     kernels: str,
     device_memory_budget: str | None,
@@ -211,6 +214,8 @@ def plan_cmd(
 
     A multi-stage RECIPE: its stages in order (cached or to run), then the plan of the final
     stage once its inputs exist."""
+    if ray_no_shared_fs and executor != "ray":
+        raise click.UsageError("--ray-no-shared-fs applies to --executor ray only; add --executor ray")
     from weightsmith.devices import device_summary
     from weightsmith.pipeline import plan_merge
     from weightsmith.plan_report import (
@@ -251,7 +256,8 @@ def plan_cmd(
         from weightsmith.engine.partition import partition, partition_rows
 
         shards = partition(plan, parse_size(out_shard_size))
-        report["summary"]["ray_partition"] = partition_rows(shards)
+        report["summary"]["ray_partition"] = partition_rows(shards, streamed=ray_no_shared_fs)
+        report["summary"]["ray_shared_fs"] = not ray_no_shared_fs
     if as_json:
         extra = {"stages": stages} if stages else {}
         click.echo(json.dumps({**extra, **report}, indent=2, default=str))
@@ -268,7 +274,7 @@ def plan_cmd(
     if shards:
         from weightsmith.engine.partition import describe_partition
 
-        for line in describe_partition(shards):
+        for line in describe_partition(shards, streamed=ray_no_shared_fs):
             click.echo(line)
     if plan.oversize:
         click.echo(

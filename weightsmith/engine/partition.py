@@ -66,23 +66,33 @@ def sub_plan(plan: MergePlan, indices: list[int]) -> MergePlan:
     return replace(plan, tasks=tasks, units=units, notes=[])
 
 
-def partition_rows(work: list[ShardWork]) -> list[dict[str, Any]]:
-    """``weightsmith plan --executor ray --json``: one row per Ray task."""
+def partition_rows(work: list[ShardWork], streamed: bool = False) -> list[dict[str, Any]]:
+    """``weightsmith plan --executor ray --json``: one row per Ray task; ``bytes_streamed``: what
+    it sends back to the driver (``streamed``: --ray-no-shared-fs; its header, a few KB, aside)."""
     return [
         {"task": w.shard, "shard": w.name, "tensors": len(w.tensors), "units": len(w.units),
          "bytes_to_read": w.bytes_to_read, "bytes_to_write": w.bytes_to_write,
-         "estimated_peak_bytes": w.peak_bytes}
+         "estimated_peak_bytes": w.peak_bytes, "bytes_streamed": w.bytes_to_write if streamed else 0}
         for w in work
     ]
 
 
-def describe_partition(work: list[ShardWork]) -> list[str]:
-    """Lines for ``weightsmith plan --executor ray``: one Ray task per shard and its bytes."""
+def describe_partition(work: list[ShardWork], streamed: bool = False) -> list[str]:
+    """Lines for ``weightsmith plan --executor ray``: one Ray task per shard and its bytes;
+    ``streamed`` (--ray-no-shared-fs): each shard also crosses the object store to the driver."""
     lines = [f"ray partition: {len(work)} task(s), one per output shard"]
     for w in work:
         lines.append(
             f"  task {w.shard}: {w.name}  {len(w.tensors)} tensors, {len(w.units)} units, "
             f"reads {format_size(w.bytes_to_read)}, writes {format_size(w.bytes_to_write)}, "
             f"peak {format_size(w.peak_bytes)}"
+            + (f", streams {format_size(w.bytes_to_write)} back" if streamed else "")
+        )
+    if streamed:
+        total = sum(w.bytes_to_write for w in work)
+        lines.append(
+            f"  no shared filesystem for OUT: shards come back streamed to this process, "
+            f"{format_size(total)} through Ray's object store in all (the output's size, plus "
+            "each shard's header)"
         )
     return lines
