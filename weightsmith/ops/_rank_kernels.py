@@ -1,0 +1,102 @@
+"""The numba kernel behind ``weightsmith.ops.row_ranks``: the stable ascending rank of every
+entry of a float32 row, in linear time (imported on first use, as ``_kernels.py``).
+
+Each float32 bit pattern is mapped to a uint32 key whose unsigned order is torch's sort order
+(negatives flipped, -0.0 made +0.0 so that the two tie, every NaN the largest key so that NaNs
+come last and tie). A least-significant-digit radix sort is stable, so equal keys keep their
+positions: the ranks are exactly those of ``torch.argsort(x, stable=True)``. Rows shorter than
+``SHORT`` are ranked by counting instead (the histograms would cost more than the row).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+DIGIT_BITS = 8
+PASSES = 4  # 4 x 8 bits: the 256-entry histograms stay in L1 whatever the row length
+RADIX = 1 << DIGIT_BITS
+SHORT = 32  # rows up to this length: the O(n^2) count beats clearing 4 x 256 counters
+ROWS_PER_ITEM = 16  # rows per parallel work item (one scratch allocation each)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _key(bits):  # pragma: no cover
+    b = np.int64(bits)  # 0 .. 2^32 - 1
+    if (b & 0x7FFFFFFF) > 0x7F800000:  # NaN, any sign or payload
+        return np.int64(0xFFFFFFFF)
+    if b == 0x80000000:  # -0.0 ties with +0.0
+        b = np.int64(0)
+    if b & 0x80000000:
+        return b ^ 0xFFFFFFFF  # negatives: larger magnitude, smaller key
+    return b | 0x80000000
+
+
+@njit(cache=True, nogil=True)
+def _rank_short_row(bits, out):  # pragma: no cover
+    # rank_j = #{i : k_i < k_j} + #{i < j : k_i == k_j}
+    n = bits.shape[0]
+    for j in range(n):
+        kj = _key(bits[j])
+        r = 0
+        for i in range(n):
+            ki = _key(bits[i])
+            r += (ki < kj) | ((ki == kj) & (i < j))
+        out[j] = np.float32(r)
+
+
+@njit(cache=True, nogil=True)
+def _rank_row(bits, out, keys, keys2, idx, idx2, hist):  # pragma: no cover
+    n = bits.shape[0]
+    hist[:, :] = 0
+    for j in range(n):
+        k = _key(bits[j])
+        keys[j] = k
+        idx[j] = j
+        for p in range(PASSES):
+            hist[p, (k >> (p * DIGIT_BITS)) & (RADIX - 1)] += 1
+    src_k, src_i, dst_k, dst_i = keys, idx, keys2, idx2
+    for p in range(PASSES):
+        shift = p * DIGIT_BITS
+        h = hist[p]
+        if h[(np.int64(src_k[0]) >> shift) & (RADIX - 1)] == n:
+            continue  # every key has this digit: the pass would not move anything
+        total = 0
+        for d in range(RADIX):  # exclusive prefix sums: each digit's first slot
+            c = h[d]
+            h[d] = total
+            total += c
+        for j in range(n):
+            k = src_k[j]
+            d = (np.int64(k) >> shift) & (RADIX - 1)
+            slot = h[d]
+            h[d] = slot + 1
+            dst_k[slot] = k
+            dst_i[slot] = src_i[j]
+        src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
+    for r in range(n):
+        out[src_i[r]] = np.float32(r)  # rounds as torch's int64 -> float32 (n > 2^24 only)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def row_ranks(bits, out):  # pragma: no cover
+    """out[r, j] = stable ascending rank of the float32 with bit pattern bits[r, j] in row r.
+
+    ``bits``: C-contiguous uint32 [rows, n] (a float32 array viewed as uint32); ``out``: float32
+    of the same shape. Rows are independent, so results do not depend on the thread count.
+    """
+    rows, n = bits.shape
+    for item in prange((rows + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM):
+        lo = item * ROWS_PER_ITEM
+        hi = min(lo + ROWS_PER_ITEM, rows)
+        if n <= SHORT:
+            for r in range(lo, hi):
+                _rank_short_row(bits[r], out[r])
+            continue
+        keys = np.empty(n, dtype=np.uint32)
+        keys2 = np.empty(n, dtype=np.uint32)
+        idx = np.empty(n, dtype=np.int32)
+        idx2 = np.empty(n, dtype=np.int32)
+        hist = np.empty((PASSES, RADIX), dtype=np.int32)
+        for r in range(lo, hi):
+            _rank_row(bits[r], out[r], keys, keys2, idx, idx2, hist)
