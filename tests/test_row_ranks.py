@@ -52,6 +52,20 @@ def test_signed_zeros_infinities_and_nans_rank_as_torch():
     assert_same_ranks(torch.randn(4, 300, generator=gen(2)).round())  # negatives with ties
 
 
+@pytest.mark.parametrize("digits", [(0,), (1,), (2,), (0, 2), (1, 2), (0, 1, 2)])
+def test_rows_whose_keys_differ_in_only_some_radix_digits(digits):
+    # The kernel skips a pass whose 11-bit digit is the same in every key: build rows of float32
+    # bit patterns (as int32, positive floats) that differ only in the chosen digits, with ties.
+    g = gen(sum(digits))
+    bits = torch.full((4, 700), 0x3F000000, dtype=torch.int32)
+    for d in digits:
+        width = 9 if d == 2 else 11  # digit 2 (bits 22..30): stay below the sign bit and NaN
+        bits |= torch.randint(0, 4, bits.shape, generator=g, dtype=torch.int32) << (11 * d + width - 2)
+    x = bits.view(torch.float32)
+    assert torch.isfinite(x).all()
+    assert_same_ranks(x)
+
+
 def test_non_contiguous_inputs():
     x = torch.randn(64, 80, generator=gen(3)).abs()
     assert_same_ranks(x.t())
