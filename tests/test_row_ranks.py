@@ -24,8 +24,8 @@ def assert_same_ranks(x: torch.Tensor) -> None:
     assert torch.equal(got, want)
 
 
-# Lengths around the short-row cut-over (SHORT = 32) and the 8-bit digit size.
-@pytest.mark.parametrize("n", [1, 2, 3, 31, 32, 33, 255, 256, 257, 2048])
+# Lengths around the short-row cut-over (SHORT = 32) and the digit-size steps (4 / 8 / 11 bits).
+@pytest.mark.parametrize("n", [1, 2, 3, 31, 32, 33, 127, 128, 256, 1023, 1024, 2048])
 def test_random_rows_rank_as_torch(n):
     assert_same_ranks(torch.randn(9, n, generator=gen(n)).abs())
 
@@ -52,12 +52,14 @@ def test_signed_zeros_infinities_and_nans_rank_as_torch():
     assert_same_ranks(torch.randn(4, 300, generator=gen(2)).round())  # negatives with ties
 
 
+@pytest.mark.parametrize("n", [100, 700, 2048])
 @pytest.mark.parametrize("digits", [(0,), (1,), (2,), (0, 2), (1, 2), (0, 1, 2)])
-def test_rows_whose_keys_differ_in_only_some_radix_digits(digits):
-    # The kernel skips a pass whose 11-bit digit is the same in every key: build rows of float32
-    # bit patterns (as int32, positive floats) that differ only in the chosen digits, with ties.
+def test_rows_whose_keys_differ_in_only_some_radix_digits(digits, n):
+    # The kernel skips a pass whose digit is the same in every key: build rows of float32 bit
+    # patterns (as int32, positive floats) that differ only in a few bits (9-10, 20-21, 29-30),
+    # with ties; bits 0-8 never differ, so the lowest digit's pass is always skipped.
     g = gen(sum(digits))
-    bits = torch.full((4, 700), 0x3F000000, dtype=torch.int32)
+    bits = torch.full((4, n), 0x3F000000, dtype=torch.int32)
     for d in digits:
         width = 9 if d == 2 else 11  # digit 2 (bits 22..30): stay below the sign bit and NaN
         bits |= torch.randint(0, 4, bits.shape, generator=g, dtype=torch.int32) << (11 * d + width - 2)
