@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-KEY_BITS = 32
 SHORT = 32  # rows up to this length: the O(n^2) count beats 8 radix passes
 ROWS_PER_ITEM = 16  # rows per parallel work item (one scratch allocation each)
 
@@ -31,17 +30,6 @@ def _key(bits):  # pragma: no cover
 
 
 @njit(cache=True, nogil=True)
-def digit_bits_for(n):  # pragma: no cover
-    # Histograms about as long as the row: their clearing and prefix sums cost about one pass.
-    # 3 x 11 bits measured faster than 4 x 8 on 2048-long rows; 2 x 16 thrashes L1.
-    if n >= 1024:
-        return 11
-    if n >= 128:
-        return 8
-    return 4
-
-
-@njit(cache=True, nogil=True)
 def _rank_short_row(bits, out):  # pragma: no cover
     # rank_j = #{i : k_i < k_j} + #{i < j : k_i == k_j}
     n = bits.shape[0]
@@ -54,11 +42,13 @@ def _rank_short_row(bits, out):  # pragma: no cover
         out[j] = np.float32(r)
 
 
-@njit(cache=True, nogil=True)
-def _rank_row(bits, out, keys, keys2, idx, idx2, hist, digit_bits):  # pragma: no cover
-    # hist: [passes, 2^digit_bits] scratch, passes * digit_bits >= KEY_BITS
+@njit(cache=True, nogil=True, inline="always")
+def _rank_row(bits, out, keys, keys2, idx, idx2, hist, digit_bits, passes):  # pragma: no cover
+    # hist: [passes, 2^digit_bits] scratch, passes * digit_bits >= 32 (the key bits). Inlined where it is
+    # called with literal digit_bits and passes, so that they compile as constants (unrolled
+    # histogram updates, constant shifts: ~1.5x faster than runtime values, measured).
     n = bits.shape[0]
-    passes, radix = hist.shape
+    radix = 1 << digit_bits
     hist[:, :] = 0
     for j in range(n):
         k = _key(bits[j])
@@ -126,7 +116,18 @@ def row_ranks(bits, out):  # pragma: no cover
         keys2 = np.empty(n, dtype=np.uint32)
         idx = np.empty(n, dtype=np.int32)
         idx2 = np.empty(n, dtype=np.int32)
-        digit_bits = digit_bits_for(n)
-        hist = np.empty(((KEY_BITS + digit_bits - 1) // digit_bits, 1 << digit_bits), dtype=np.int32)
-        for r in range(lo, hi):
-            _rank_row(bits[r], out[r], keys, keys2, idx, idx2, hist, digit_bits)
+        # Histograms about as long as the row, so that clearing them and their prefix sums cost
+        # about one pass; 3 x 11 bits measured faster than 4 x 8 on 2048-long rows (2 x 16
+        # thrashes L1).
+        if n >= 1024:
+            hist = np.empty((3, 1 << 11), dtype=np.int32)
+            for r in range(lo, hi):
+                _rank_row(bits[r], out[r], keys, keys2, idx, idx2, hist, 11, 3)
+        elif n >= 128:
+            hist = np.empty((4, 1 << 8), dtype=np.int32)
+            for r in range(lo, hi):
+                _rank_row(bits[r], out[r], keys, keys2, idx, idx2, hist, 8, 4)
+        else:
+            hist = np.empty((8, 1 << 4), dtype=np.int32)
+            for r in range(lo, hi):
+                _rank_row(bits[r], out[r], keys, keys2, idx, idx2, hist, 4, 8)
