@@ -15,16 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
+from tests.mergekit_parity import bf16_steps, hash_tensors, run_mergekit_yaml, write_char_tokenizer
 from tests.models import LLAMA_CONFIG, load_folder, random_state, save_model
 
 DATA = Path(__file__).parent / "data" / "lora_parity"
@@ -41,18 +40,6 @@ ADAPTERS: dict[str, dict[str, Any]] = {
         "modules_to_save": ["lm_head"], "dtype": "float32",
     },
 }
-
-
-def write_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A one-token-per-character tokenizer, so transformers (and mergekit) can load the folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = (["<unk>", "<s>", "</s>"] + [chr(ord("a") + i) for i in range(26)])[:vocab_size]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(str(folder))
 
 
 def write_adapter(folder: Path, base_state: dict[str, torch.Tensor], seed: int, spec: dict[str, Any]) -> Path:
@@ -93,7 +80,7 @@ def write_adapter(folder: Path, base_state: dict[str, torch.Tensor], seed: int, 
 def build_inputs(root: Path) -> dict[str, Path]:
     base_state = random_state(CONFIG, seed=0)
     base = save_model(root / "base", base_state, CONFIG, shards=2, tokenizer=False)
-    write_tokenizer(base, CONFIG["vocab_size"])
+    write_char_tokenizer(base, CONFIG["vocab_size"], digits=False)
     folders = {"base": base}
     for i, (name, spec) in enumerate(ADAPTERS.items()):
         folders[name] = write_adapter(root / name, base_state, seed=10 + i, spec=spec)
@@ -118,9 +105,7 @@ def recipe(folders: dict[str, Path]) -> dict[str, Any]:
 def digest(folder: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")):
-        for key, t in sorted(load_file(str(f)).items()):
-            h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        hash_tensors(h, sorted(load_file(str(f)).items()))
     for f in sorted(folder.glob("adapter_config.json")):
         h.update(f.read_bytes())
     return h.hexdigest()
@@ -128,21 +113,9 @@ def digest(folder: Path) -> str:
 
 def run_mergekit(exe: str, folders: dict[str, Path], out: Path) -> dict[str, torch.Tensor]:
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = out.parent / "recipe.yaml"
-    config.write_text(yaml.safe_dump(recipe(folders), sort_keys=False))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    subprocess.run([exe, str(config), str(out), "--lora-merge-cache", str(out.parent / "lora-cache")],
-                   check=True, env=env, capture_output=True, text=True)
+    run_mergekit_yaml(exe, recipe(folders), out.parent / "recipe.yaml", out,
+                      "--lora-merge-cache", str(out.parent / "lora-cache"))
     return load_folder(out)
-
-
-def bf16_steps(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance between two bf16 tensors in representable values (0: bit-identical)."""
-    def ordered(t: torch.Tensor) -> torch.Tensor:
-        bits = t.contiguous().view(torch.int16).to(torch.int32)
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
 
 
 def ours(folders: dict[str, Path], out: Path) -> dict[str, torch.Tensor]:

@@ -97,3 +97,21 @@ def test_all_finite_catches_nan_and_inf_in_every_float_dtype():
             y[7777] = bad
             assert not all_finite(y)
     assert all_finite(torch.empty(0))
+
+
+@pytest.mark.parametrize("shape", [(3, 300, 70), (2, 5000), (4, 3, 5, 7), (1, 0), (2, 1)])
+def test_task_vector_norms_equal_the_per_model_norms(shape):
+    # merge_report.json's sq_tv[i]: model i's float32 norm squared in double, per model (a
+    # stacked reduction along dim 1 gives the same bits but parallelizes over N outputs only),
+    # within float32 rounding of the exact sum of squares.
+    from weightsmith.ops.task_arithmetic import record_task_vector_norms, squared_norm
+
+    tau = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    stats: dict[str, float] = {}
+    record_task_vector_norms(stats, tau)
+    assert stats["numel"] == tau[0].numel()
+    assert sorted(stats) == sorted(["numel"] + [f"sq_tv[{i}]" for i in range(shape[0])])
+    for i in range(shape[0]):
+        assert stats[f"sq_tv[{i}]"] == pytest.approx(squared_norm(tau[i]), rel=1e-6, abs=0.0)
+        exact = float(tau[i].double().pow(2).sum())
+        assert stats[f"sq_tv[{i}]"] == pytest.approx(exact, rel=1e-5, abs=0.0)

@@ -28,7 +28,6 @@ import hashlib
 import itertools
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from mergekit_parity import hash_tensors, ordered_bits, run_mergekit_yaml, write_char_tokenizer
 from models import load_folder, perturb, random_state, save_model
 from safetensors.torch import load_file
 
@@ -66,20 +66,6 @@ NORM_TOLERANCE = 0.05  # |output - base| over the model
 
 
 # --------------------------------------------------------------------------- inputs
-def write_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A tiny word-level tokenizer (one token per character) saved as tokenizer.json + config."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>"]
-    chars = [chr(ord("a") + i) for i in range(26)] + [str(i) for i in range(10)]
-    tokens = (specials + chars)[:vocab_size]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(str(folder))
-
-
 def build_inputs(root: Path, seed_offset: int = 0) -> dict[str, Path]:
     """The base and fine-tunes of inputs.json as sharded bf16 checkpoints under ``root``."""
     config = SPEC["config"]
@@ -90,16 +76,13 @@ def build_inputs(root: Path, seed_offset: int = 0) -> dict[str, Path]:
     folders = {}
     for name, state in states.items():
         folders[name] = save_model(root / name, state, config, shards=SPEC["shards"], tokenizer=False)
-        write_tokenizer(folders[name], config["vocab_size"])
+        write_char_tokenizer(folders[name], config["vocab_size"])
     return folders
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].contiguous()
-        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    hash_tensors(h, sorted(state.items()))
     return h.hexdigest()
 
 
@@ -127,20 +110,10 @@ def materialize(recipe_path: Path, folders: dict[str, Path]) -> dict[str, Any]:
 
 def run_mergekit(exe: str, recipe: dict[str, Any], out: Path, workdir: Path) -> Path:
     """Run ``mergekit-yaml`` offline on a materialized recipe; returns the output folder."""
-    config = workdir / f"{out.name}.yaml"
-    config.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    subprocess.run([exe, str(config), str(out)], check=True, env=env, capture_output=True, text=True)
-    return out
+    return run_mergekit_yaml(exe, recipe, workdir / f"{out.name}.yaml", out)
 
 
 # --------------------------------------------------------------------------- comparison
-def ordered_bits(t: torch.Tensor) -> torch.Tensor:
-    """bf16 bit patterns mapped to integers that are consecutive for adjacent bf16 values."""
-    bits = t.contiguous().view(torch.int16).to(torch.int32)
-    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-
 def bf16_step(magnitude: torch.Tensor) -> torch.Tensor:
     """Spacing between adjacent bf16 values at this magnitude (one bf16 rounding step)."""
     _, exponent = torch.frexp(magnitude)

@@ -116,14 +116,7 @@ def test_numerics_mergekit_matches_golden(recipe: Path, inputs: dict[str, Path],
 # The float32 recipes whose goldens are deterministic (della's masks are random).
 FLOAT32_RECIPES = [p for p in RECIPES if not p.stem.startswith(RANDOM_METHODS)]
 # Float32 recipes added after the numerics mode, measured and not yet bit-identical under it.
-FLOAT32_NOT_BIT_IDENTICAL: dict[str, tuple[float, str]] = {
-    "slices_slerp": (
-        2e-9,
-        "4 of 35,104 elements, all within 2e-9 of zero, differ in their last bits (the same 4 as "
-        "under the default numerics); the slices path's slerp is not yet traced against "
-        "mergekit's operation order for them",
-    ),
-}
+FLOAT32_NOT_BIT_IDENTICAL: dict[str, tuple[float, str]] = {}
 
 
 @pytest.mark.parametrize("recipe", FLOAT32_RECIPES, ids=lambda p: p.stem)

@@ -260,3 +260,36 @@ def test_disk_full_counts_the_space_stale_folders_hold(family, tmp_path, monkeyp
         weightsmith.merge(ties_recipe(base, models), tmp_path / "out")
     assert "Interrupted merges" in str(e.value) and "hold 2" in str(e.value)
     assert str(stale) in capfd.readouterr().err and stale.is_dir()
+
+
+def test_blocks_are_checksummed_only_when_a_journal_records_them(family, tmp_path, monkeypatch):
+    # The crc32 pass exists for the resume journal: a run without one (the in-memory writer of
+    # `weightsmith search`, a direct execute()) must not pay for it.
+    from weightsmith.engine.executor import execute
+    from weightsmith.io import journal as journal_module
+    from weightsmith.io.writer import ShardWriter
+
+    base, models = family
+    plan = weightsmith.plan_merge(ties_recipe(base, models[:2]))
+    layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
+    summed: list[int] = []
+    real = journal_module.checksum
+    monkeypatch.setattr(journal_module, "checksum", lambda data: summed.append(len(data)) or real(data))
+
+    (tmp_path / "plain").mkdir()
+    writer = ShardWriter(tmp_path / "plain", layout, 1 << 30)
+    execute(plan, writer)
+    writer.close()
+    assert summed == []
+
+    (tmp_path / "journaled").mkdir()
+    writer = ShardWriter(tmp_path / "journaled", layout, 1 << 30)
+    journal = Journal.create(tmp_path / "journaled", {"fingerprint": "x", "parts": {}})
+    execute(plan, writer, journal=journal)
+    writer.close()
+    journal.close()
+    assert len(summed) == len(journal.entries) == len(plan.units)
+    for e in journal.entries:  # and the recorded crc32 is that of the bytes on disk
+        with open(tmp_path / "journaled" / e.shard, "rb") as f:
+            f.seek(e.offset)
+            assert e.crc32 == real(f.read(e.nbytes)), e.tensor

@@ -3,61 +3,33 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from classifier_family import labelled_by, noisy_copy, random_sentences, write_jsonl
 from models import load_folder
-from safetensors.torch import load_file, save_file
 
 from weightsmith.errors import RecipeError
 from weightsmith.pipeline import merge
+from weightsmith.search.optimizer import search
 from weightsmith.search.space import Space
 
 pytest.importorskip("transformers")
 pytest.importorskip("cma")
 
 
-def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny classifier A, a noisy copy with a negated head, and data labelled by A: a search
     data set and a disjoint held-out one."""
-    from weightsmith.finetune import Evaluator
-    from weightsmith.finetune.encoding import collate, pad_id
     from weightsmith.testbeds.tiny import make_tiny_bert
 
     root = tmp_path_factory.mktemp("search")
     good = make_tiny_bert(root / "a", num_labels=2, seed=1)
-    state = load_file(str(good / "model.safetensors"))
-    g = torch.Generator().manual_seed(0)
-    noisy = {k: v + 0.3 * torch.randn(v.shape, generator=g) * v.std() if v.is_floating_point()
-             and v.numel() > 1 else v.clone() for k, v in state.items()}
-    for k in ("classifier.weight", "classifier.bias"):
-        noisy[k] = -state[k]
-    bad = root / "b"
-    bad.mkdir()
-    for f in good.iterdir():
-        if f.name != "model.safetensors":
-            (bad / f.name).write_bytes(f.read_bytes())
-    save_file(noisy, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    rng = random.Random(0)
-    words = ["apple", "river", "stone", "cloud", "violin", "tiger", "lamp", "zebra"]
-    rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))), "label": 0}
-            for _ in range(48)]
-    draft = write_jsonl(root / "draft.jsonl", rows)
-    ev = Evaluator(good, draft, "classification")
-    ev.model.eval()
-    with torch.no_grad():
-        batch = collate(ev.features, pad_id(ev.loaded.tokenizer))
-        preds = ev.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1)
-    labelled = [{**r, "label": int(p)} for r, p in zip(rows, preds, strict=True)]
+    bad = noisy_copy(good, root / "b", 0.3, torch.Generator().manual_seed(0))
+    labelled = labelled_by(good, random_sentences(48), root / "draft.jsonl")
     return {"good": good, "bad": bad, "val": write_jsonl(root / "val.jsonl", labelled[:24]),
             "held_out": write_jsonl(root / "held_out.jsonl", labelled[24:])}
 
@@ -242,3 +214,97 @@ def test_control_task_is_a_weighted_scalarisation(family) -> None:
     assert both.value == pytest.approx(0.75 * both.target + 0.25 * both.control)
     with pytest.raises(RecipeError, match="control-weight"):
         Objective(recipe, family["val"], "classification", control=family["held_out"], control_weight=2)
+
+
+# --------------------------------------------------------------------------- inputs opened once
+def test_inputs_are_opened_once_per_search_not_per_trial(family, tmp_path: Path, monkeypatch) -> None:
+    from weightsmith.io.checkpoint import Checkpoint
+    from weightsmith.search.objective import Objective
+
+    opened = []
+    real_open = Checkpoint.open.__func__
+
+    def counting_open(cls, ref, *args, **kwargs):
+        opened.append(ref)
+        return real_open(cls, ref, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "open", classmethod(counting_open))
+    recipe = linear_recipe(family)
+    objective = Objective(recipe, family["val"], "classification")
+    assert sorted(opened) == sorted([str(family["good"]), str(family["bad"])])
+    first = {ref: ckpt for ref, ckpt in objective.inputs.items()}
+    result = search(SPACE, recipe, objective, trials=6, log_path=tmp_path / "t.jsonl", popsize=4)
+    assert len(result.trials) == 6 and len(opened) == 2  # six trials re-merged, nothing reopened
+    assert all(objective.inputs[ref] is ckpt and ckpt._fds for ref, ckpt in first.items())  # kept open
+    # A candidate still merges what a fresh plan merges (the open inputs are not stale).
+    unit = result.best_trial.unit
+    writer = objective.merge_in_memory(SPACE.apply(recipe, unit))
+    disk = load_folder(merge(SPACE.apply(recipe, unit), tmp_path / "out").out)
+    assert all(torch.equal(writer.tensors[k], disk[k]) for k in disk)
+
+
+# --------------------------------------------------------------------------- workdir checks
+@pytest.mark.parametrize("where", ["model folder", "inside model folder", "recipe", "eval data",
+                                   "log named like an input"])
+def test_search_workdir_overlapping_an_input_is_refused_before_any_work(family, tmp_path: Path,
+                                                                        where: str) -> None:
+    from click.testing import CliRunner
+
+    from weightsmith.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(linear_recipe(family)))
+    space = tmp_path / "space.yaml"
+    space.write_text("models[0].parameters.weight: [0, 1]\n")
+    data = family["val"]
+    if where == "log named like an input":  # the eval data would be overwritten by trials.json
+        data = tmp_path / "trials.json"
+        data.write_bytes(family["val"].read_bytes())
+    workdir = {"model folder": family["good"], "inside model folder": family["bad"] / "runs",
+               "recipe": recipe, "eval data": data, "log named like an input": tmp_path}[where]
+    before = {p: p.stat().st_mtime_ns for p in (family["good"], family["bad"], recipe, data)}
+    result = CliRunner().invoke(main, ["search", str(recipe), "--space", str(space), "--eval", str(data),
+                                       "--task", "classification", "--trials", "2", "--workdir",
+                                       str(workdir), "--quiet"])
+    assert result.exit_code == 5, result.output  # OutputError
+    assert "--workdir" in result.output and "choose" in result.output
+    label = {"model folder": "input model", "inside model folder": "input model", "recipe": "recipe file",
+             "eval data": "eval data", "log named like an input": "eval data"}[where]
+    assert label in result.output
+    assert not (family["bad"] / "runs").exists() and not (tmp_path / "trials.jsonl").exists()
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+
+
+def test_search_command_hands_ray_options_to_the_pool(family, tmp_path: Path, monkeypatch) -> None:
+    """The command's wiring of --executor ray (the pool itself: tests/test_ray_search.py)."""
+    from click.testing import CliRunner
+
+    from weightsmith.cli import main
+    from weightsmith.search import population
+    from weightsmith.search.objective import Score
+
+    asked = []
+
+    def fake_open_pool(executor, args, address, workers, population_size):
+        asked.append((executor, address, workers, population_size, args["data"]))
+
+        def objective(recipe):
+            a, b = (m["parameters"]["weight"] for m in recipe["models"])
+            return Score(a - b, a - b)
+
+        return population.SequentialPool(objective)
+
+    monkeypatch.setattr(population, "open_pool", fake_open_pool)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(linear_recipe(family)))
+    space = tmp_path / "space.yaml"
+    space.write_text("models[0].parameters.weight: [0, 1]\nmodels[1].parameters.weight: [0, 1]\n")
+    args = ["search", str(recipe), "--space", str(space), "--eval", str(family["val"]), "--task",
+            "classification", "--trials", "6", "--workdir", str(tmp_path / "work"), "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--executor", "ray", "--ray-address", "10.0.0.1:6379",
+                                       "--ray-workers", "3"])
+    assert result.exit_code == 0, result.output
+    assert asked == [("ray", "10.0.0.1:6379", 3, 6, str(family["val"]))]  # 6: cma's default popsize in 2-D
+    assert len(json.loads((tmp_path / "work" / "trials.json").read_text())["trials"]) == 6
+    refused = CliRunner().invoke(main, [*args, "--ray-workers", "3", "--overwrite"])
+    assert refused.exit_code == 2 and "need --executor ray" in refused.output

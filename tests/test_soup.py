@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gc
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from classifier_family import labelled_by, noisy_copy, random_sentences, write_jsonl
 from models import load_folder, save_model
 from safetensors.torch import load_file, save_file
 
@@ -188,48 +188,17 @@ def test_greedy_holds_at_most_soup_and_one_candidate(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- end to end
-def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def bert_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
     """A tiny classifier A, two bad copies of it, and validation labels = A's predictions."""
-    from weightsmith.finetune import Evaluator
     from weightsmith.testbeds.tiny import make_tiny_bert
 
     root = tmp_path_factory.mktemp("soup")
     good = make_tiny_bert(root / "a", num_labels=2, seed=1)
-    state = load_file(str(good / "model.safetensors"))
     g = torch.Generator().manual_seed(0)
-    models = [good]
-    for i, scale in enumerate((0.1, 0.3)):
-        # Noise everywhere and a negated head: two classes, so its predictions flip.
-        noisy = {k: v + scale * torch.randn(v.shape, generator=g) * v.std() if v.is_floating_point()
-                 and v.numel() > 1 else v.clone() for k, v in state.items()}
-        for k in ("classifier.weight", "classifier.bias"):
-            noisy[k] = -state[k]
-        folder = root / f"noisy{i}"
-        folder.mkdir()
-        for f in good.iterdir():
-            if f.name != "model.safetensors":
-                (folder / f.name).write_bytes(f.read_bytes())
-        save_file(noisy, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        models.append(folder)
-    rng = random.Random(0)
-    words = ["apple", "river", "stone", "cloud", "violin", "tiger", "lamp", "zebra"]
-    rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))), "label": 0}
-            for _ in range(40)]
-    draft = write_jsonl(root / "draft.jsonl", rows)
-    ev = Evaluator(good, draft, "classification")
-    ev.model.eval()
-    from weightsmith.finetune.encoding import collate, pad_id
-
-    with torch.no_grad():
-        batch = collate(ev.features, pad_id(ev.loaded.tokenizer))
-        preds = ev.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1)
-    val = write_jsonl(root / "val.jsonl", [{**r, "label": int(p)} for r, p in zip(rows, preds)])
+    # Noise everywhere and a negated head: two classes, so their predictions flip.
+    models = [good] + [noisy_copy(good, root / f"noisy{i}", scale, g) for i, scale in enumerate((0.1, 0.3))]
+    val = write_jsonl(root / "val.jsonl", labelled_by(good, random_sentences(40), root / "draft.jsonl"))
     return models, val
 
 

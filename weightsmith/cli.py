@@ -3,60 +3,14 @@
 from __future__ import annotations
 
 import json
-import signal
-import sys
-from collections import Counter
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 import click
 
+from weightsmith.cli_errors import friendly as _friendly
 from weightsmith.cli_options import common_plan_options, device_options, executor_option
-from weightsmith.dtype_names import dtype_name
-from weightsmith.errors import WeightsmithError
 from weightsmith.units import format_size
 from weightsmith.version import __version__
-
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one clear line and an exit code; Ctrl-C/SIGTERM into 130.
-
-    The first Ctrl-C or SIGTERM starts the clean-up; later ones are ignored until the process
-    exits, so a burst of them cannot cut the clean-up short (leaving a temporary folder) or
-    raise into the interpreter's exit handlers.
-    """
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        signalled = []
-
-        def on_signal(signum: int, frame: Any) -> None:
-            signalled.append(signum)
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_IGN)
-            raise KeyboardInterrupt
-
-        try:
-            previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: leave signal handling as it is
-            previous = {}
-        try:
-            return fn(*args, **kwargs)
-        except WeightsmithError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            for sig in previous:
-                signal.signal(sig, signal.SIG_IGN)  # exiting: nothing more to interrupt
-            click.echo("interrupted: nothing was written (the partial output was removed)", err=True)
-            sys.exit(130)
-        finally:
-            if not signalled:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,6 +66,7 @@ def merge_cmd(
     push_to: str | None,
     ray_address: str | None,
     executor: str,
+    ray_no_shared_fs: bool,
     out_format: str | None,
     out_rank: int | None,
     out_energy: float | None,
@@ -157,6 +112,7 @@ def merge_cmd(
         device_memory_budget=device_memory_budget,
         executor=executor,
         ray_address=ray_address,
+        **({"ray_shared_fs": False} if ray_no_shared_fs else {}),
         **({"out_format": out_format} if out_format else {}),
         **({"out_rank": out_rank} if out_rank is not None else {}),
         **({"out_energy": out_energy} if out_energy is not None else {}),
@@ -230,7 +186,7 @@ def push_cmd(
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (every tensor, every digit)")
 @click.option("--verbose", "-v", is_flag=True, help="one line per tensor, not one per parameter setting")
 @click.option(
-    "--out-shard-size", default="5GB", show_default=True, help="max bytes per shard (for --executor ray)"
+    "--out-shard-size", default="5GB", show_default=True, help="max bytes per output shard"
 )
 @executor_option
 @device_options
@@ -242,6 +198,7 @@ def plan_cmd(
     verbose: bool,
     out_shard_size: str,
     executor: str,
+    ray_no_shared_fs: bool,
     device: str,
     kernels: str,
     device_memory_budget: str | None,
@@ -257,6 +214,8 @@ def plan_cmd(
 
     A multi-stage RECIPE: its stages in order (cached or to run), then the plan of the final
     stage once its inputs exist."""
+    if ray_no_shared_fs and executor != "ray":
+        raise click.UsageError("--ray-no-shared-fs applies to --executor ray only; add --executor ray")
     from weightsmith.devices import device_summary
     from weightsmith.pipeline import plan_merge
     from weightsmith.plan_report import (
@@ -267,7 +226,9 @@ def plan_cmd(
         summary_lines,
         tensor_lines,
     )
+    from weightsmith.sliced_report import sliced_json, sliced_lines
     from weightsmith.stages import is_multi_stage
+    from weightsmith.units import parse_size
 
     options = {
         "memory_budget": memory_budget,
@@ -286,20 +247,17 @@ def plan_cmd(
     else:
         plan = plan_merge(recipe, strict=strict, **options)
     report = plan_json(plan)
+    report["summary"].update(sliced_json(plan, parse_size(out_shard_size)))
     on_device = device_summary(plan, device, kernels, device_memory_budget)
     if on_device["device"] != "cpu":
         report["summary"]["device"] = on_device
     shards = []
     if executor == "ray":
-        from weightsmith.engine.partition import partition
-        from weightsmith.units import parse_size
+        from weightsmith.engine.partition import partition, partition_rows
 
         shards = partition(plan, parse_size(out_shard_size))
-        report["summary"]["ray_partition"] = [
-            {"task": w.shard, "shard": w.name, "tensors": len(w.tensors), "units": len(w.units),
-             "bytes_to_read": w.bytes_to_read, "bytes_to_write": w.bytes_to_write}
-            for w in shards
-        ]
+        report["summary"]["ray_partition"] = partition_rows(shards, streamed=ray_no_shared_fs)
+        report["summary"]["ray_shared_fs"] = not ray_no_shared_fs
     if as_json:
         extra = {"stages": stages} if stages else {}
         click.echo(json.dumps({**extra, **report}, indent=2, default=str))
@@ -309,12 +267,14 @@ def plan_cmd(
     click.echo("")
     for line in summary_lines(plan):
         click.echo(line)
+    for line in sliced_lines(plan, None if shards else parse_size(out_shard_size), per_layer=verbose):
+        click.echo(line)
     if on_device["device"] != "cpu":
         click.echo(device_line(on_device, kernels))
     if shards:
         from weightsmith.engine.partition import describe_partition
 
-        for line in describe_partition(shards):
+        for line in describe_partition(shards, streamed=ray_no_shared_fs):
             click.echo(line)
     if plan.oversize:
         click.echo(
@@ -329,51 +289,6 @@ def plan_cmd(
                 "                 merge will refuse: the peak passes the budget; it runs with "
                 f"--memory-budget {budget_option(budget_that_fits(plan))} or more"
             )
-
-
-@main.command("inspect")
-@click.argument("model")
-@click.option("--keys", "show_keys", is_flag=True, help="list every tensor")
-@click.option("--allow-pickle", is_flag=True, help="also read PyTorch .bin pickles")
-@_friendly
-def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
-    """Keys, dtypes, parameter count, shards and layer count of MODEL (headers only)."""
-    from weightsmith.engine.keys import _num_layers
-    from weightsmith.io.checkpoint import Checkpoint
-
-    ckpt = Checkpoint.open(model, allow_pickle=allow_pickle)
-    dtypes = Counter(dtype_name(e.dtype) for e in ckpt.entries.values())
-    click.echo(f"model:       {ckpt.ref} ({ckpt.root})")
-    if ckpt.revision:
-        click.echo(f"revision:    {ckpt.revision}")
-    click.echo(f"tensors:     {len(ckpt.entries)}")
-    click.echo(f"parameters:  {ckpt.num_parameters:,}")
-    click.echo(f"bytes:       {format_size(ckpt.total_bytes)}")
-    click.echo(f"dtypes:      {', '.join(f'{k} x{v}' for k, v in dtypes.most_common())}")
-    click.echo(
-        f"shards:      {len(ckpt.shard_files)} ({', '.join(ckpt.shard_files[:4])}"
-        f"{' ...' if len(ckpt.shard_files) > 4 else ''})"
-    )
-    click.echo(f"layers:      {_num_layers(ckpt)}")
-    if ckpt.config:
-        archs = ckpt.config.get("architectures") or ["?"]  # any JSON value: print, never crash
-        click.echo(f"architecture: {', '.join(map(str, archs if isinstance(archs, list) else [archs]))}")
-    if show_keys:
-        for name, e in ckpt.entries.items():
-            click.echo(f"  {name} {list(e.shape)} {dtype_name(e.dtype)}")
-
-
-@main.command("methods")
-def methods_cmd() -> None:
-    """List merge methods and their parameters."""
-    from weightsmith.ops.registry import methods
-
-    for name, m in methods().items():
-        params = ", ".join(
-            f"{p.name}{'[per model]' if p.per_model else ''}{'' if p.required else '=' + str(p.default)}"
-            for p in m.params
-        )
-        click.echo(f"{name:18s} {m.summary}\n{'':18s} parameters: {params}")
 
 
 def _register_optional_commands() -> None:

@@ -61,6 +61,13 @@ def common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def executor_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--executor and --ray-no-shared-fs (how the Ray workers get their shards to OUT)."""
+    fn = click.option(
+        "--ray-no-shared-fs",
+        is_flag=True,
+        help="--executor ray when the workers cannot see OUT: each streams its shard back to this "
+        "process (all output bytes pass through Ray's object store)",
+    )(fn)
     return click.option(
         "--executor",
         type=click.Choice(["local", "ray"]),
@@ -68,6 +75,7 @@ def executor_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         show_default=True,
         help="run here, or one task per output shard on a Ray cluster (pip install 'weightsmith[ray]')",
     )(fn)
+
 
 
 def device_options(fn: Any) -> Any:

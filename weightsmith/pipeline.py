@@ -6,14 +6,14 @@ import functools
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from weightsmith.data_steps import check_data_blocks, run_data_steps
-from weightsmith.defaults import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, EXECUTORS
+from weightsmith.defaults import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE
 from weightsmith.devices import check_device
 from weightsmith.engine.executor import RunStats, execute
 from weightsmith.engine.modules import build_sliced_plan, is_sliced
@@ -32,6 +32,7 @@ from weightsmith.plan_inputs import normalize_models, open_inputs, with_numerics
 from weightsmith.progress import progress as progress_of
 from weightsmith.recipe import Recipe, load_recipe
 from weightsmith.resume import plan_fingerprint, resume_command_for
+from weightsmith.run_options import RunOptions
 from weightsmith.side_files import write_side_files
 from weightsmith.tokenizer_output import plan_vocabulary
 from weightsmith.units import format_size, parse_size
@@ -120,6 +121,7 @@ def merge(
     device_memory_budget: str | int | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    ray_shared_fs: bool = True,
     hash_inputs: bool = False,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
@@ -133,83 +135,37 @@ def merge(
     instead of a sampled fingerprint.
     (``weightsmith.merge`` also runs multi-stage recipes: weightsmith/stages.py.)
     ``executor="ray"`` runs one task per output shard on a Ray cluster (``ray_address``, else a
-    local one), docs/distributed.md: the same bytes.
+    local one), docs/distributed.md: the same bytes; ``ray_shared_fs=False`` when the workers
+    cannot see ``out``: each streams its shard back to this process.
     """
-    with collecting():  # a warning repeated by a re-plan (greedy soups) is printed once
-        return _merge(
-            recipe, out, memory_budget, out_shard_size, overwrite, random_seed, device, threads,
-            allow_pickle, progress, fsync, resume, strict, numerics, kernels, device_memory_budget,
-            executor, ray_address,
-            hash_inputs,
-        )
-
-
-def _merge(
-    recipe: str | Path | dict[str, Any] | Recipe,
-    out: str | Path,
-    memory_budget: str | int,
-    out_shard_size: str | int,
-    overwrite: bool,
-    random_seed: int | None,
-    device: str,
-    threads: int | None,
-    allow_pickle: bool,
-    progress: bool,
-    fsync: bool,
-    resume: bool,
-    strict: bool,
-    numerics: str | None = None,
-    kernels: str = "torch",
-    device_memory_budget: str | int | None = None,
-    executor: str = "local",
-    ray_address: str | None = None,
-    hash_inputs: bool = False,
-) -> MergeResult:
-    started = time.perf_counter()
-    device = check_device(device, kernels)
-    plan = plan_merge(
-        recipe,
-        memory_budget=memory_budget,
-        random_seed=random_seed,
-        allow_pickle=allow_pickle,
-        strict=strict,
-        numerics=numerics,
+    options = RunOptions(
+        memory_budget=memory_budget, random_seed=random_seed, allow_pickle=allow_pickle, strict=strict,
+        numerics=numerics, out_shard_size=out_shard_size, overwrite=overwrite, device=device,
+        threads=threads, progress=progress, fsync=fsync, resume=resume, kernels=kernels,
+        device_memory_budget=device_memory_budget, executor=executor, ray_address=ray_address,
+        ray_shared_fs=ray_shared_fs, hash_inputs=hash_inputs,
     )
-    check_before_work(plan, out, overwrite)  # before data steps, which may run models for minutes
+    with collecting():  # a warning repeated by a re-plan (greedy soups) is printed once
+        return merge_with(recipe, out, options)
+
+
+def merge_with(
+    recipe: str | Path | dict[str, Any] | Recipe, out: str | Path, options: RunOptions
+) -> MergeResult:
+    """``merge`` with its options as one ``RunOptions``."""
+    started = time.perf_counter()
+    options = replace(options, device=check_device(options.device, options.kernels))
+    plan = plan_merge(recipe, strict=options.strict, **options.planning())
+    check_before_work(plan, out, options.overwrite)  # before data steps, which may run models for minutes
 
     def replan(changed: Recipe) -> MergePlan:
-        return plan_merge(
-            changed,
-            memory_budget=memory_budget,
-            random_seed=random_seed,
-            allow_pickle=allow_pickle,
-            numerics=numerics,
-        )
+        return plan_merge(changed, **options.planning())
 
     # Greedy soups choose their ingredients and Antidote measures feature norms on data first.
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if options.progress else None
     plan = run_data_steps(plan, replan, log)
-    return run_plan(
-        plan,
-        out,
-        out_shard_size=out_shard_size,
-        overwrite=overwrite,
-        device=device,
-        threads=threads,
-        progress=progress,
-        fsync=fsync,
-        started=started,
-        resume=resume,
-        kernels=kernels,
-        device_memory_budget=device_memory_budget,
-        executor=executor,
-        ray_address=ray_address,
-        hash_inputs=hash_inputs,
-        resume_command=resume_command_for(
-            recipe, out, out_shard_size, overwrite, random_seed, device, allow_pickle, numerics,
-            kernels, device_memory_budget,
-        ),
-    )
+    return run_plan_with(plan, out, options, started=started,
+                         resume_command=resume_command_for(recipe, out, options))
 
 
 def run_plan(
@@ -229,41 +185,53 @@ def run_plan(
     device_memory_budget: str | int | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    ray_shared_fs: bool = True,
     hash_inputs: bool = False,
 ) -> MergeResult:
     """Execute a plan into a new output folder, atomically (``resume``, ``executor``,
-    ``hash_inputs``: see ``merge``).
+    ``ray_shared_fs``, ``hash_inputs``: see ``merge``).
 
     ``device``: cpu, cuda[:N], auto (CUDA when present) or cpu-staged (the device pipeline on
     the CPU, for tests); ``kernels`` (torch or cupy) and ``device_memory_budget`` apply to a
     device (engine/device_pipeline.py), on each Ray worker with ``executor="ray"``."""
+    options = RunOptions(
+        memory_budget=plan.memory_budget, out_shard_size=out_shard_size, overwrite=overwrite, device=device,
+        threads=threads, progress=progress, fsync=fsync, resume=resume, kernels=kernels,
+        device_memory_budget=device_memory_budget, executor=executor, ray_address=ray_address,
+        ray_shared_fs=ray_shared_fs, hash_inputs=hash_inputs,
+    )
+    return run_plan_with(plan, out, options, started=started, resume_command=resume_command)
+
+
+def run_plan_with(
+    plan: MergePlan,
+    out: str | Path,
+    options: RunOptions,
+    *,
+    started: float | None = None,
+    resume_command: str | None = None,
+) -> MergeResult:
+    """``run_plan`` with its options as one ``RunOptions``."""
     started = started if started is not None else time.perf_counter()
-    if executor not in EXECUTORS:
-        raise RecipeError(f"executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
-    check_before_work(plan, out, overwrite)
+    check_before_work(plan, out, options.overwrite)
     # torch's own default (one thread per core) measured best on a quiet 2-core machine (ties
     # 36 s vs 44 s with one thread, linear 6.1 s vs 8.3 s); on a machine busy with other work,
     # `--threads 1` avoids spinning at every parallel region. The caller's setting is restored
     # afterwards (merge() is also called from notebooks).
     previous = torch.get_num_threads()
     previous_kernel_threads = None
-    if threads:
-        torch.set_num_threads(threads)
-        previous_kernel_threads = fused.set_threads(threads)  # the fused kernels' pool too
+    if options.threads:
+        torch.set_num_threads(options.threads)
+        previous_kernel_threads = fused.set_threads(options.threads)  # the fused kernels' pool too
     try:
-        device = check_device(device, kernels)
-        budget = (
-            None if device_memory_budget is None else _size(device_memory_budget, "device memory budget")
-        )
+        options = replace(options, device=check_device(options.device, options.kernels))
         run = execute
-        if executor == "ray":
+        if options.executor == "ray":
             from weightsmith.engine.ray_executor import execute_on_ray
 
-            run = functools.partial(execute_on_ray, address=ray_address)
-        return _run_plan(
-            plan, out, out_shard_size, overwrite, device, progress, fsync, started, resume, resume_command,
-            kernels, budget, run, hash_inputs,
-        )
+            run = functools.partial(execute_on_ray, address=options.ray_address,
+                                    shared_fs=options.ray_shared_fs)
+        return _run_plan(plan, out, options, started, resume_command, run)
     finally:
         torch.set_num_threads(previous)
         if previous_kernel_threads is not None:
@@ -273,28 +241,23 @@ def run_plan(
 def _run_plan(
     plan: MergePlan,
     out: str | Path,
-    out_shard_size: str | int,
-    overwrite: bool,
-    device: str,
-    progress: bool,
-    fsync: bool,
+    options: RunOptions,
     started: float,
-    resume: bool,
     resume_command: str | None,
-    kernels: str = "torch",
-    device_memory_budget: int | None = None,
-    run: Callable[..., RunStats] = execute,
-    hash_inputs: bool = False,
+    run: Callable[..., RunStats],
 ) -> MergeResult:
-    shard_bytes = _size(out_shard_size, "out shard size")
+    device = options.device
+    budget = options.device_memory_budget
+    device_memory_budget = None if budget is None else _size(budget, "device memory budget")
+    shard_bytes = _size(options.out_shard_size, "out shard size")
     try:
         output = OutputDir(
             out,
-            overwrite=overwrite,
-            journal_header=plan_fingerprint(plan, shard_bytes, device, kernels),
-            resume=resume,
+            overwrite=options.overwrite,
+            journal_header=plan_fingerprint(plan, shard_bytes, device, options.kernels),
+            resume=options.resume,
             resume_command=resume_command,
-            durable=fsync,
+            durable=options.fsync,
         )
     except OSError as e:
         message = permission_error(out, e)
@@ -333,6 +296,7 @@ def _run_plan(
                     file=sys.stderr,
                     flush=True,
                 )
+            progress = options.progress
             bar = progress_of(plan.bytes_to_write, f"merge ({plan.method.name})", "B", enabled=progress,
                               unit_scale=True)
             stats = run(
@@ -342,12 +306,12 @@ def _run_plan(
                 progress=bar.update if progress else None,
                 journal=folder.journal,
                 reused=reused,
-                kernels=kernels,
+                kernels=options.kernels,
                 device_memory_budget=device_memory_budget,
             )
             bar.close()
             finish_started = time.perf_counter()
-            index = writer.finish(fsync=fsync)
+            index = writer.finish(fsync=options.fsync)
             stats.add_time("reserve", reserve_seconds)
             stats.add_time("finish", time.perf_counter() - finish_started)
         finally:
@@ -355,7 +319,7 @@ def _run_plan(
         index["metadata"]["weightsmith_version"] = __version__
         folder.write_json("model.safetensors.index.json", index)
         stats.summary = build_summary(plan, stats)
-        write_side_files(plan, folder, stats, time.perf_counter() - started, hash_inputs)
+        write_side_files(plan, folder, stats, time.perf_counter() - started, options.hash_inputs)
         path = folder.commit()
     return MergeResult(path, plan, stats, time.perf_counter() - started)
 

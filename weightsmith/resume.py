@@ -12,21 +12,11 @@ from typing import Any
 from weightsmith.defaults import DEFAULT_SHARD_SIZE
 from weightsmith.engine.device import STAGED_CPU
 from weightsmith.engine.plan import MergePlan
+from weightsmith.run_options import RunOptions
 from weightsmith.version import __version__
 
 
-def resume_command_for(
-    recipe: Any,
-    out: str | Path,
-    out_shard_size: str | int,
-    overwrite: bool,
-    random_seed: int | None,
-    device: str,
-    allow_pickle: bool,
-    numerics: str | None = None,
-    kernels: str = "torch",
-    device_memory_budget: str | int | None = None,
-) -> str:
+def resume_command_for(recipe: Any, out: str | Path, options: RunOptions) -> str:
     """The command that resumes this merge, for the note about an interrupted one."""
     api = f"weightsmith.merge(<this recipe>, {str(out)!r}, ..., resume=True)"
     try:
@@ -34,22 +24,29 @@ def resume_command_for(
             return api
     except OSError:  # a one-line YAML string too long for a file name
         return api
+    o = options
     words = ["weightsmith", "merge", str(recipe), str(out)]
-    if str(out_shard_size) != DEFAULT_SHARD_SIZE:
-        words += ["--out-shard-size", str(out_shard_size)]
-    if random_seed is not None:
-        words += ["--random-seed", str(random_seed)]
-    if device != "cpu":
-        words += ["--device", device]
-    if kernels != "torch":
-        words += ["--kernels", kernels]
-    if device_memory_budget is not None:
-        words += ["--device-memory-budget", str(device_memory_budget)]
-    if allow_pickle:
+    if str(o.out_shard_size) != DEFAULT_SHARD_SIZE:
+        words += ["--out-shard-size", str(o.out_shard_size)]
+    if o.random_seed is not None:
+        words += ["--random-seed", str(o.random_seed)]
+    if o.device != "cpu":
+        words += ["--device", o.device]
+    if o.kernels != "torch":
+        words += ["--kernels", o.kernels]
+    if o.device_memory_budget is not None:
+        words += ["--device-memory-budget", str(o.device_memory_budget)]
+    if o.allow_pickle:
         words.append("--allow-pickle")
-    if numerics is not None:
-        words += ["--numerics", numerics]
-    if overwrite:
+    if o.numerics is not None:
+        words += ["--numerics", o.numerics]
+    if o.executor != "local":
+        words += ["--executor", o.executor]
+    if o.ray_address is not None:
+        words += ["--ray-address", o.ray_address]
+    if not o.ray_shared_fs:
+        words.append("--ray-no-shared-fs")
+    if o.overwrite:
         words.append("--overwrite")
     return shlex.join([*words, "--resume"])
 

@@ -49,6 +49,14 @@ def load_recipe_dict(path: str) -> dict[str, Any]:
 @click.option("--max-length", type=int, default=512, show_default=True)
 @click.option("--truncate", is_flag=True)
 @click.option("--memory-budget", default="2GB", show_default=True)
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Score candidates one after another here, or in parallel on Ray actors "
+              "(pip install 'weightsmith[ray]').")
+@click.option("--ray-address", default=None,
+              help="With --executor ray: the cluster (default: start a local one).")
+@click.option("--ray-workers", type=int, default=None,
+              help="With --executor ray: actors, each holding its own model (default: the "
+              "cluster's CPUs, at most one generation).")
 @click.option("--resume", is_flag=True, help="Continue the search logged in --workdir.")
 @click.option("--overwrite", is_flag=True, help="Start afresh over a logged search; replace --out.")
 @click.option("--quiet", is_flag=True)
@@ -56,19 +64,26 @@ def search_cmd(
     recipe: str, space_path: str, data: str, task: str, trials: int, workdir: str, out: str | None,
     metric: str | None, control: str | None, control_weight: float, model_dir: str | None, seed: int,
     sigma: float, popsize: int | None, batch_size: int, max_length: int, truncate: bool,
-    memory_budget: str, resume: bool, overwrite: bool, quiet: bool,
+    memory_budget: str, executor: str, ray_address: str | None, ray_workers: int | None, resume: bool,
+    overwrite: bool, quiet: bool,
 ) -> None:
     """Tune RECIPE's numeric parameters for a score on --eval, merging candidates in memory."""
     from weightsmith import pipeline
     from weightsmith.progress import progress
-    from weightsmith.search.objective import Objective
-    from weightsmith.search.optimizer import search
+    from weightsmith.search.optimizer import default_popsize, search
+    from weightsmith.search.population import open_pool
     from weightsmith.search.report import write_outputs
     from weightsmith.search.space import Space
+    from weightsmith.search.workdir import check_workdir, search_inputs
 
     try:
         base = load_recipe_dict(recipe)
         space = Space.load(space_path)
+        files = {"recipe file": recipe, "search space": space_path, "eval data": data,
+                 "control data": control}
+        check_workdir(workdir, search_inputs(base, files, model_dir, memory_budget))
+        if executor != "ray" and (ray_address or ray_workers):
+            raise RecipeError("--ray-address/--ray-workers need --executor ray")
         folder = Path(workdir)
         log = folder / "trials.jsonl"
         if log.exists() and not (resume or overwrite):
@@ -77,25 +92,25 @@ def search_cmd(
         if log.exists() and overwrite and not resume:
             log.unlink()
         folder.mkdir(parents=True, exist_ok=True)
-        objective = Objective(
-            base, data, task, control=control, control_weight=control_weight, metric=metric,
-            model_dir=model_dir, batch_size=batch_size, max_length=max_length, truncate=truncate,
-            memory_budget=memory_budget, random_seed=seed,
+        args = dict(
+            recipe=base, data=data, task=task, control=control, control_weight=control_weight,
+            metric=metric, model_dir=model_dir, batch_size=batch_size, max_length=max_length,
+            truncate=truncate, memory_budget=memory_budget, random_seed=seed,
         )
-        bar = progress(trials, "search", "trial", enabled=not quiet)
-        try:
-            result = search(space, base, objective, trials=trials, log_path=log,
-                            higher_is_better=objective.higher_is_better, seed=seed, sigma=sigma,
-                            popsize=popsize, bar=bar)
-        finally:
-            bar.close()
+        with open_pool(executor, args, ray_address, ray_workers, popsize or default_popsize(space)) as pool:
+            bar = progress(trials, "search", "trial", enabled=not quiet)
+            try:
+                result = search(space, base, pool, trials=trials, log_path=log,
+                                higher_is_better=pool.higher_is_better, seed=seed, sigma=sigma,
+                                popsize=popsize, bar=bar)
+            finally:
+                bar.close()
         best = space.apply(base, result.best_trial.unit)
         write_outputs(result, best, folder)
         click.echo(f"best: trial {result.best} of {len(result.trials)}, score "
                    f"{result.best_trial.score:.6g} (recipe as given: {result.trials[0].score:.6g}); "
                    f"{folder / 'best_recipe.yaml'}")
-        if out:
-            del objective  # its model is a full copy: free it before the merge
+        if out:  # the pool's models are gone (closed above) before this merge
             pipeline.merge(best, out, memory_budget=memory_budget, overwrite=overwrite,
                            random_seed=seed, progress=not quiet)
             click.echo(f"wrote {out}")

@@ -156,7 +156,7 @@ def _execute(
                     ready()
                 if not errors and not aborted.is_set():
                     started = time.perf_counter()
-                    crc = writer.write(unit.task.name, out, unit.rows)
+                    crc = writer.write(unit.task.name, out, unit.rows, checksum=journal is not None)
                     stats.add_time("write", time.perf_counter() - started)
                     nbytes = out.numel() * out.element_size()
                     if journal is not None:

@@ -11,18 +11,20 @@ mergekit, a module the recipe leaves out is not in the output: weightsmith refus
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from weightsmith.engine.keys import LAYER_COUNT_KEYS
-from weightsmith.engine.passes import describe, prepare_statistics
-from weightsmith.engine.slices import plan_as_models, plan_slices
-from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
+from weightsmith.engine.keys import LAYER_COUNT_KEYS, layer_index
+from weightsmith.engine.layer_origin import LayerOrigin
+from weightsmith.engine.plan_context import PlanContext, finish_plan, keep_all
+from weightsmith.engine.slice_layout import DEFAULT_SCOPES, Scopes, same_layer_origins
+from weightsmith.engine.slices import plan_as_models, plan_slices, with_layer_map
+from weightsmith.engine.tasks import MergePlan, Source, TensorTask
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.ops.registry import MergeMethod, get_method
+from weightsmith.ops.registry import MergeMethod
 from weightsmith.recipe import Recipe
 
-Scopes = tuple[tuple[str | None, tuple[str, ...]], ...]
 _VISION = ("vision_config", ("num_hidden_layers", "depth"))
 _TEXT = ("text_config", LAYER_COUNT_KEYS)
 # Architecture -> module -> (tensor-name prefixes, where its layer count lives). mergekit 0.1.5's
@@ -61,24 +63,16 @@ def build_sliced_plan(
 ) -> MergePlan:
     """``checkpoints`` are opened as for any recipe: the base (if any), then ``recipe.models``
     (for a sliced recipe, every model it names, in order of first mention)."""
-    if method is None:
-        try:
-            method = get_method(recipe.merge_method)
-        except KeyError as e:
-            raise RecipeError(str(e.args[0])) from None
-    refs = ([recipe.base_model] if recipe.base_model is not None else []) + [m.ref for m in recipe.models]
-    by_ref: dict[str, int] = {}
-    for i, ref in enumerate(refs):
-        by_ref.setdefault(ref, i)
+    ctx = PlanContext.create(
+        recipe, checkpoints, memory_budget=memory_budget, random_seed=random_seed, method=method
+    )
     if recipe.modules is None:
         assert recipe.slices is not None
-        return plan_slices(recipe, method, checkpoints, by_ref, recipe.slices, {}, memory_budget, random_seed)
+        return plan_slices(ctx, recipe.slices)
     arch = _architecture(checkpoints[0])
     known = MODULES.get(arch or "", {})
     if len(recipe.modules) == 1 and next(iter(recipe.modules)) not in known:
-        return _plan_module(
-            recipe, method, checkpoints, by_ref, next(iter(recipe.modules)), memory_budget, random_seed
-        )
+        return _plan_module(ctx, next(iter(recipe.modules)))
     if not known:
         raise RecipeError(
             f"modules: {', '.join(recipe.modules)}: weightsmith knows no modules of architecture "
@@ -104,10 +98,8 @@ def build_sliced_plan(
         def keep(key: str, own: tuple[str, ...] = prefixes, others: list[str] = others) -> bool:
             return _owner_match(key, own, others)
 
-        subplans.append(
-            _plan_module(recipe, method, checkpoints, by_ref, name, memory_budget, random_seed, keep, scopes)
-        )
-    return _join(recipe, method, checkpoints, by_ref, subplans, memory_budget)
+        subplans.append(_plan_module(ctx, name, keep, scopes))
+    return _join(ctx, subplans)
 
 
 def _owner_match(key: str, own: tuple[str, ...], others: list[str]) -> bool:
@@ -124,64 +116,34 @@ def _owner_match(key: str, own: tuple[str, ...], others: list[str]) -> bool:
 
 
 def _plan_module(
-    recipe: Recipe,
-    method: MergeMethod,
-    checkpoints: list[Checkpoint],
-    by_ref: dict[str, int],
-    name: str,
-    memory_budget: int,
-    random_seed: int | None,
-    keep: Any = None,
-    scopes: Scopes | None = None,
+    ctx: PlanContext, name: str, keep: Callable[[str], bool] | None = None, scopes: Scopes = DEFAULT_SCOPES
 ) -> MergePlan:
-    assert recipe.modules is not None
-    module = recipe.modules[name]
+    """One module's plan; ``keep`` (one of several modules) picks the tensors it owns."""
+    assert ctx.recipe.modules is not None
+    module = ctx.recipe.modules[name]
+    ctx = ctx.for_module(name, module.parameters, keep or keep_all, scopes)
     if module.models is not None:
-        plan = plan_as_models(
-            recipe,
-            method,
-            checkpoints,
-            by_ref,
-            module.models,
-            {},
-            module.parameters,
-            memory_budget,
-            random_seed,
-        )
-        if keep is not None:
-            plan.tasks = [t for t in plan.tasks if keep(t.name)]
-        return plan
-    assert module.slices is not None
-    extra: dict[str, Any] = {} if keep is None else {"keep": keep, "scopes": scopes}
-    plan = plan_slices(
-        recipe,
-        method,
-        checkpoints,
-        by_ref,
-        module.slices,
-        module.parameters,
-        memory_budget,
-        random_seed,
-        **extra,
-    )
+        plan = plan_as_models(ctx, module.models, {})
+    else:
+        assert module.slices is not None
+        plan = plan_slices(ctx, module.slices)
     if keep is not None:
         plan.tasks = [t for t in plan.tasks if keep(t.name)]
+    if module.models is not None:
+        layers = [n for t in plan.tasks if (n := layer_index(t.name)) is not None]
+        with_layer_map(plan, same_layer_origins([m.ref for m in module.models], layers, name))
+    if keep is not None:
         plan.notes = [f"module {name}: {n}" for n in plan.notes]
     return plan
 
 
-def _join(
-    recipe: Recipe,
-    method: MergeMethod,
-    checkpoints: list[Checkpoint],
-    by_ref: dict[str, int],
-    subplans: list[MergePlan],
-    memory_budget: int,
-) -> MergePlan:
+def _join(ctx: PlanContext, subplans: list[MergePlan]) -> MergePlan:
     """One plan from the modules' plans: their checkpoint indices mapped onto ``checkpoints``."""
-    joined = list(checkpoints)
+    recipe, by_ref = ctx.recipe, ctx.by_ref
+    joined = list(ctx.checkpoints)
     tasks: list[TensorTask] = []
     notes: list[str] = []
+    origins: list[LayerOrigin] = []
     updates: dict[str, Any] = {}
     for sub in subplans:
         where = {}
@@ -194,6 +156,7 @@ def _join(
         for task in sub.tasks:
             tasks.append(_remap(task, where))
         notes += sub.notes
+        origins += sub.layer_origins
         for key, value in sub.config_updates.items():
             updates[key] = {**updates.get(key, {}), **value} if isinstance(value, dict) else value
     names = [t.name for t in tasks]
@@ -205,22 +168,19 @@ def _join(
     ref_index = by_ref[recipe.base_model] if recipe.base_model is not None else next(iter(by_ref.values()))
     plan = MergePlan(
         recipe,
-        method,
+        ctx.method,
         joined,
         base_index,
         [by_ref[first.checkpoints[i].ref] for i in first.model_indices if first.checkpoints[i].ref in by_ref],
         ref_index,
         tasks,
-        memory_budget,
+        ctx.memory_budget,
         first.num_layers,
         notes=notes,
+        layer_origins=origins,
     )
     plan.config_updates = updates
-    split_units(plan)
-    note = describe(prepare_statistics(plan))
-    if note:
-        plan.notes.append(note)
-    return plan
+    return finish_plan(plan)
 
 
 def _remap(task: TensorTask, where: dict[int, int]) -> TensorTask:

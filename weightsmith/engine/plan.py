@@ -21,13 +21,13 @@ from weightsmith.engine.keys import (
     layer_index,
 )
 from weightsmith.engine.parameters import check_parameters, resolve_params
-from weightsmith.engine.passes import describe, prepare_statistics
-from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
+from weightsmith.engine.plan_context import PlanContext, finish_plan
+from weightsmith.engine.tasks import MergePlan, Source, TensorTask
 from weightsmith.engine.vocab_rows import fill_bytes, gather_sources
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.notices import collecting
-from weightsmith.ops.registry import MergeMethod, get_method
+from weightsmith.ops.registry import MergeMethod
 from weightsmith.recipe import ModelSpec, Recipe
 
 
@@ -56,26 +56,16 @@ def build_plan(
     tokenizer. The plan's ``warnings`` are the recipe's and those given while planning.
     """
     with collecting() as warnings:
-        plan = _build_plan(recipe, checkpoints, memory_budget, random_seed, method, vocab)
+        ctx = PlanContext.create(
+            recipe, checkpoints, memory_budget=memory_budget, random_seed=random_seed, method=method
+        )
+        plan = _build_plan(ctx, vocab)
     plan.warnings = [*recipe.warnings, *(w for w in warnings if w not in recipe.warnings)]
     return plan
 
 
-def _build_plan(
-    recipe: Recipe,
-    checkpoints: list[Checkpoint],
-    memory_budget: int,
-    random_seed: int | None,
-    method: MergeMethod | None,
-    vocab: Any,
-) -> MergePlan:
-    if method is None:
-        try:
-            method = get_method(recipe.merge_method)
-        except KeyError as e:
-            raise RecipeError(str(e.args[0])) from None
-    # The engine knows only the mode's name: the method says how it computes under it.
-    method = method.for_numerics(recipe.numerics)
+def _build_plan(ctx: PlanContext, vocab: Any) -> MergePlan:
+    recipe, method, checkpoints = ctx.recipe, ctx.method, ctx.checkpoints
     check_parameters(recipe, method)
     has_base = recipe.base_model is not None and method.base != "unused"
     if method.base == "required" and not has_base:
@@ -113,7 +103,7 @@ def _build_plan(
     ref_index = 0 if recipe.base_model is not None else model_indices[0]
     ref_ckpt = checkpoints[ref_index]
     num_layers = _num_layers(ref_ckpt)
-    aux_refs = _open_aux_checkpoints(recipe, method, specs, checkpoints)
+    aux_refs = _open_aux_checkpoints(ctx, specs)
     result_dtype = method.result_dtype(recipe.compute_dtype) if method.result_dtype else None
     tasks: list[TensorTask] = []
     used: list[set[str]] = [set() for _ in checkpoints]
@@ -166,11 +156,8 @@ def _build_plan(
             t = idx / (num_layers - 1) if num_layers > 1 else 1.0
         params = resolve_params(recipe, method, specs, name, t)
         out_dtype = recipe.out_dtype or result_dtype or recipe.dtype or ref_entry.dtype
-        seed = _seed_for(random_seed or 0, name) if method.uses_randomness else None
-        aux = {
-            pname: _aux_sources(recipe, checkpoints, name, shape, refs, prefixes, method, pname)
-            for pname, refs in aux_refs.items()
-        }
+        seed = _seed_for(ctx.random_seed or 0, name) if method.uses_randomness else None
+        aux = {p: _aux_sources(ctx, p, refs, prefixes, name, shape) for p, refs in aux_refs.items()}
         tasks.append(
             TensorTask(name, shape, out_dtype, "merge", sources, base_src, params, t, seed, aux)
         )
@@ -195,11 +182,11 @@ def _build_plan(
         model_indices,
         ref_index,
         tasks,
-        memory_budget,
+        ctx.memory_budget,
         num_layers,
         notes=notes,
         vocab=vocab,
-        random_seed=(random_seed or 0) if method.uses_randomness else None,
+        random_seed=(ctx.random_seed or 0) if method.uses_randomness else None,
         key_mappings={checkpoints[i].ref: p for i, p in prefixes.items() if p != ("", "")},
         dropped=dropped,
     )
@@ -209,13 +196,9 @@ def _build_plan(
             fill_bytes(t.models[0].gather, t.numel // t.shape[0], len(t.models) + 1, 8)
             for t in tasks if t.models and t.models[0].gather is not None
         )
-    split_units(plan)
     # The method checks its parameters over all tensors now, before any work starts, and says
     # whether it needs model-wide statistics passes (engine/passes.py).
-    note = describe(prepare_statistics(plan))
-    if note:
-        plan.notes.append(note)
-    return plan
+    return finish_plan(plan)
 
 
 def _check_same_kind(checkpoints: list[Checkpoint], ref: int, name: str, idx: int, key: str) -> None:
@@ -238,11 +221,10 @@ def _check_same_kind(checkpoints: list[Checkpoint], ref: int, name: str, idx: in
 
 
 
-def _open_aux_checkpoints(
-    recipe: Recipe, method: MergeMethod, specs: list[Any], checkpoints: list[Checkpoint]
-) -> dict[str, list[int | None]]:
+def _open_aux_checkpoints(ctx: PlanContext, specs: list[Any]) -> dict[str, list[int | None]]:
     """Open the checkpoints that checkpoint-valued parameters name; append them to
-    ``checkpoints``. Returns, per parameter, checkpoint indices (one per model, or one)."""
+    ``ctx.checkpoints``. Returns, per parameter, checkpoint indices (one per model, or one)."""
+    recipe, method, checkpoints = ctx.recipe, ctx.method, ctx.checkpoints
     opened: dict[str, int] = {}
     out: dict[str, list[int | None]] = {}
     for p in method.params:
@@ -274,16 +256,16 @@ def _open_aux_checkpoints(
 
 
 def _aux_sources(
-    recipe: Recipe,
-    checkpoints: list[Checkpoint],
-    name: str,
-    shape: tuple[int, ...],
+    ctx: PlanContext,
+    pname: str,
     refs: list[int | None],
     prefixes: dict[int, tuple[str, str]],
-    method: MergeMethod,
-    pname: str,
+    name: str,
+    shape: tuple[int, ...],
 ) -> Any:
-    """Where each checkpoint-valued parameter's tensor for ``name`` lives (None if absent)."""
+    """Where checkpoint-valued parameter ``pname``'s tensors for output ``name`` live: one per
+    checkpoint index in ``refs`` (None where absent)."""
+    checkpoints = ctx.checkpoints
     sources: list[Source | None] = []
     for idx in refs:
         if idx is None:
@@ -297,7 +279,7 @@ def _aux_sources(
         have = ckpt.entry(key).shape
         if have == shape:
             sources.append(Source(idx, key))
-        elif have[1:] == shape[1:] and have and recipe.vocab_policy != "error":
+        elif have[1:] == shape[1:] and have and ctx.recipe.vocab_policy != "error":
             sources.append(Source(idx, key, have[0]))  # padded with zero rows, or truncated
         else:
             raise MergeError(
@@ -305,7 +287,7 @@ def _aux_sources(
                 f"has shape {list(have)} but the output has {list(shape)}"
                 + ("; set vocab_policy: pad or truncate" if have[1:] == shape[1:] else "")
             )
-    param = method.param(pname)
+    param = ctx.method.param(pname)
     return sources if param is not None and param.per_model else sources[0]
 
 

@@ -16,23 +16,25 @@ floating ones come back one per unit, so the driver's float sums round exactly a
 engine's do. Per-tensor statistics (thresholds of tensors split into row blocks) need only
 their own tensor, all of whose blocks are in one shard: each task runs them itself.
 
+Without shared storage for the output (``shared_fs=False``, ``--ray-no-shared-fs``) each task
+writes its shard to a node-local file and streams it back to the driver in chunks instead
+(engine/ray_stream.py); the driver writes and verifies them, and nothing else changes.
+
 Ray retries a task whose worker dies (``max_retries``); a retry writes the same bytes at the
 same offsets, so the output is unchanged. Ray is imported only here, when asked for.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from weightsmith.engine.executor import UnitKey, execute
-from weightsmith.engine.partition import ShardWork
+from weightsmith.engine import ray_stream
+from weightsmith.engine.executor import UnitKey
+from weightsmith.engine.partition import ShardWork, sub_plan
 from weightsmith.engine.passes import (
     MAX_PASSES,
     prepare_statistics,
@@ -40,6 +42,7 @@ from weightsmith.engine.passes import (
     unit_bytes,
     unit_partials,
 )
+from weightsmith.engine.ray_shard import ShardResult, merge_shard
 from weightsmith.engine.run_stats import RunStats
 from weightsmith.engine.slots import SlotPool
 from weightsmith.engine.tasks import MergePlan, WorkUnit
@@ -52,10 +55,6 @@ from weightsmith.units import format_size
 # A task whose worker process dies is run again this many times before the merge fails.
 MAX_RETRIES = 3
 
-# Test-only: a worker that finds this file removes it and exits right after writing its first
-# block, as a killed node would; Ray's retry must then produce the same output.
-DIE_ONCE_ENV = "WEIGHTSMITH_TEST_RAY_DIE_ONCE"
-
 
 def import_ray() -> Any:
     try:
@@ -65,62 +64,6 @@ def import_ray() -> Any:
             "--executor ray needs Ray: pip install 'weightsmith[ray]' (or pip install 'ray>=2.9')"
         ) from None
     return ray
-
-
-def sub_plan(plan: MergePlan, indices: list[int]) -> MergePlan:
-    """The plan restricted to some of its units (one shard's), tasks in plan order."""
-    units = [plan.units[i] for i in indices]
-    tasks, seen = [], set()
-    for unit in units:
-        if id(unit.task) not in seen:
-            seen.add(id(unit.task))
-            tasks.append(unit.task)
-    return replace(plan, tasks=tasks, units=units, notes=[])
-
-
-class _Recorder:
-    """Stands in for the journal on a worker: keeps the entries for the driver to journal."""
-
-    def __init__(self) -> None:
-        self.entries: list[Entry] = []
-
-    def record(self, entry: Entry) -> None:
-        self.entries.append(entry)
-        marker = os.environ.get(DIE_ONCE_ENV)
-        if marker:
-            try:
-                os.remove(marker)
-            except FileNotFoundError:
-                return
-            os._exit(1)
-
-
-def merge_shard(
-    plan: MergePlan,
-    indices: list[int],
-    folder: str,
-    names: list[str],
-    slots: dict[str, Any],
-    device: str,
-    statistics: tuple[Any, int, int] | None,
-    reused: dict[UnitKey, Entry],
-    kernels: str = "torch",
-    device_memory_budget: int | None = None,
-) -> tuple[RunStats, list[Entry], dict[str, int]]:
-    """One shard's work, on a worker: the local executor over the shard's sub-plan."""
-    writer = ShardWriter.attach(Path(folder), names, slots)
-    recorder = _Recorder()
-    try:
-        stats = execute(
-            sub_plan(plan, indices), writer, device=device, journal=recorder,  # type: ignore[arg-type]
-            reused=reused, statistics=statistics, kernels=kernels, device_memory_budget=device_memory_budget,
-        )
-        for fd in writer.fds:
-            os.fsync(fd)
-    finally:
-        writer.close()
-    stats.context = None  # the driver has it (model-wide) or does not need it (per tensor)
-    return stats, recorder.entries, writer.written
 
 
 def _exact(part: Any) -> bool:
@@ -227,6 +170,7 @@ def execute_on_ray(
     writer: ShardWriter,
     *,
     address: str | None = None,
+    shared_fs: bool = True,
     progress: Callable[[int], None] | None = None,
     device: str = "cpu",
     journal: Journal | None = None,
@@ -236,14 +180,15 @@ def execute_on_ray(
 ) -> RunStats:
     """``execute``'s contract, on Ray: every unit written through ``writer``'s layout. The
     statistics passes run on the CPU; ``device``, ``kernels`` and ``device_memory_budget``
-    apply to each task's output pass."""
+    apply to each task's output pass. ``shared_fs=False``: the workers never see ``writer``'s
+    folder; each streams its shard back to this process (engine/ray_stream.py)."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     try:
         device_options = {"kernels": kernels, "device_memory_budget": device_memory_budget}
-        return _run(ray, plan, writer, progress, device, journal, reused or {}, device_options)
+        return _run(ray, plan, writer, progress, device, journal, reused or {}, device_options, shared_fs)
     finally:
         if started_here:
             ray.shutdown()
@@ -258,33 +203,59 @@ def _run(
     journal: Journal | None,
     reused: dict[UnitKey, Entry],
     device_options: dict[str, Any],
+    shared_fs: bool,
 ) -> RunStats:
     # Workers need no more than the plan's budget each; Ray schedules by it.
     _check_nodes_fit(ray, plan.memory_budget)
     options = {"max_retries": MAX_RETRIES, "memory": plan.memory_budget}
-    merge_task = ray.remote(merge_shard).options(**options)
     collect = ray.remote(collect_shard).options(**options)
     plan_ref = ray.put(plan)
     shard_of = {name: slot.shard for name, slot in writer.slots.items()}
     statistics = reduce_statistics(ray, plan, plan_ref, collect, "cpu", shard_of)
     work = _shard_groups_by_writer(plan, writer)
     pending = {}
+    if shared_fs:
+        task = ray.remote(merge_shard).options(**options)
+    else:  # a generator task: chunks, then the trailer (engine/ray_stream.py)
+        backpressure = {"_generator_backpressure_num_objects": ray_stream.CHUNKS_IN_FLIGHT}
+        task = ray.remote(ray_stream.merge_shard_streamed).options(
+            **options, num_returns="streaming", **backpressure
+        )
     for w in work:
         keys = {(plan.units[i].task.name, plan.units[i].rows) for i in w.units}
         mine = {k: e for k, e in reused.items() if k in keys}
-        ref = merge_task.remote(
-            plan_ref, w.units, str(writer.folder), writer.names, writer.slots, device, statistics, mine,
-            **device_options,
-        )
-        pending[ref] = w
-    results: dict[int, tuple[RunStats, list[Entry], dict[str, int]]] = {}
+        if shared_fs:
+            where: tuple[Any, ...] = (str(writer.folder), writer.names, writer.slots)
+        else:  # the shard's name, header and slots: nothing that names the output folder
+            where = (ray_stream.shard_file(writer, w.shard),)
+        args = (plan_ref, w.units, *where, device, statistics, mine)
+        kwargs = dict(device_options)
+        if not shared_fs:
+            kwargs["chunk_bytes"] = ray_stream.CHUNK_BYTES
+        pending[_launch(task, args, kwargs)] = w
+    if shared_fs:
+        results = _wait_all(ray, pending, progress)
+    else:
+        results = ray_stream.receive_streams(ray, pending, writer, progress)
+    return _gather(plan, writer, journal, statistics, [results[w.shard] for w in work])
+
+
+def _launch(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Start one shard's task (every argument it gets passes here: tests inspect them)."""
+    return task.remote(*args, **kwargs)
+
+
+def _wait_all(
+    ray: Any, pending: dict[Any, ShardWork], progress: Callable[[int], None] | None
+) -> dict[int, ShardResult]:
+    results: dict[int, ShardResult] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         w = pending.pop(done[0])
         results[w.shard] = ray.get(done[0])
         if progress:
             progress(w.bytes_to_write)
-    return _gather(plan, writer, journal, statistics, [results[w.shard] for w in work])
+    return results
 
 
 def _gather(
@@ -292,7 +263,7 @@ def _gather(
     writer: ShardWriter,
     journal: Journal | None,
     statistics: tuple[Any, int, int] | None,
-    results: list[tuple[RunStats, list[Entry], dict[str, int]]],
+    results: list[ShardResult],
 ) -> RunStats:
     """One RunStats for the whole merge, as the local executor would report it."""
     total = RunStats()

@@ -1,19 +1,23 @@
 """How a sliced recipe lays out its output: parameter precedence folded into one setting, layer
-renaming, the layer map ``weightsmith plan`` shows, and the output config's per-layer fields."""
+renaming, where each output layer comes from (the layer map ``weightsmith plan`` shows), and the
+output config's per-layer fields."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from weightsmith.engine.keys import LAYER_COUNT_KEYS, LAYER_PATTERN
+from weightsmith.engine.layer_origin import LayerOrigin
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.recipe_settings import Conditional
 from weightsmith.recipe_slices import SliceSpec
 
 # Config keys that are never per-layer lists, whatever their length.
 NOT_PER_LAYER = {"architectures", "auto_map"}
-# Where a text model's config keeps its layer count: (sub-config or None, count keys).
-DEFAULT_SCOPES: tuple[tuple[str | None, tuple[str, ...]], ...] = (
+# Where a config keeps a layer count: (sub-config or None for the top level, count keys).
+Scopes = tuple[tuple[str | None, tuple[str, ...]], ...]
+# A text model's: the top level, or a VLM-style ``text_config``.
+DEFAULT_SCOPES: Scopes = (
     (None, LAYER_COUNT_KEYS),
     ("text_config", LAYER_COUNT_KEYS),
 )
@@ -44,27 +48,45 @@ def _with_layer(name: str, index: int) -> str:
     return name[: m.start(1)] + str(index) + name[m.end(1) :]
 
 
-def layer_map(slices: list[SliceSpec]) -> list[str]:
-    """One line per slice, consecutive slices that continue one model's range joined:
-    ``0-7 <- model-a:0-7 + model-b:8-15``."""
-    rows: list[tuple[int, int, list[tuple[str, int, int]]]] = []
-    start = 0
+def slice_origins(slices: list[SliceSpec], module: str | None = None) -> list[LayerOrigin]:
+    """One origin per output layer: slices stacked in order, layer ``i`` of a slice from layer
+    ``start + i`` of each of its sources."""
+    origins: list[LayerOrigin] = []
     for piece in slices:
-        n = piece.length
-        srcs = [(s.ref, s.layer_range[0], s.layer_range[1]) for s in piece.sources]
-        if rows:
-            o0, o1, prev = rows[-1]
-            if [r for r, _, _ in prev] == [r for r, _, _ in srcs] and all(
-                p[2] == s[1] for p, s in zip(prev, srcs)
-            ):
-                rows[-1] = (o0, o1 + n, [(r, a, s[2]) for (r, a, _), s in zip(prev, srcs)])
-                start += n
-                continue
-        rows.append((start, start + n, srcs))
-        start += n
+        for i in range(piece.length):
+            sources = tuple((s.ref, s.layer_range[0] + i) for s in piece.sources)
+            origins.append(LayerOrigin(module, len(origins), sources))
+    return origins
+
+
+def same_layer_origins(refs: list[str], layers: list[int], module: str | None = None) -> list[LayerOrigin]:
+    """A ``models:`` merge's: output layer L from layer L of each of ``refs``."""
+    return [LayerOrigin(module, n, tuple((ref, n) for ref in refs)) for n in sorted(set(layers))]
+
+
+LAYER_MAP_TITLE = "layer map (output <- model:input layers):"
+
+
+def layer_map(origins: list[LayerOrigin]) -> list[str]:
+    """One line per run of output layers that continue the same models' ranges:
+    ``0-7 <- model-a:0-7 + model-b:8-15``."""
+    runs: list[list[LayerOrigin]] = []
+    for origin in origins:
+        prev = runs[-1][-1] if runs else None
+        if (
+            prev is not None
+            and prev.module == origin.module
+            and origin.layer == prev.layer + 1
+            and [r for r, _ in prev.sources] == [r for r, _ in origin.sources]
+            and all(n == p + 1 for (_, p), (_, n) in zip(prev.sources, origin.sources))
+        ):
+            runs[-1].append(origin)
+        else:
+            runs.append([origin])
     return [
-        f"  {_span(o0, o1)} <- " + " + ".join(f"{ref}:{_span(a, b)}" for ref, a, b in srcs)
-        for o0, o1, srcs in rows
+        f"  {_span(run[0].layer, run[-1].layer + 1)} <- "
+        + " + ".join(f"{ref}:{_span(a, b + 1)}" for (ref, a), (_, b) in zip(run[0].sources, run[-1].sources))
+        for run in runs
     ]
 
 
@@ -76,7 +98,7 @@ def config_updates(
     checkpoints: list[Checkpoint],
     ref_index: int,
     layer_sources: list[tuple[int, int]],
-    scopes: tuple[tuple[str | None, tuple[str, ...]], ...] = DEFAULT_SCOPES,
+    scopes: Scopes = DEFAULT_SCOPES,
 ) -> dict[str, Any]:
     """The output config's layer count, and its per-layer lists (``layer_types`` and the like:
     any list as long as the stack) rebuilt from each output layer's source model and layer."""

@@ -18,7 +18,6 @@ Two cases:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -29,14 +28,20 @@ from weightsmith.engine.keys import (
     is_float,
     layer_index,
 )
+from weightsmith.engine.layer_origin import LayerOrigin
 from weightsmith.engine.parameters import check_parameters, resolve_params
-from weightsmith.engine.passes import describe, prepare_statistics
 from weightsmith.engine.plan import _seed_for, build_plan
-from weightsmith.engine.slice_layout import DEFAULT_SCOPES, _with_layer, chain, config_updates, layer_map
-from weightsmith.engine.tasks import MergePlan, Source, TensorTask, split_units
+from weightsmith.engine.plan_context import PlanContext, finish_plan
+from weightsmith.engine.slice_layout import (
+    LAYER_MAP_TITLE,
+    _with_layer,
+    chain,
+    config_updates,
+    layer_map,
+    slice_origins,
+)
+from weightsmith.engine.tasks import MergePlan, Source, TensorTask
 from weightsmith.errors import MergeError, RecipeError
-from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.ops.registry import MergeMethod
 from weightsmith.recipe import ModelSpec, Recipe
 from weightsmith.recipe_slices import SliceSpec
 
@@ -44,66 +49,35 @@ from weightsmith.recipe_slices import SliceSpec
 PRE_STACK = re.compile(r"embed|wte|wpe|word_embeddings|patch_embed|position_embedding")
 
 
-def plan_slices(
-    recipe: Recipe,
-    method: MergeMethod,
-    checkpoints: list[Checkpoint],
-    by_ref: dict[str, int],
-    slices: list[SliceSpec],
-    module_params: dict[str, Any],
-    memory_budget: int,
-    random_seed: int | None,
-    keep: Callable[[str], bool] = lambda name: True,
-    scopes: tuple[tuple[str | None, tuple[str, ...]], ...] = DEFAULT_SCOPES,
-) -> MergePlan:
+def plan_slices(ctx: PlanContext, slices: list[SliceSpec]) -> MergePlan:
     """One module's slices: the equivalent models: plan when the slices are one full-range
-    slice, else a stacked plan. ``keep`` picks the module's tensors, ``scopes`` its config."""
-    if _is_full_range(slices, recipe, checkpoints, by_ref):
+    slice, else a stacked plan (``ctx.keep`` picks the module's tensors, ``ctx.scopes`` its
+    config)."""
+    if _is_full_range(ctx, slices):
         piece = slices[0]
-        specs = [ModelSpec(s.ref, s.parameters) for s in piece.sources]
-        return plan_as_models(
-            recipe,
-            method,
-            checkpoints,
-            by_ref,
-            specs,
-            piece.parameters,
-            module_params,
-            memory_budget,
-            random_seed,
-        )
-    return _stacked_plan(
-        recipe,
-        method,
-        checkpoints,
-        by_ref,
-        slices,
-        module_params,
-        memory_budget,
-        random_seed,
-        keep,
-        scopes,
-    )
+        plan = plan_as_models(ctx, [ModelSpec(s.ref, s.parameters) for s in piece.sources], piece.parameters)
+        return with_layer_map(plan, slice_origins(slices, ctx.module))
+    return _stacked_plan(ctx, slices)
 
 
-def _is_full_range(
-    slices: list[SliceSpec], recipe: Recipe, checkpoints: list[Checkpoint], by_ref: dict[str, int]
-) -> bool:
-    if len(slices) != 1 or slices[0].base_model not in (None, recipe.base_model):
+def with_layer_map(plan: MergePlan, origins: list[LayerOrigin]) -> MergePlan:
+    """``plan`` knowing where its output layers come from, the map first among its notes."""
+    plan.layer_origins = origins
+    if origins:
+        plan.notes[:0] = [LAYER_MAP_TITLE, *layer_map(origins)]
+    return plan
+
+
+def _is_full_range(ctx: PlanContext, slices: list[SliceSpec]) -> bool:
+    if len(slices) != 1 or slices[0].base_model not in (None, ctx.recipe.base_model):
         return False
-    return all(s.layer_range == (0, _num_layers(checkpoints[by_ref[s.ref]])) for s in slices[0].sources)
+    return all(s.layer_range == (0, _num_layers(ctx.checkpoint(s.ref))) for s in slices[0].sources)
 
 
-def _view(
-    recipe: Recipe,
-    method: MergeMethod,
-    specs: list[ModelSpec],
-    slice_params: dict[str, Any],
-    module_params: dict[str, Any],
-    where: str,
-) -> Recipe:
+def _view(ctx: PlanContext, specs: list[ModelSpec], slice_params: dict[str, Any], where: str) -> Recipe:
     """A models-recipe view whose two-level parameters (model, global) carry the precedence
     source > slice > module > global."""
+    recipe, method, module_params = ctx.recipe, ctx.method, ctx.module_params
     known = {p.name: p for p in method.params}
     for scope, at in ((slice_params, f"{where}.parameters"), (module_params, "module parameters")):
         for key in scope:
@@ -135,18 +109,10 @@ def _view(
     return view
 
 
-def plan_as_models(
-    recipe: Recipe,
-    method: MergeMethod,
-    checkpoints: list[Checkpoint],
-    by_ref: dict[str, int],
-    specs: list[ModelSpec],
-    slice_params: dict[str, Any],
-    module_params: dict[str, Any],
-    memory_budget: int,
-    random_seed: int | None,
-) -> MergePlan:
-    view = _view(recipe, method, specs, slice_params, module_params, "slices[0]")
+def plan_as_models(ctx: PlanContext, specs: list[ModelSpec], slice_params: dict[str, Any]) -> MergePlan:
+    """The ``models:`` plan equivalent to one full-range slice (or a module's ``models:``)."""
+    recipe, method = ctx.recipe, ctx.method
+    view = _view(ctx, specs, slice_params, "slices[0]")
     listed = {m.ref for m in view.models}
     if recipe.base_model is not None and method.base != "unused":
         # As normalize_models does for a models: recipe: the base among the models is the base.
@@ -159,86 +125,50 @@ def plan_as_models(
     ordered = ([view.base_model] if view.base_model is not None else []) + [m.ref for m in view.models]
     return build_plan(
         view,
-        [checkpoints[by_ref[r]] for r in ordered],
-        memory_budget=memory_budget,
-        random_seed=random_seed,
+        [ctx.checkpoint(r) for r in ordered],
+        memory_budget=ctx.memory_budget,
+        random_seed=ctx.random_seed,
         method=method,
     )
 
 
-def _stacked_plan(
-    recipe: Recipe,
-    method: MergeMethod,
-    checkpoints: list[Checkpoint],
-    by_ref: dict[str, int],
-    slices: list[SliceSpec],
-    module_params: dict[str, Any],
-    memory_budget: int,
-    random_seed: int | None,
-    keep: Callable[[str], bool],
-    scopes: tuple[tuple[str | None, tuple[str, ...]], ...],
-) -> MergePlan:
-    pieces = [
-        _SlicePlan(recipe, method, checkpoints, by_ref, k, s, module_params, keep)
-        for k, s in enumerate(slices)
-    ]
-    ref_index = by_ref[recipe.base_model] if recipe.base_model is not None else pieces[0].first
+def _stacked_plan(ctx: PlanContext, slices: list[SliceSpec]) -> MergePlan:
+    pieces = [_SlicePlan(ctx, k, s) for k, s in enumerate(slices)]
+    ref_index = ctx.index(ctx.recipe.base_model) if ctx.recipe.base_model is not None else pieces[0].first
     tasks: list[TensorTask] = []
     layer_sources: list[tuple[int, int]] = []  # output layer -> (checkpoint, input layer)
     out_layer = 0
     for piece in pieces:
         for i in range(piece.spec.length):
             t = i / (piece.spec.length - 1) if piece.spec.length > 1 else 1.0
-            tasks += piece.layer_tasks(i, out_layer, t, random_seed)
+            tasks += piece.layer_tasks(i, out_layer, t)
             layer_sources.append((piece.first, piece.spec.sources[0].layer_range[0] + i))
             out_layer += 1
     pre = [n for n in pieces[0].outside_names() if PRE_STACK.search(n)]
     post = [n for n in pieces[-1].outside_names() if not PRE_STACK.search(n)]
-    tasks = (
-        [pieces[0].outside_task(n, random_seed) for n in pre]
-        + tasks
-        + [pieces[-1].outside_task(n, random_seed) for n in post]
-    )
+    tasks = [pieces[0].outside_task(n) for n in pre] + tasks + [pieces[-1].outside_task(n) for n in post]
     widest = max(pieces, key=lambda p: len(p.models))
-    base_index = (
-        by_ref[recipe.base_model] if recipe.base_model is not None and method.base != "unused" else None
-    )
     plan = MergePlan(
-        recipe,
-        method,
-        checkpoints,
-        base_index,
+        ctx.recipe,
+        ctx.method,
+        ctx.checkpoints,
+        ctx.base_index,
         [src.ckpt for src in widest.models],
         ref_index,
         tasks,
-        memory_budget,
+        ctx.memory_budget,
         out_layer,
-        notes=["layer map (output <- model:input layers):", *layer_map(slices)],
     )
-    plan.config_updates = config_updates(checkpoints, ref_index, layer_sources, scopes)
-    split_units(plan)
-    note = describe(prepare_statistics(plan))
-    if note:
-        plan.notes.append(note)
-    return plan
+    plan.config_updates = config_updates(ctx.checkpoints, ref_index, layer_sources, ctx.scopes)
+    return finish_plan(with_layer_map(plan, slice_origins(slices, ctx.module)))
 
 
 class _SlicePlan:
     """One slice's inputs: its base and model sources, its parameter view, its tensor names."""
 
-    def __init__(
-        self,
-        recipe: Recipe,
-        method: MergeMethod,
-        checkpoints: list[Checkpoint],
-        by_ref: dict[str, int],
-        k: int,
-        spec: SliceSpec,
-        module_params: dict[str, Any],
-        keep: Callable[[str], bool],
-    ) -> None:
-        self.keep = keep
-        self.recipe, self.method, self.checkpoints, self.spec = recipe, method, checkpoints, spec
+    def __init__(self, ctx: PlanContext, k: int, spec: SliceSpec) -> None:
+        self.ctx, self.spec = ctx, spec
+        recipe, method = ctx.recipe, ctx.method
         self.where = f"slices[{k}]"
         base = spec.base_model or recipe.base_model
         if method.base == "unused":
@@ -265,29 +195,22 @@ class _SlicePlan:
                 f"besides the base per slice; this slice has {n} ({', '.join(s.ref for s in sources)})"
             )
         self.sources = sources
-        self.view = _view(
-            recipe,
-            method,
-            [ModelSpec(s.ref, s.parameters) for s in sources],
-            spec.parameters,
-            module_params,
-            self.where,
-        )
-        self.models = [Source(by_ref[s.ref], "") for s in sources]
-        self.base_ckpt = by_ref[self.base.ref] if self.base is not None else None
+        self.view = _view(ctx, [ModelSpec(s.ref, s.parameters) for s in sources], spec.parameters, self.where)
+        self.models = [Source(ctx.index(s.ref), "") for s in sources]
+        self.base_ckpt = ctx.index(self.base.ref) if self.base is not None else None
         # The checkpoint whose tensor names and dtypes the slice's outputs follow.
         self.first = self.base_ckpt if self.base_ckpt is not None else self.models[0].ckpt
 
     def outside_names(self) -> list[str]:
-        keys = self.checkpoints[self.first].keys()
-        return sorted((k for k in keys if layer_index(k) is None and self.keep(k)), key=_sort_key)
+        keys = self.ctx.checkpoints[self.first].keys()
+        return sorted((k for k in keys if layer_index(k) is None and self.ctx.keep(k)), key=_sort_key)
 
-    def layer_tasks(self, i: int, out_layer: int, t: float, seed: int | None) -> list[TensorTask]:
+    def layer_tasks(self, i: int, out_layer: int, t: float) -> list[TensorTask]:
         ref_src = self.base or self.sources[0]
         ref_layer = ref_src.layer_range[0] + i
-        ref_ckpt = self.checkpoints[self.first]
+        ref_ckpt = self.ctx.checkpoints[self.first]
         names = sorted(
-            (k for k in ref_ckpt.keys() if layer_index(k) == ref_layer and self.keep(k)), key=_sort_key
+            (k for k in ref_ckpt.keys() if layer_index(k) == ref_layer and self.ctx.keep(k)), key=_sort_key
         )
         if not names:
             raise MergeError(
@@ -299,16 +222,16 @@ class _SlicePlan:
         for name in names:
             keys = [_with_layer(name, s.layer_range[0] + i) for s in self.sources]
             base_key = _with_layer(name, self.base.layer_range[0] + i) if self.base else None
-            tasks.append(self._task(name, _with_layer(name, out_layer), keys, base_key, t, seed))
+            tasks.append(self._task(name, _with_layer(name, out_layer), keys, base_key, t))
         return tasks
 
-    def outside_task(self, name: str, seed: int | None) -> TensorTask:
-        return self._task(name, name, [name] * len(self.sources), name if self.base else None, 0.0, seed)
+    def outside_task(self, name: str) -> TensorTask:
+        return self._task(name, name, [name] * len(self.sources), name if self.base else None, 0.0)
 
     def _task(
-        self, ref_name: str, out_name: str, keys: list[str], base_key: str | None, t: float, seed: int | None
+        self, ref_name: str, out_name: str, keys: list[str], base_key: str | None, t: float
     ) -> TensorTask:
-        ckpts = self.checkpoints
+        recipe, method, ckpts = self.ctx.recipe, self.ctx.method, self.ctx.checkpoints
         sources = [Source(m.ckpt, key) for m, key in zip(self.models, keys)]
         base_src = (
             Source(self.base_ckpt, base_key) if base_key is not None and self.base_ckpt is not None else None
@@ -324,13 +247,9 @@ class _SlicePlan:
         if not is_float(ref_entry.dtype):
             copy_src = base_src or sources[0]
             return TensorTask(out_name, ref_entry.shape, ref_entry.dtype, "copy", [], copy_src)
-        shape, sources, base_src = _align_shapes(
-            self.recipe, ckpts, ref_name, ref_entry.shape, sources, base_src
-        )
+        shape, sources, base_src = _align_shapes(recipe, ckpts, ref_name, ref_entry.shape, sources, base_src)
         # Per-model filters match each input's own name (mergekit), shared ones the output's.
-        params = resolve_params(
-            self.view, self.method, self.view.models, out_name, t, [s.key for s in sources]
-        )
-        out_dtype = self.recipe.out_dtype or self.recipe.dtype or ref_entry.dtype
-        task_seed = _seed_for(seed or 0, out_name) if self.method.uses_randomness else None
+        params = resolve_params(self.view, method, self.view.models, out_name, t, [s.key for s in sources])
+        out_dtype = recipe.out_dtype or recipe.dtype or ref_entry.dtype
+        task_seed = _seed_for(self.ctx.random_seed or 0, out_name) if method.uses_randomness else None
         return TensorTask(out_name, shape, out_dtype, "merge", sources, base_src, params, t, task_seed)

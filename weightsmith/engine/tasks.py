@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.engine.layer_origin import LayerOrigin
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.safetensors_format import element_size
 from weightsmith.ops.registry import MergeMethod
@@ -87,6 +88,8 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     # Set in the output config.json over the reference's (a stacked merge's layer count).
     config_updates: dict[str, Any] = field(default_factory=dict)
+    # A sliced or modules: merge's output layers, each with the input layers it comes from.
+    layer_origins: list[LayerOrigin] = field(default_factory=list)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -145,9 +145,12 @@ class ShardWriter:
             return slot.shard, slot.offset, slot.nbytes
         return slot.shard, slot.offset + rows[0] * slot.row_bytes, (rows[1] - rows[0]) * slot.row_bytes
 
-    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> int:
+    def write(
+        self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None, *, checksum: bool = True
+    ) -> int:
         """Write a whole tensor, or rows [start, stop) of it, at its planned offset; return the
-        crc32 of the bytes written (for the resume journal)."""
+        crc32 of the bytes written (for the resume journal), or 0 without ``checksum`` (no
+        journal records it: a crc32 pass costs about a second per GB here)."""
         shard, offset, expected = self.span(name, rows)
         data = tensor.detach().contiguous()
         if data.device.type != "cpu":
@@ -163,7 +166,7 @@ class ShardWriter:
         except OSError as e:
             raise _disk_error(e, self.folder / self.names[shard], self.total_size, self.out) from e
         self.written[name] = self.written.get(name, 0) + expected
-        return journal.checksum(view)
+        return journal.checksum(view) if checksum else 0
 
     def reuse(
         self, entries: list[journal.Entry], blocks: set[tuple[str, tuple[int, int] | None]]

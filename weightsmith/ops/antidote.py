@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from weightsmith.errors import MergeError, RecipeError
-from weightsmith.ops.param_checks import check_choice, check_uniform
+from weightsmith.ops.param_checks import check_choice, check_fraction, check_uniform
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 
 TARGETS = ("delta", "weights")
@@ -135,13 +135,9 @@ def prepare(specs: list[TensorSpec], dtype: torch.dtype) -> None:
         ("modules", "it selects tensors; vary mask_ratio by filter instead"),
     ):
         check_uniform(specs, name, why)
-    for spec in specs:
-        r = spec.params["mask_ratio"]
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0 <= r < 1) or math.isnan(r):
-            raise RecipeError(
-                f"antidote: mask_ratio for tensor {spec.name!r} is {r!r}; it is the fraction of "
-                "each row removed and must be in [0, 1)"
-            )
+    check_fraction(
+        specs, "mask_ratio", "antidote", meaning="the fraction of each row removed", high_open=True
+    )
     pattern = specs[0].params["modules"] if specs else ""
     try:
         re.compile(pattern)

@@ -23,9 +23,8 @@ from functools import partial
 
 import torch
 
-from weightsmith.errors import RecipeError
 from weightsmith.ops import fused
-from weightsmith.ops.param_checks import check_choice, check_density
+from weightsmith.ops.param_checks import check_choice, check_density, check_fraction
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 from weightsmith.ops.sparse.band_statistics import (
     TensorBandStatistics,
@@ -85,13 +84,9 @@ def _prepare(name: str):  # noqa: ANN202 - a small closure factory
     def prepare(specs: list[TensorSpec], dtype: torch.dtype) -> TensorBandStatistics | None:
         check_density(specs, name)
         check_choice(specs, "scope", SCOPES, name)
-        for spec in specs:
-            for i, g in enumerate(spec.params["gamma"]):
-                if not (0 <= g < 1) or math.isnan(g):
-                    raise RecipeError(
-                        f"{name}: gamma of {spec.model_label(i)} for tensor {spec.name!r} is {g}; it is the "
-                        "fraction of largest-magnitude entries removed and must be in [0, 1)"
-                    )
+        check_fraction(
+            specs, "gamma", name, meaning="the fraction of largest-magnitude entries removed", high_open=True
+        )
         return split_tensor_statistics(
             specs,
             dtype,

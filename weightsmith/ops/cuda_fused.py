@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from weightsmith.errors import MergeError
-from weightsmith.ops.fused import AGGREGATION_CODES, BLOCK, BUCKETS, _record_output_stats
+from weightsmith.ops.fused import AGGREGATION_CODES, BLOCK, BUCKETS
+from weightsmith.ops.fused_stats import record_input_stats, record_output_stats, returned_histograms
 
 MIN_NUMEL = 1 << 14  # below this a launch costs more than the torch path's few small ops
 
@@ -186,20 +187,9 @@ def task_vectors_(
             _small(histograms, torch.uint8, models), stats is not None, LAUNCH.chunk,
             _array(hist, "histograms"), _array(fstats, "statistics"), _array(istats, "statistics"),
         )
-    if stats is not None:
-        f = fstats.cpu().numpy().sum(0)  # the per-block partials, summed on the host
-        counts = istats.cpu().numpy().sum(0)
-        stats["numel"] = float(n)
-        stats["sq_base"] = float(f[0])
-        for i in range(n_models):
-            stats[f"sq_model[{i}]"] = float(f[1 + i])
-        for i in range(n_models):
-            stats[f"sq_tv[{i}]"] = float(f[1 + n_models + i])
-            stats[f"nonzero_tv[{i}]"] = float(counts[i])
-    if into is not None or not any(histograms):
-        return [None] * n_models
-    summed = sum_histograms(hist)
-    return [summed[i] if histograms[i] else None for i in range(n_models)]
+    if stats is not None:  # the per-block partials, summed on the host
+        record_input_stats(stats, fstats.cpu().numpy(), istats.cpu().numpy(), n, n_models)
+    return returned_histograms(histograms, into, lambda: sum_histograms(hist))
 
 
 def subtract_(models: torch.Tensor, base: torch.Tensor) -> None:
@@ -237,7 +227,7 @@ def _output_stats(n_models: int, n: int, like: torch.Tensor) -> tuple[torch.Tens
 def _record(
     stats: dict[str, float], fstats: torch.Tensor, istats: torch.Tensor, n_models: int, elected: bool
 ) -> None:
-    _record_output_stats(stats, fstats.cpu().numpy(), istats.cpu().numpy(), n_models, elected)
+    record_output_stats(stats, fstats.cpu().numpy(), istats.cpu().numpy(), n_models, elected)
 
 
 def combine_into(

@@ -28,10 +28,11 @@ import torch
 
 from weightsmith.ops.param_checks import check_choice, check_density
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.sparse.combine import common_params, generalized_task_arithmetic
+from weightsmith.ops.sparse.combine import common_params
+from weightsmith.ops.sparse.random_drop import random_drop_task_arithmetic
 from weightsmith.ops.sparse.report import summarize
 from weightsmith.ops.sparse.rescale import rescale_l1_
-from weightsmith.ops.sparse.selection import drop_random_, model_generators
+from weightsmith.ops.sparse.selection import drop_random_
 
 RESCALE_MODES = ("inverse_density", "l1")
 
@@ -49,21 +50,21 @@ def _dare(
     **params: float,
 ) -> torch.Tensor:
     """dare_linear (``consensus=False``) and dare_ties (``consensus=True``)."""
-    generators = model_generators(inputs, len(density))
 
-    def sparsify(i: int, delta: torch.Tensor) -> None:
+    def drop_(i: int, delta: torch.Tensor, generator: torch.Generator | None) -> None:
         if density[i] >= 1:
             return
         l1 = delta.abs().sum() if rescale and rescale_mode == "l1" else None
-        drop_random_(delta, density[i], generators[i])
+        drop_random_(delta, density[i], generator)
         if l1 is not None:
             rescale_l1_(delta, l1)
         elif rescale:
             delta.div_(density[i])
 
-    return generalized_task_arithmetic(
+    return random_drop_task_arithmetic(
         inputs,
-        sparsify,
+        drop_,
+        n_models=len(density),
         weight=weight,
         lam=params.get("lambda", 1.0),
         normalize=normalize,

@@ -39,18 +39,15 @@ from functools import partial
 import torch
 
 from weightsmith.errors import RecipeError
-
-# The sparse family's shared generalized-task-arithmetic core (one combine for TIES, DARE,
-# breadcrumbs and DELLA).
 from weightsmith.ops.param_checks import check_choice, check_density
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 from weightsmith.ops.row_ranks import ranks_along_dim1
-from weightsmith.ops.sparse.combine import common_params, generalized_task_arithmetic
+from weightsmith.ops.sparse.combine import common_params
+from weightsmith.ops.sparse.random_drop import random_drop_task_arithmetic
 from weightsmith.ops.sparse.report import summarize
-from weightsmith.ops.sparse.selection import model_generators
+from weightsmith.ops.sparse.rescale import rescale_l1_
 
 RESCALE_MODES = ("inverse_probability", "l1")
-L1_EPS = 1e-7  # below this an L1 norm counts as zero and rescaling is skipped (as mergekit)
 CHUNK = 1 << 20  # elements per row chunk: bounds the int64 rank scratch
 
 
@@ -90,9 +87,7 @@ def della_drop_(
         if rescale and rescale_mode == "inverse_probability":
             block.div_(p)  # dropped entries are 0 and stay 0
     if l1 is not None:
-        after = delta.abs().sum()
-        if l1 >= L1_EPS and after >= L1_EPS:
-            delta.mul_(l1 / after)
+        rescale_l1_(delta, l1)
 
 
 def _della(
@@ -109,14 +104,14 @@ def _della(
     **params: float,
 ) -> torch.Tensor:
     """della (``consensus=True``) and della_linear (``consensus=False``)."""
-    generators = model_generators(inputs, len(density))
 
-    def sparsify(i: int, delta: torch.Tensor) -> None:
-        della_drop_(delta, density[i], epsilon[i], generators[i], rescale, rescale_mode)
+    def drop_(i: int, delta: torch.Tensor, generator: torch.Generator | None) -> None:
+        della_drop_(delta, density[i], epsilon[i], generator, rescale, rescale_mode)
 
-    return generalized_task_arithmetic(
+    return random_drop_task_arithmetic(
         inputs,
-        sparsify,
+        drop_,
+        n_models=len(density),
         weight=weight,
         lam=params.get("lambda", 1.0),
         normalize=normalize,

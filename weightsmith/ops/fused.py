@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from weightsmith.ops.fused_blocks import BLOCK
+from weightsmith.ops.fused_stats import record_input_stats, record_output_stats, returned_histograms
 
 BUCKETS = 1 << 16
 MIN_NUMEL = 1 << 14  # below this the torch path is as fast and skips the histogram set-up
@@ -135,19 +136,8 @@ def task_vectors_(
         flat, base.reshape(n).numpy(), flat.view(np.int32), want, stats is not None, hist, fstats, istats
     )
     if stats is not None:
-        f = fstats.sum(0)
-        counts = istats.sum(0)
-        stats["numel"] = float(n)
-        stats["sq_base"] = float(f[0])
-        for i in range(n_models):
-            stats[f"sq_model[{i}]"] = float(f[1 + i])
-        for i in range(n_models):
-            stats[f"sq_tv[{i}]"] = float(f[1 + n_models + i])
-            stats[f"nonzero_tv[{i}]"] = float(counts[i])
-    if into is not None or not any(histograms):
-        return [None] * n_models
-    summed = sum_histograms(hist)
-    return [summed[i] if histograms[i] else None for i in range(n_models)]
+        record_input_stats(stats, fstats, istats, n, n_models)
+    return returned_histograms(histograms, into, lambda: sum_histograms(hist))
 
 
 def subtract_(models: torch.Tensor, base: torch.Tensor) -> None:
@@ -170,25 +160,6 @@ def refine_histograms(
     digits = np.array([d for _, d in selections], dtype=np.int32)
     _k()._refine(flat.view(np.int32), rows, digits, hist)
     return [] if into is not None else sum_histograms(hist)
-
-
-def _record_output_stats(
-    stats: dict[str, float], fstats: np.ndarray, istats: np.ndarray, n_models: int, elected: bool
-) -> None:
-    """The combine kernels' per-block numbers, summed into the report's keys (those of
-    ``sparse.combine.combine``): kept entries and their squares per model, sign conflicts, active
-    coordinates, the elected sign balance, and the squared norms of the output and its delta."""
-    f = fstats.sum(0)
-    c = istats.sum(0)
-    for i in range(n_models):
-        stats[f"kept[{i}]"] = float(c[i])
-        stats[f"sq_kept[{i}]"] = float(f[i])
-    stats["conflict"], stats["active"] = float(c[n_models]), float(c[n_models + 1])
-    if elected:
-        stats["elected_pos"] = float(c[n_models + 2])
-        stats["elected_neg"] = stats["active"] - stats["elected_pos"]
-    stats["sq_delta_out"] = float(f[n_models])
-    stats["sq_out"] = float(f[n_models + 1])
 
 
 def combine_into(
@@ -226,7 +197,7 @@ def combine_into(
         fstats,
         istats,
     )
-    _record_output_stats(stats, fstats, istats, n_models, elected=consensus)
+    record_output_stats(stats, fstats, istats, n_models, elected=consensus)
     return out
 
 
@@ -277,7 +248,7 @@ def ties_model_combine_into(
         fstats,
         istats,
     )
-    _record_output_stats(stats, fstats, istats, n_models, elected=True)
+    record_output_stats(stats, fstats, istats, n_models, elected=True)
     return out
 
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from weightsmith.errors import RecipeError
+from weightsmith.ops.param_checks import check_fraction
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 from weightsmith.ops.tsv import numerical_rank, polar_factor, svd_dtype, weighted_task_vectors_
 
@@ -141,14 +141,10 @@ def iso_cts(
 
 
 def _check_fraction(tensors: list[TensorSpec], dtype: torch.dtype) -> None:
-    for spec in tensors:
-        fraction = spec.params.get("common_space_fraction", 0.8)
-        if not 0 <= fraction <= 1:
-            raise RecipeError(
-                f"tensor {spec.name!r}: iso_cts `common_space_fraction` must be in [0, 1], got "
-                f"{fraction}"
-            )
-    return None
+    check_fraction(
+        tensors, "common_space_fraction", "iso_cts",
+        meaning="the share of directions taken from the summed task vector",
+    )
 
 
 def _scratch(copies: int) -> Callable[[int, torch.dtype], int]:

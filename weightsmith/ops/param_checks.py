@@ -3,7 +3,6 @@ bad values fail before any work starts."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,14 +10,47 @@ from weightsmith.errors import RecipeError
 from weightsmith.ops.registry import TensorSpec
 
 
-def check_density(specs: Sequence[TensorSpec], method: str) -> None:
+def _interval(low_open: bool, high_open: bool) -> str:
+    return f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+
+
+def check_fraction(
+    specs: Sequence[TensorSpec],
+    name: str,
+    method: str,
+    *,
+    meaning: str,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Every value of the fraction parameter ``name`` (per model or shared; a method's default
+    where a spec lacks it) is a number in [0, 1], with an open end where the method needs one:
+    density (0, 1], gamma and mask_ratio [0, 1). ``meaning`` says what the fraction is, for the
+    message."""
+    interval = _interval(low_open, high_open)
     for spec in specs:
-        for i, d in enumerate(spec.params["density"]):
-            if not (0 < d <= 1) or math.isnan(d):
-                raise RecipeError(
-                    f"{method}: density of {spec.model_label(i)} for tensor {spec.name!r} is {d}; it is the "
-                    "fraction of each task vector kept and must be in (0, 1]"
-                )
+        if name not in spec.params:
+            continue  # the method's default applies, and it is in range
+        value = spec.params[name]
+        per_model = isinstance(value, (list, tuple))
+        for i, v in enumerate(value if per_model else [value]):
+            number = not isinstance(v, bool) and isinstance(v, (int, float))
+            low_ok = number and (v > 0 if low_open else v >= 0)
+            high_ok = number and (v < 1 if high_open else v <= 1)
+            if low_ok and high_ok:  # NaN fails both
+                continue
+            whose = f" of {spec.model_label(i)}" if per_model else ""
+            where = (
+                f"that model's `{name}` (or parameters.{name})" if per_model else f"parameters.{name}"
+            )
+            raise RecipeError(
+                f"{method}: {name}{whose} for tensor {spec.name!r} is {v!r}; it is {meaning} and "
+                f"must be in {interval}: set {where} to a value in {interval}"
+            )
+
+
+def check_density(specs: Sequence[TensorSpec], method: str) -> None:
+    check_fraction(specs, "density", method, meaning="the fraction of each task vector kept", low_open=True)
 
 
 def check_choice(specs: Sequence[TensorSpec], name: str, options: tuple[str, ...], method: str) -> None:

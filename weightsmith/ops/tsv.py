@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from weightsmith.errors import RecipeError
+from weightsmith.ops.param_checks import check_fraction
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 
 
@@ -129,14 +129,10 @@ def tsv(
 
 
 def check_rank_fraction(tensors: list[TensorSpec], dtype: torch.dtype) -> None:
-    for spec in tensors:
-        fraction = spec.params.get("rank_fraction", 0.0)
-        if not 0 <= fraction <= 1:
-            raise RecipeError(
-                f"tensor {spec.name!r}: tsv `rank_fraction` must be in [0, 1] (0 means 1 / number "
-                f"of models), got {fraction}"
-            )
-    return None
+    check_fraction(
+        tensors, "rank_fraction", "tsv",
+        meaning="the share of each task's singular directions kept (0: 1 / number of models)",
+    )
 
 
 def svd_scratch(n_models: int, dtype: torch.dtype) -> int:

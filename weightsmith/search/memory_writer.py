@@ -34,7 +34,9 @@ class MemoryWriter:
                 self.tensors[task.name] = torch.empty(shape, dtype=task.out_dtype)
 
     @torch.no_grad()
-    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> int:
+    def write(
+        self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None, *, checksum: bool = False
+    ) -> int:
         dest = self.tensors[name]
         if rows is not None:
             dest = dest[rows[0] : rows[1]]

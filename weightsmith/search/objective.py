@@ -1,9 +1,11 @@
 """A candidate recipe's score: merge it into a live model (no disk) and evaluate it on data.
 
 The model is built once, from the first input model's folder (or ``model_dir``), like a greedy
-soup's evaluator; each candidate's merged tensors overwrite its weights through
-``MemoryWriter``, and ``finetune.evaluation`` scores them. With a control set, the score is the
-weighted scalarisation ``(1 - w) * target + w * control`` of the same metric (docs/search.md).
+soup's evaluator, and the input checkpoints are opened once (headers read, files kept open):
+each candidate is only planned over those open checkpoints and its merged tensors overwrite the
+model's weights through ``MemoryWriter``; ``finetune.evaluation`` scores them. With a control
+set, the score is the weighted scalarisation ``(1 - w) * target + w * control`` of the same
+metric (docs/search.md).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import torch
 
 from weightsmith.engine.executor import execute
 from weightsmith.errors import RecipeError
-from weightsmith.pipeline import plan_merge
+from weightsmith.io.checkpoint import Checkpoint
+from weightsmith.pipeline import plan_checkpoints
+from weightsmith.plan_inputs import normalize_models
+from weightsmith.recipe import Recipe, load_recipe
 from weightsmith.search.memory_writer import MemoryWriter
 
 
@@ -52,6 +57,7 @@ class Objective:
         if not 0.0 <= control_weight <= 1.0:
             raise RecipeError(f"--control-weight {control_weight}: give a number in [0, 1]")
         self.memory_budget, self.random_seed = memory_budget, random_seed
+        self.inputs: dict[str, Checkpoint] = {}  # ref -> checkpoint, opened by the first plan
         plan = self._plan(recipe)
         root = model_dir or plan.checkpoints[plan.model_indices[0]].root
         self.evaluator = Evaluator(root, data, task, metric=metric, batch_size=batch_size,
@@ -64,8 +70,19 @@ class Objective:
             self.control_features = encode(dataset, self.evaluator.loaded.tokenizer, max_length, truncate)
         self._resolver = KeyResolver(self.evaluator.model)
 
+    def _open_inputs(self, recipe: Recipe) -> list[Checkpoint]:
+        """The base then every model (``plan_inputs.open_inputs``'s order), each opened once per
+        search: a candidate differs only in numbers, so its inputs are already open."""
+        refs = ([recipe.base_model] if recipe.base_model is not None else []) + [m.ref for m in recipe.models]
+        for ref in refs:
+            if ref not in self.inputs:
+                self.inputs[ref] = Checkpoint.open(ref, search_dirs=recipe.search_dirs)
+        return [self.inputs[ref] for ref in refs]  # a new list: planning appends aux checkpoints
+
     def _plan(self, recipe: dict[str, Any]) -> Any:
-        plan = plan_merge(recipe, memory_budget=self.memory_budget, random_seed=self.random_seed)
+        parsed = normalize_models(load_recipe(recipe))
+        plan = plan_checkpoints(parsed, self._open_inputs(parsed), memory_budget=self.memory_budget,
+                                random_seed=self.random_seed)
         if plan.recipe.evaluation is not None or plan.recipe.calibration is not None:
             raise RecipeError(
                 f"merge_method: {plan.method.name} runs a data step (evaluation:/calibration:); a "

@@ -6,6 +6,10 @@ for generations of candidates. Every evaluated trial is appended to the JSONL lo
 unit point, scores, seed) and fsynced. On restart the same seeded optimizer is replayed: each
 candidate it asks for is checked against the logged one and the logged score is told instead
 of evaluating again, so a resumed search ends exactly where an uninterrupted one does.
+
+Each generation is handed to a pool at once (population.py): sequentially here, or on Ray
+actors (ray_pool.py); scores are logged and told in candidate order, so under a seed the trial
+log does not depend on the pool.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from weightsmith.errors import RecipeError
 from weightsmith.progress import Progress
 from weightsmith.search.objective import Score
+from weightsmith.search.population import CandidatePool, as_pool, in_order
 from weightsmith.search.space import Space
 
 
@@ -73,10 +78,15 @@ def _import_cma() -> Any:
     return cma
 
 
+def default_popsize(space: Space) -> int:
+    """cma's default population, ``4 + floor(3 ln n)``, for this space (1-D runs as 2-D, below)."""
+    return 4 + int(3 * math.log(max(len(space.dimensions), 2)))
+
+
 def search(
     space: Space,
     recipe: dict[str, Any],
-    objective: Callable[[dict[str, Any]], Score],
+    objective: Callable[[dict[str, Any]], Score] | CandidatePool,
     *,
     trials: int,
     log_path: Path,
@@ -91,6 +101,7 @@ def search(
     cma = _import_cma()
     import numpy as np
 
+    pool = as_pool(objective)
     logged = read_log(log_path)
     if logged:  # drop a cut-short tail so the appends below continue a well-formed file
         log_path.write_text("".join(json.dumps(r) + "\n" for r in logged))
@@ -101,26 +112,20 @@ def search(
         ranked = [sign * t.score if not math.isnan(t.score) else math.inf for t in done]
         return min(range(len(done)), key=lambda i: (ranked[i], i))
 
-    def run(unit: list[float]) -> float:
-        unit = [min(max(float(u), 0.0), 1.0) for u in unit]
+    def replay(unit: list[float]) -> Trial:
         i = len(done)
-        if i < len(logged):
-            row = logged[i]
-            if row.get("seed") != seed or len(row["unit"]) != len(unit) or any(
-                abs(a - b) > 1e-12 for a, b in zip(row["unit"], unit, strict=True)
-            ):
-                raise RecipeError(
-                    f"{log_path}: trial {i} was logged by a different search (seed, space or recipe "
-                    "changed); resume with the same arguments or use a new --workdir"
-                )
-            trial = Trial(**{k: row[k] for k in Trial.__dataclass_fields__})
-        else:
-            state = np.random.get_state()  # evaluation must not disturb cma's sampler
-            try:
-                score = objective(space.apply(recipe, unit))
-            finally:
-                np.random.set_state(state)
-            trial = Trial(i, space.values(unit), unit, score.value, score.target, score.control, seed)
+        row = logged[i]
+        if row.get("seed") != seed or len(row["unit"]) != len(unit) or any(
+            abs(a - b) > 1e-12 for a, b in zip(row["unit"], unit, strict=True)
+        ):
+            raise RecipeError(
+                f"{log_path}: trial {i} was logged by a different search (seed, space or recipe "
+                "changed); resume with the same arguments or use a new --workdir"
+            )
+        return Trial(**{k: row[k] for k in Trial.__dataclass_fields__})
+
+    def record(trial: Trial, fresh: bool) -> None:
+        if fresh:
             with log_path.open("a") as f:
                 f.write(json.dumps(asdict(trial)) + "\n")
                 f.flush()
@@ -129,9 +134,28 @@ def search(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(best=f"{done[best_index()].score:.4g}")
-        return trial.score
 
-    run(space.default(recipe))
+    def run(units: list[list[float]]) -> list[float]:
+        """One generation: logged trials replayed (the log is a prefix of the trial sequence),
+        the rest scored by the pool together and logged in candidate order."""
+        units = [[min(max(float(u), 0.0), 1.0) for u in unit] for unit in units]
+        start = len(done)
+        n_logged = max(0, min(len(units), len(logged) - start))
+        for unit in units[:n_logged]:
+            record(replay(unit), fresh=False)
+        fresh = units[n_logged:]
+        if fresh:
+            state = np.random.get_state()  # evaluation must not disturb cma's sampler
+            try:
+                scored = pool.evaluate([space.apply(recipe, unit) for unit in fresh])
+                for k, score in in_order(scored, len(fresh)):
+                    record(Trial(len(done), space.values(fresh[k]), fresh[k], score.value,
+                                 score.target, score.control, seed), fresh=True)
+            finally:
+                np.random.set_state(state)
+        return [t.score for t in done[start:]]
+
+    run([space.default(recipe)])
     options = {"bounds": [0.0, 1.0], "seed": seed + 1,  # cma reads seed 0 as "from the clock"
                "verbose": -9, "verb_log": 0, "verb_disp": 0}
     if popsize:
@@ -145,12 +169,7 @@ def search(
         es = cma.CMAEvolutionStrategy(x0 + [0.5] if inert else x0, sigma, options)
     while len(done) < trials:
         asked = es.ask()
-        told = []
-        for x in asked:
-            if len(done) >= trials:
-                break
-            value = run(list(x[:1] if inert else x))
-            told.append(sign * value if not math.isnan(value) else math.inf)
-        if len(told) == len(asked):
-            es.tell(asked, told)
+        values = run([list(x[:1] if inert else x) for x in asked[: trials - len(done)]])
+        if len(values) == len(asked):
+            es.tell(asked, [sign * v if not math.isnan(v) else math.inf for v in values])
     return SearchResult(done, best_index(), higher_is_better)

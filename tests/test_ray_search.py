@@ -1,0 +1,96 @@
+"""`weightsmith search --executor ray`: candidates scored on Ray actors (each built once with
+its inputs and its own live model) write the trial log a sequential search writes under the
+same seed; an actor killed mid-trial is restarted and the search ends with the same log;
+resume from a cut log works on Ray too. A local two-CPU cluster, started here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_search import SPACE, family, linear_recipe  # noqa: F401  (family: the fixture)
+
+from weightsmith.search.ray_pool import DIE_ONCE_ENV, RayPool
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("transformers")
+pytest.importorskip("cma")
+
+TRIALS, POPSIZE, SEED = 7, 3, 2
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """127.0.0.1, two CPUs, no dashboard. Actors inherit this environment, so the die-once
+    marker path is set before the cluster starts (a cluster another module left is replaced)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    marker = tmp_path_factory.mktemp("ray-search") / "die-once"
+    os.environ[DIE_ONCE_ENV] = str(marker)
+    ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    yield marker
+    ray.shutdown()
+    os.environ.pop(DIE_ONCE_ENV, None)
+
+
+@pytest.fixture(scope="module")
+def local_log(family, tmp_path_factory) -> Path:  # noqa: F811
+    """The sequential search's trial log: what every Ray run must reproduce."""
+    from weightsmith.search.objective import Objective
+    from weightsmith.search.optimizer import search
+
+    log = tmp_path_factory.mktemp("local") / "trials.jsonl"
+    recipe = linear_recipe(family)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as an actor runs (Ray's OMP_NUM_THREADS=1): much faster on busy cores
+    try:
+        search(SPACE, recipe, Objective(recipe, family["val"], "classification", random_seed=SEED),
+               trials=TRIALS, log_path=log, seed=SEED, popsize=POPSIZE)
+    finally:
+        torch.set_num_threads(threads)
+    return log
+
+
+@pytest.fixture(scope="module")
+def pool(cluster, family):  # noqa: F811
+    """Two actors, built once for the module (each loads a model: the slow part)."""
+    args = dict(recipe=linear_recipe(family), data=str(family["val"]), task="classification",
+                random_seed=SEED)
+    with RayPool(args, workers=2) as pool:
+        yield pool
+
+
+@pytest.mark.slow
+def test_ray_search_writes_the_sequential_trial_log(pool, family, local_log, tmp_path: Path) -> None:  # noqa: F811
+    from weightsmith.search.optimizer import search
+
+    assert pool.higher_is_better and len(pool.actors) == 2
+    log = tmp_path / "trials.jsonl"
+    result = search(SPACE, linear_recipe(family), pool, trials=TRIALS, log_path=log, seed=SEED,
+                    popsize=POPSIZE)
+    # Same parameters, same scores, same order: the very same lines.
+    assert log.read_text() == local_log.read_text()
+    assert result.best_trial.score == max(t.score for t in result.trials)
+    assert ray.is_initialized()  # the test's cluster was used, not shut down by the pool
+
+
+@pytest.mark.slow
+def test_a_killed_actor_is_restarted_and_a_resumed_ray_search_ends_the_same(
+    cluster, pool, family, local_log, tmp_path: Path  # noqa: F811
+) -> None:
+    from weightsmith.search.optimizer import search
+
+    lines = local_log.read_text().splitlines(keepends=True)
+    log = tmp_path / "trials.jsonl"
+    log.write_text("".join(lines[:3]) + lines[3][:25])  # killed while logging trial 3
+    cluster.write_text("")  # the first actor to score a candidate removes it and dies
+    result = search(SPACE, linear_recipe(family), pool, trials=TRIALS, log_path=log, seed=SEED,
+                    popsize=POPSIZE)
+    assert not cluster.exists()  # an actor did die (and its candidate was scored again)
+    rss = pool.peak_rss()  # both actors answer: the dead one was restarted
+    assert len(rss) == 2 and all(r > 0 for r in rss)
+    assert log.read_text() == local_log.read_text()
+    assert len(result.trials) == TRIALS
