@@ -129,3 +129,14 @@ GOLDEN = {"della": "2f4b3b51a8f5fd66", "della_linear": "3f3990df4de22fae"}
 def test_della_seeded_golden_bytes_unchanged(method):
     out = della_bytes(method, (300, 700), "inverse_probability")
     assert hashlib.sha256(out.contiguous().numpy().tobytes()).hexdigest()[:16] == GOLDEN[method]
+
+
+def test_ranks_do_not_depend_on_the_thread_count():
+    x = torch.randn(50, 300, generator=gen(6)).abs()
+    previous = fused.set_threads(1)
+    try:
+        one = kernel_ranks(x)
+    finally:
+        fused.set_threads(previous)
+    assert torch.equal(one, kernel_ranks(x))
+    assert torch.equal(one, torch_ranks(x))
