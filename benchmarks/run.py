@@ -2,9 +2,14 @@
 
     python benchmarks/run.py --params 0.84B --models 4 --methods task_arithmetic,linear,ties
     python benchmarks/run.py --params 0.84B --models 4 --methods tsv,iso_c,iso_cts --tools weightsmith
+    python benchmarks/run.py --params 0.84B --models 4 --methods extract_lora --tools weightsmith
 
 Methods: task_arithmetic, linear, ties, ties_model, and della, della_linear, sce, nuslerp,
 multislerp, karcher, nearswap, ram, ramplus_tl, arcee_fusion, passthrough (``OTHER_METHODS``).
+
+``extract_lora`` (weightsmith only; not in the default --methods) times ``weightsmith
+extract-lora ft0 base --rank R`` (``--extract-rank``, default 64: randomized SVDs per matrix;
+``--extract-args`` adds options, e.g. ``--device cuda``); its GB/s counts the two inputs read.
 
 Builds (or reuses) synthetic Llama-shaped bf16 checkpoints with ``make_checkpoints.py``, then
 for each method runs the floor, weightsmith and mergekit (when found) on the same inputs,
@@ -42,6 +47,8 @@ from weightsmith.units import format_size, parse_size  # noqa: E402
 
 # Spectral merges (docs/methods/spectral.md); not in the default --methods.
 SPECTRAL = ("tsv", "iso_c", "iso_cts")
+# Not a merge: FINE_TUNE - BASE factored per matrix (weightsmith/lora_extraction.py).
+EXTRACT = "extract_lora"
 
 
 def recipe(method: str, folders: list[Path]) -> dict:
@@ -154,6 +161,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / ".bench")
     ap.add_argument("--mergekit", default=str(ROOT / ".bench/mergekit-venv/bin/mergekit-yaml"))
     ap.add_argument("--ws-args", default="", help="extra arguments for weightsmith merge")
+    ap.add_argument("--extract-rank", type=int, default=64, help="extract_lora: --rank of the adapter")
+    ap.add_argument("--extract-args", default="", help="extra arguments for weightsmith extract-lora")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
     args = ap.parse_args()
 
@@ -169,16 +178,20 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     runs = []
     for method in args.methods.split(","):
-        spec = recipe(method, folders)
         path = args.work / f"bench-{method}.yaml"
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        if method != EXTRACT:
+            path.write_text(yaml.safe_dump(recipe(method, folders), sort_keys=False))
         for rep in range(args.repeat):
             for tool in tools:
                 if tool == "mergekit" and (method == "ties_model" or method in SPECTRAL):
                     continue  # mergekit has only per-tensor TIES, and no spectral merges
+                if method == EXTRACT and tool != "weightsmith":
+                    continue  # weightsmith's own command: no floor or mergekit row
                 out = args.work / f"out-{tool}"
                 shutil.rmtree(out, ignore_errors=True)
-                if tool == "floor":
+                if method == EXTRACT:
+                    cmd = extract_command(folders, out, args.extract_rank, args.extract_args)
+                elif tool == "floor":
                     cmd = [sys.executable, str(HERE / "floor.py"), str(out) + ".bin", str(out_bytes)]
                     cmd += [str(f) for f in (folders if method != "linear" else folders)]
                 elif tool == "weightsmith":
@@ -201,7 +214,8 @@ def main() -> None:
                     shutil.rmtree(out, ignore_errors=True)
                     continue
                 figures.update(method=method, tool=tool, repeat=rep, load_avg_1m=round(load_before, 2))
-                figures["bytes_per_s"] = round((input_bytes + out_bytes) / figures["wall_s"])
+                moved = extract_bytes(folders) if method == EXTRACT else input_bytes + out_bytes
+                figures["bytes_per_s"] = round(moved / figures["wall_s"])
                 runs.append(figures)
                 print(json.dumps(figures), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
@@ -216,6 +230,18 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
+
+
+def extract_command(folders: list[Path], out: Path, rank: int, extra: str) -> list[str]:
+    """``weightsmith extract-lora ft0 base OUT --rank R``: the first fine-tune against the base."""
+    base, ft = folders[0], folders[1]
+    return [sys.executable, "-m", "weightsmith.cli", "extract-lora", str(ft), str(base), str(out),
+            "--rank", str(rank), "-q", *extra.split()]
+
+
+def extract_bytes(folders: list[Path]) -> int:
+    """What extract-lora reads: the fine-tune and the base (its adapter is tiny beside them)."""
+    return sum(f.stat().st_size for d in folders[:2] for f in d.glob("*.safetensors"))
 
 
 def table(result: dict) -> str:

@@ -170,12 +170,17 @@ def test_out_refusals_leave_nothing_behind(pair, tmp_path: Path) -> None:
     (tmp_path / "taken").mkdir()
     with pytest.raises(OutputError, match="already exists"):
         extract_lora(ft, base, tmp_path / "taken", rank=2)
-    with pytest.raises(OutputError, match="overlaps the input folder"):
+    # the merge path's checks (output_checks.check_clear_of_inputs), symlinks resolved
+    with pytest.raises(OutputError, match="is inside the input model .* folder"):
         extract_lora(ft, base, base / "adapter", rank=2)
-    with pytest.raises(OutputError, match="overlaps the input folder"):
+    with pytest.raises(OutputError, match="is or contains an input .--overwrite would delete"):
         extract_lora(ft, base, ft, rank=2, overwrite=True)
-    with pytest.raises(OutputError, match="overlaps the input folder"):
+    with pytest.raises(OutputError, match="is or contains an input"):
         extract_lora(ft, base, base.parent, rank=2, overwrite=True)
+    (tmp_path / "link").symlink_to(ft)
+    with pytest.raises(OutputError, match="is or contains an input"):
+        extract_lora(ft, base, tmp_path / "link", rank=2, overwrite=True)
+    (tmp_path / "link").unlink()
     with pytest.raises(RecipeError, match="exactly one"):
         extract_lora(ft, base, tmp_path / "x", rank=2, energy=0.9)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -78,3 +78,55 @@ def test_environment_names_what_is_missing_here():
     assert env["torch"] == torch.__version__
     if not torch.cuda.is_available():
         assert any("CUDA device" in item for item in env["missing"])
+
+
+def test_spectral_options_and_their_commands(tmp_path):
+    args = check.parse_args([])
+    assert args.spectral == ["tsv", "iso_c", "iso_cts", "extract_lora"] and args.matrix_size == 4096
+    args = check.parse_args(["--spectral", "tsv,extract_lora", "--extract-rank", "8", "--paths", "cpu"])
+    folders = [tmp_path / "base", tmp_path / "ft0"]
+    cpu = check.spectral_command("extract_lora", folders, tmp_path / "r.yaml", tmp_path / "o", "cpu", args)
+    assert cpu[:4] == ["extract-lora", str(folders[1]), str(folders[0]), str(tmp_path / "o")]
+    assert cpu[4:7] == ["--rank", "8", "-q"] and "--memory-budget" in cpu and "--device" not in cpu
+    gpu = check.spectral_command("tsv", folders, tmp_path / "r.yaml", tmp_path / "o", "cuda-torch", args)
+    assert gpu[:2] == ["merge", str(tmp_path / "r.yaml")] and gpu[-2:] == ["--device", "cuda"]
+    assert check.parse_args(["--spectral", ""]).spectral == []
+    with pytest.raises(SystemExit):
+        check.parse_args(["--spectral", "slerp"])
+
+
+def test_spectral_outputs_compare_within_a_tolerance(tmp_path):
+    import json
+
+    t = {"a": torch.randn(5, 3).bfloat16()}
+    for name in ("ref", "near", "far"):
+        (tmp_path / name).mkdir()
+    save_file(t, str(tmp_path / "ref" / "model.safetensors"))
+    for name, steps in (("near", check.SPECTRAL_ULP), ("far", check.SPECTRAL_ULP + 1)):
+        off = {"a": t["a"].clone()}
+        off["a"].view(torch.int16)[0, 0] += steps
+        save_file(off, str(tmp_path / name / "model.safetensors"))
+    assert check.spectral_check("tsv", tmp_path / "ref", tmp_path / "ref") == ("equal bytes", True)
+    assert check.spectral_check("tsv", tmp_path / "ref", tmp_path / "near")[1] is True
+    assert check.spectral_check("iso_c", tmp_path / "ref", tmp_path / "far")[1] is False
+    for name, err in (("ref", 0.90), ("near", 0.905), ("far", 0.95)):
+        modules = [{"module": "m", "rank": 4, "relative_error": err},
+                   {"module": "n", "rank": 0, "relative_error": 1}]  # not a LoRA module: ignored
+        (tmp_path / name / "extract_report.json").write_text(json.dumps({"modules": modules}))
+    text, ok = check.spectral_check("extract_lora", tmp_path / "ref", tmp_path / "near")
+    assert ok and text == "worst relative error 0.9050 (CPU 0.9000)"
+    assert check.spectral_check("extract_lora", tmp_path / "ref", tmp_path / "far")[1] is False
+
+
+def test_spectral_rows_in_the_verdict_and_tables():
+    runs = [check.Run("tsv", "cpu", wall_s=20.0, extra={"input_bytes": 10**9, "spectral": True})]
+    runs.append(check.Run("tsv", "cuda-torch", wall_s=2.0, check="3 values differ, at most 1 ulp",
+                          extra={"input_bytes": 10**9, "spectral": True, "within": True}))
+    assert check.verdict({"ok": True, "summary": ""}, runs) == "PASS"  # within tolerance: not bytes
+    runs[1].extra["within"] = False
+    assert check.verdict(None, runs).startswith("FAIL: tsv cuda-torch: 3 values differ")
+    assert "| tsv | cuda-torch | 2.0 | 0.50 |" in check.table(runs, input_bytes=8 * 10**9)  # its own bytes
+    rows = [{"method": "tsv", "device": "cpu", "size": 4096, "wall_s": 30.1, "cpu_s": 200.5},
+            {"device": "cuda", "error": "skipped: time budget spent"}]
+    text = check.matrix_table(rows)
+    assert "| tsv | cpu | 4096 x 4096 | 30.1 | 200.5 |" in text and "|  | cuda | | | skipped" in text

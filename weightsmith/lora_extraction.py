@@ -14,33 +14,36 @@ equals the rank, so peft's scale is 1 and ``B @ A`` is the difference itself.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from weightsmith.defaults import DEFAULT_MEMORY_BUDGET
 from weightsmith.dtype_names import FACTOR_DTYPES, canonical_name, parse_dtype
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.append_writer import AppendingSafetensorsWriter
 from weightsmith.io.checkpoint import Checkpoint
-from weightsmith.io.lora_writer import adapter_config, check_out_outside_inputs, factor_names
+from weightsmith.io.lora_writer import adapter_config, factor_names
 from weightsmith.io.output_dir import OutputDir
 from weightsmith.io.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, is_conv1d
-from weightsmith.ops.lowrank import relative_error, truncated_svd
+from weightsmith.lora_plan import (
+    ExtractPlan,
+    check_extraction_fits,
+    group_modules,
+    is_embedding,
+    pick_method,
+    plan_extraction,
+    saved_whole,
+    selected,
+)
+from weightsmith.ops.lowrank import factor_peak_bytes, relative_error, truncated_svd
+from weightsmith.output_checks import check_clear_of_inputs, check_parent_writable, checkpoint_paths
+from weightsmith.svd_runner import SvdRunner
 
 REPORT = "extract_report.json"
-# Randomized SVD is used (svd=auto, fixed --rank) when rank + 8 <= min(shape) / 4: on 1024^2
-# matrices it was within 0.62 % of the optimal error (flat spectrum; <= 0.2 % for decaying
-# ones) at 5-20x less time; see docs/methods/lora.md for the measurement.
-_RANDOMIZED_FRACTION = 4
-# Last name component of input embeddings (nn.Embedding: LoRA only with --embed-lora).
-_EMBEDDING_NAMES = frozenset({
-    "embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings",
-    "token_type_embeddings", "embed_positions", "tok_embeddings", "shared",
-})
 
 
 @dataclass
@@ -61,23 +64,38 @@ class ExtractResult:
     adapter_bytes: int
 
 
-def _matches(pattern: str, name: str) -> bool:
-    """Regex search (as --freeze in finetune); an invalid regex is a plain substring."""
-    try:
-        return re.search(pattern, name) is not None
-    except re.error:
-        return pattern in name
+@dataclass(frozen=True)
+class ExtractOptions:
+    """What ``extract_lora`` takes besides the checkpoints and OUT (see its docstring)."""
 
+    rank: int | None = None
+    energy: float | None = None
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    save_modules: Sequence[str] = ()
+    save_above_error: float | None = None
+    embed_lora: bool = False
+    svd: str = "auto"
+    dtype: str = "float32"
+    memory_budget: str | int | None = DEFAULT_MEMORY_BUDGET
+    device: str = "cpu"
+    device_memory_budget: str | int | None = None
 
-def _pick_method(svd: str, rank: int | None, shape: tuple[int, ...]) -> str:
-    if svd != "auto":
-        return svd
-    small = rank is not None and (rank + 8) * _RANDOMIZED_FRACTION <= min(shape)
-    return "randomized" if small else "exact"
-
-
-def _is_embedding(module: str) -> bool:
-    return module.rsplit(".", 1)[-1] in _EMBEDDING_NAMES
+    def check(self) -> None:
+        rank, energy = self.rank, self.energy
+        if (rank is None) == (energy is None):
+            raise RecipeError("extract-lora: give exactly one of --rank R or --energy F")
+        if rank is not None and rank < 1:
+            raise RecipeError(f"extract-lora: --rank must be at least 1, got {rank}")
+        if energy is not None and not 0.0 < energy <= 1.0:
+            raise RecipeError(f"extract-lora: --energy is a fraction in (0, 1], got {energy}")
+        if self.save_above_error is not None and not self.save_above_error >= 0:
+            raise RecipeError(f"extract-lora: --save-above-error must be >= 0, got {self.save_above_error}")
+        if self.svd not in ("auto", "exact", "randomized"):
+            raise RecipeError(f"extract-lora: --svd is auto, exact or randomized, got {self.svd!r}")
+        if self.svd == "randomized" and energy is not None:
+            raise RecipeError("extract-lora: --energy needs every singular value; use --svd exact or auto")
+        parse_dtype(self.dtype, "extract-lora: --dtype", FACTOR_DTYPES)  # refused before any work
 
 
 def extract_lora(
@@ -85,44 +103,52 @@ def extract_lora(
     base: str | Path,
     out: str | Path,
     *,
-    rank: int | None = None,
-    energy: float | None = None,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    save_modules: Sequence[str] = (),
-    save_above_error: float | None = None,
-    embed_lora: bool = False,
-    svd: str = "auto",
-    dtype: str = "float32",
     overwrite: bool = False,
     allow_pickle: bool = False,
     log: Any = None,
+    **options: Any,
 ) -> ExtractResult:
-    """Write the LoRA adapter approximating ``fine_tune - base`` to ``out``; see the module doc."""
-    if (rank is None) == (energy is None):
-        raise RecipeError("extract-lora: give exactly one of --rank R or --energy F")
-    if rank is not None and rank < 1:
-        raise RecipeError(f"extract-lora: --rank must be at least 1, got {rank}")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise RecipeError(f"extract-lora: --energy is a fraction in (0, 1], got {energy}")
-    if save_above_error is not None and not save_above_error >= 0:
-        raise RecipeError(f"extract-lora: --save-above-error must be >= 0, got {save_above_error}")
-    if svd not in ("auto", "exact", "randomized"):
-        raise RecipeError(f"extract-lora: --svd is auto, exact or randomized, got {svd!r}")
-    if svd == "randomized" and energy is not None:
-        raise RecipeError("extract-lora: --energy needs every singular value; use --svd exact or auto")
-    parse_dtype(dtype, "extract-lora: --dtype", FACTOR_DTYPES)  # refused before any work
-    dtype = str(canonical_name(dtype))  # `bf16` is written as bfloat16 in adapter_config.json
+    """Write the LoRA adapter approximating ``fine_tune - base`` to ``out``; see the module doc.
+
+    ``options`` are ``ExtractOptions``' fields: ``rank`` or ``energy``, ``include``, ``exclude``,
+    ``save_modules``, ``save_above_error``, ``embed_lora``, ``svd``, ``dtype``, ``memory_budget``
+    (default 1.25GB; None: unlimited), ``device`` (cpu, cuda[:N], auto, cpu-staged) and
+    ``device_memory_budget``. A tensor whose step (SVD scratch included) passes the memory
+    budget is refused before anything is written."""
+    opts = ExtractOptions(**options)
+    opts.check()
+    # `bf16` is written as bfloat16 in adapter_config.json
+    opts = replace(opts, dtype=str(canonical_name(opts.dtype)))
     ft = Checkpoint.open(str(fine_tune), allow_pickle=allow_pickle)
     bs = Checkpoint.open(str(base), allow_pickle=allow_pickle)
     try:
-        return _extract(
-            ft, bs, str(base), Path(out), rank, energy, include, exclude, save_modules, save_above_error,
-            embed_lora, svd, dtype, overwrite, log,
-        )
+        return _extract(ft, bs, str(base), Path(out), opts, overwrite, log)
     finally:
         ft.close()
         bs.close()
+
+
+def plan_extract_lora(
+    fine_tune: str | Path, base: str | Path, *, allow_pickle: bool = False, **options: Any
+) -> ExtractPlan:
+    """The memory plan ``extract_lora`` would check (``extract-lora --plan``), from headers alone."""
+    opts = ExtractOptions(**options)
+    opts.check()
+    ft = Checkpoint.open(str(fine_tune), allow_pickle=allow_pickle)
+    bs = Checkpoint.open(str(base), allow_pickle=allow_pickle)
+    try:
+        return _plan(ft, bs, opts)
+    finally:
+        ft.close()
+        bs.close()
+
+
+def _plan(ft: Checkpoint, bs: Checkpoint, opts: ExtractOptions) -> ExtractPlan:
+    return plan_extraction(
+        ft, bs, rank=opts.rank, energy=opts.energy, include=opts.include, exclude=opts.exclude,
+        save_modules=opts.save_modules, embed_lora=opts.embed_lora, svd=opts.svd,
+        memory_budget=opts.memory_budget,
+    )
 
 
 def _extract(
@@ -130,25 +156,41 @@ def _extract(
     bs: Checkpoint,
     base: str,
     out: Path,
-    rank: int | None,
-    energy: float | None,
-    include: Sequence[str],
-    exclude: Sequence[str],
-    save_modules: Sequence[str],
-    save_above_error: float | None,
-    embed_lora: bool,
-    svd: str,
-    dtype: str,
+    opts: ExtractOptions,
     overwrite: bool,
     log: Any,
 ) -> ExtractResult:
-    out_dtype = parse_dtype(dtype, "extract-lora: --dtype", FACTOR_DTYPES)
-    check_out_outside_inputs(out, [ft, bs])
-    model_type = (bs.config or {}).get("model_type")
+    out_dtype = parse_dtype(opts.dtype, "extract-lora: --dtype", FACTOR_DTYPES)
+    inputs = checkpoint_paths(f"input model {ft.ref!r}", ft) + checkpoint_paths(f"input model {bs.ref!r}", bs)
+    check_clear_of_inputs(out, inputs, overwrite)
+    check_parent_writable(out)
+    plan = _plan(ft, bs, opts)
+    check_extraction_fits(plan)
+    runner = SvdRunner(opts.device, opts.device_memory_budget)
+    try:
+        for t in plan.tensors:
+            if t.step.startswith("svd"):
+                runner.check_fits_device(t.name, t.shape, t.peak)
+        return _write(ft, bs, base, out, opts, out_dtype, overwrite, runner, plan, log)
+    finally:
+        runner.close()
 
-    modules: dict[str, list[str]] = {}
-    for key in ft.keys():
-        modules.setdefault(key.rsplit(".", 1)[0] if "." in key else key, []).append(key)
+
+def _write(
+    ft: Checkpoint,
+    bs: Checkpoint,
+    base: str,
+    out: Path,
+    opts: ExtractOptions,
+    out_dtype: torch.dtype,
+    overwrite: bool,
+    runner: SvdRunner,
+    plan: ExtractPlan,
+    log: Any,
+) -> ExtractResult:
+    rank, energy, svd = opts.rank, opts.energy, opts.svd
+    model_type = (bs.config or {}).get("model_type")
+    modules = group_modules(ft)
     all_modules = set(modules)
 
     reports: list[ModuleReport] = []
@@ -158,8 +200,7 @@ def _extract(
         writer = AppendingSafetensorsWriter(folder.path(ADAPTER_WEIGHTS))
         try:
             for module, keys in modules.items():
-                keys = [k for k in keys if (not include or any(_matches(p, k) for p in include))]
-                keys = [k for k in keys if not any(_matches(p, k) for p in exclude)]
+                keys = selected(keys, opts.include, opts.exclude)
                 if not keys:
                     reports.append(ModuleReport(module, "excluded"))
                     continue
@@ -174,23 +215,24 @@ def _extract(
                             f"{list(bs.entry(k).shape)} in {bs.ref!r}; extract-lora needs one architecture "
                             "(exclude it with --exclude)"
                         )
-                if any(_matches(p, module) or any(_matches(p, k) for k in keys) for p in save_modules):
+                if saved_whole(module, keys, opts.save_modules):
                     _save_whole(module, modules[module], ft, writer, all_modules)
                     saved.append(module)
                     reports.append(ModuleReport(module, "saved", note="--save-module: whole module"))
                     _log(log, reports[-1])
                     continue
                 weight = f"{module}.weight"
-                embedding = _is_embedding(module)
+                embedding = is_embedding(module)
                 factorable = weight in keys and len(ft.entry(weight).shape) == 2
-                if not factorable or (embedding and not embed_lora):
+                if not factorable or (embedding and not opts.embed_lora):
                     reports.append(_uncaptured(module, keys, ft, bs, embedding))
                     _log(log, reports[-1])
                     continue
                 transposed = embedding or is_conv1d(model_type, module)
                 report, factors = _factor(
-                    module, weight, ft, bs, rank, energy, svd, transposed, embedding, out_dtype
+                    module, weight, ft, bs, rank, energy, svd, transposed, embedding, out_dtype, runner
                 )
+                save_above_error = opts.save_above_error
                 if save_above_error is not None and report.rank and report.relative_error > save_above_error:
                     # not low rank enough: the whole module goes to modules_to_save instead
                     _save_whole(module, modules[module], ft, writer, all_modules)
@@ -231,8 +273,9 @@ def _extract(
                 "rank": rank,
                 "energy": energy,
                 "svd": svd,
-                "dtype": dtype,
-                "save_above_error": save_above_error,
+                "dtype": opts.dtype,
+                "save_above_error": opts.save_above_error,
+                "memory_plan": plan.as_dict(),
                 "modules": [asdict(r) for r in reports],
             },
         )
@@ -264,11 +307,13 @@ def _factor(
     transposed: bool,
     embedding: bool,
     out_dtype: torch.dtype,
+    runner: SvdRunner,
 ) -> tuple[ModuleReport, list[tuple[str, torch.Tensor]]]:
     """Factor one weight difference; returns its report row and the adapter tensors."""
     from weightsmith.ops.lowrank import rank_for_energy
 
-    delta = ft.read(weight).float() - bs.read(weight).float()
+    # In place in the fine-tune's fresh float32 buffer: one matrix-sized array, not three.
+    delta = ft.read(weight).float().sub_(bs.read(weight))
     shape = list(delta.shape)
     if not torch.isfinite(delta).all():
         raise MergeError(f"tensor {weight!r}: the difference has NaN or Inf; check both checkpoints")
@@ -276,11 +321,19 @@ def _factor(
         return ModuleReport(module, "unchanged", shape), []
     # peft's factors: Linear W [out, in] = B A; Conv1D and Embedding store W^T, so factor W^T.
     matrix = delta.T if transposed else delta
-    method = _pick_method(svd, rank, tuple(matrix.shape))
-    low = truncated_svd(matrix, min(matrix.shape) if energy is not None else int(rank or 0), method)
-    r = rank_for_energy(low.singular_values, energy) if energy is not None else low.rank
-    b, a = low.b[:, :r].to(out_dtype), low.a[:r].to(out_dtype)
-    error = relative_error(matrix, b.float(), a.float())
+    method = pick_method(svd, rank, tuple(matrix.shape))
+    wanted = min(matrix.shape) if energy is not None else int(rank or 0)
+
+    def factor(m: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, float]:
+        # on the selected device (svd_runner.py): the SVD, the rank, the factors and the error
+        low = truncated_svd(m, wanted, method)
+        r = rank_for_energy(low.singular_values, energy) if energy is not None else low.rank
+        b, a = low.b[:, :r].to(out_dtype), low.a[:r].to(out_dtype)
+        return r, b, a, relative_error(m, b.float(), a.float())
+
+    scratch = factor_peak_bytes(tuple(matrix.shape), wanted, method)
+    r, b, a, error = runner.run(factor, matrix, scratch)
+    b, a = b.cpu(), a.cpu()
     # embedding: lora_embedding_A [r, rows], lora_embedding_B [cols, r]: W^T = B_e A_e = b a
     names = factor_names(module, embedding)
     kind = "embedding-lora" if embedding else "lora"

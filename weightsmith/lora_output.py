@@ -29,16 +29,19 @@ from typing import Any
 
 import torch
 
+from weightsmith.defaults import DEFAULT_MEMORY_BUDGET
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.append_writer import AppendingSafetensorsWriter
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.lora import LoraCheckpoint
-from weightsmith.io.lora_writer import adapter_config, check_out_outside_inputs, factor_names
+from weightsmith.io.lora_writer import adapter_config, factor_names
 from weightsmith.io.output_dir import OutputDir
 from weightsmith.io.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from weightsmith.lora_extraction import ModuleReport, extract_lora
+from weightsmith.lora_plan import ExtractPlan, check_extraction_fits, plan_extraction
 from weightsmith.model_ref import parse_model_ref
 from weightsmith.notices import collecting
+from weightsmith.output_checks import check_clear_of_inputs, checkpoint_paths, protect
 from weightsmith.recipe import Recipe, load_recipe
 from weightsmith.recipe_settings import Conditional
 
@@ -110,7 +113,10 @@ def merge_as_lora(
                 continue  # the base listed again: a zero task vector
             lora = ckpt if isinstance(ckpt, LoraCheckpoint) and _same_base(ckpt, base) else None
             adapters.append((lora, spec.parameters))
-        check_out_outside_inputs(Path(out), opened)
+        inputs = [p for c in opened for p in checkpoint_paths(f"input model {c.ref!r}", c, rec.search_dirs)]
+        if rec.source is not None:
+            inputs.append(protect("recipe file", rec.source, folder=False))
+        check_clear_of_inputs(out, inputs, overwrite)
         coefficients = _concat_coefficients(rec, adapters)
         if coefficients is not None:
             return _write_concatenation(rec, base, adapters, coefficients, Path(out), overwrite, say)
@@ -268,7 +274,14 @@ def _write_svd(
             embeddings |= any(p.embedding for p in ckpt.adapter.patches.values())
         ckpt.close()
     base_root = str(base.root)
-    base.close()
+    save_modules = [f"^{re.escape(m)}$" for m in sorted(saved)]
+    budget = options.get("memory_budget", DEFAULT_MEMORY_BUDGET)
+    try:
+        # Before the merge: the re-factor's SVDs (merged - base has the base's shapes) must fit.
+        check_extraction_fits(_refactor_plan(base, rank, energy, save_modules, embeddings, budget),
+                              "out_format: lora")
+    finally:
+        base.close()
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".weightsmith-lora-merge-", dir=out.absolute().parent))
     try:
@@ -276,9 +289,36 @@ def _write_svd(
         say(f"merged into scratch {merged.out}; factoring merged - base per module")
         result = extract_lora(
             merged.out, base_root, out, rank=rank, energy=energy,
-            save_modules=[f"^{re.escape(m)}$" for m in sorted(saved)], embed_lora=embeddings,
+            save_modules=save_modules, embed_lora=embeddings, memory_budget=budget,
+            device=options.get("device", "cpu"), device_memory_budget=options.get("device_memory_budget"),
             overwrite=overwrite, allow_pickle=allow_pickle, log=say,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return LoraMergeResult(result.out, "svd", result.config, result.modules)
+
+
+def _refactor_plan(
+    base: Checkpoint, rank: int | None, energy: float | None, save_modules: list[str], embeddings: bool,
+    budget: str | int | None,
+) -> ExtractPlan:
+    """The SVD re-factor's memory plan from the base's headers (the merge has its shapes)."""
+    return plan_extraction(
+        base, base, rank=rank, energy=energy, save_modules=save_modules, embed_lora=embeddings,
+        memory_budget=budget,
+    )
+
+
+def refactor_plan(plan: Any) -> ExtractPlan | None:
+    """``weightsmith plan`` of an ``out_format: lora`` recipe (a MergePlan): the SVD re-factor's
+    per-tensor peak (SVD scratch included) under the plan's memory budget, from the base's
+    headers, assuming exact SVDs (the largest; ``merge --out-rank R`` far below a matrix's
+    size uses randomized ones). None for other recipes. (The concatenation path, when the
+    inputs allow it, does no SVD.)"""
+    recipe = plan.recipe
+    if recipe.out_format != "lora" or recipe.base_model is None:
+        return None
+    base = next((c for c in plan.checkpoints if c.ref == recipe.base_model), None)
+    if base is None:
+        return None
+    return _refactor_plan(base, None, 1.0, [], False, plan.memory_budget)

@@ -47,7 +47,7 @@ def check_clear_of_inputs(out: str | os.PathLike[str], inputs: list[Protected], 
     if inside:
         p = inside[0]
         raise OutputError(
-            f"OUT {target} is inside the {p.label} folder {p.path}: writing the merge there would "
+            f"OUT {target} is inside the {p.label} folder {p.path}: writing the output there would "
             "change an input (and mix its files with the output's); choose an OUT outside it"
         )
 
@@ -106,7 +106,7 @@ def protected_inputs(plan: MergePlan) -> list[Protected]:
     n_inputs = (recipe.base_model is not None) + len(recipe.models)
     for i, ckpt in enumerate(plan.checkpoints):
         label = f"input model {ckpt.ref!r}" if i < n_inputs else f"checkpoint {ckpt.ref!r} a parameter names"
-        out += _checkpoint_paths(label, ckpt, recipe.search_dirs)
+        out += checkpoint_paths(label, ckpt, recipe.search_dirs)
     source = recipe.tokenizer_source
     if source not in (None, "base", "union") and not any(c.ref == source for c in plan.checkpoints):
         out.append(protect(f"tokenizer source {source!r}", tokenizer_root(plan), folder=True))
@@ -119,7 +119,9 @@ def protected_inputs(plan: MergePlan) -> list[Protected]:
     return out
 
 
-def _checkpoint_paths(label: str, ckpt: Checkpoint, search_dirs: tuple[Path, ...]) -> list[Protected]:
+def checkpoint_paths(label: str, ckpt: Checkpoint, search_dirs: tuple[Path, ...] = ()) -> list[Protected]:
+    """The paths of one input checkpoint OUT must keep clear of (also extract-lora's and
+    out_format: lora's inputs)."""
     ref = Path(ckpt.ref).expanduser()
     candidates = [ref, *(d / ref for d in search_dirs if not ref.is_absolute())]
     given = next((p for p in candidates if p.exists()), None)

@@ -12,6 +12,7 @@ import click
 
 from weightsmith.dtype_names import dtype_name
 from weightsmith.engine.keys import layer_index
+from weightsmith.lora_output import refactor_plan
 from weightsmith.units import format_size
 
 if TYPE_CHECKING:
@@ -138,7 +139,8 @@ def summary_lines(plan: MergePlan) -> list[str]:
             lines.append(f"left out:        {plural(len(names), 'tensor')} of {ref} (extra_keys: ignore): "
                          f"{describe_tensors(names)}")
     lines += [f"note:            {note}" for note in plan.notes]
-    return lines
+    refactor = refactor_plan(plan)  # out_format: lora: the adapter's SVDs, exact (the largest)
+    return lines + (refactor.lines() if refactor is not None else [])
 
 
 def _blocks(plan: MergePlan) -> dict[str, int]:
@@ -182,6 +184,9 @@ def plan_json(plan: Any) -> dict[str, Any]:
         "notes": plan.notes,
         "warnings": plan.warnings,
     }
+    refactor = refactor_plan(plan)
+    if refactor is not None:
+        summary["lora_refactor"] = refactor.as_dict()
     return {"summary": summary, "tensors": rows}
 
 

@@ -8,15 +8,25 @@ Steps, each reported whatever happens to the others:
 
 1. the environment: torch / CUDA / device, numba.cuda, CuPy, what is missing; then the CPU
    and CUDA kernels are compiled (or loaded from numba's cache) before anything is timed;
-2. ``pytest -m gpu tests/test_gpu.py`` (the CUDA kernels against the CPU fused kernels, bit for
-   bit, and ``--device cuda`` merges against CPU bytes);
+2. ``pytest -m gpu tests/test_gpu.py tests/test_gpu_svd.py`` (the CUDA kernels against the CPU
+   fused kernels, bit for bit, and ``--device cuda`` merges against CPU bytes; the spectral
+   merges' and extract-lora's SVDs on the GPU);
 3. 4 synthetic bf16 checkpoints (``benchmarks/make_checkpoints.py``) merged with
    task_arithmetic, ties and ties ``scope: model`` on the CPU, with ``--device cuda`` (the
    device pipeline, torch path) and with ``--device cuda --kernels cupy`` (the numba.cuda
    kernels); every GPU output is compared with the CPU's, tensor by tensor:
    equal bytes, or the number of differing values and the largest difference in bf16 ulps;
-4. a table: wall time, GB/s of input read, device memory peak (torch's allocator, read inside
+4. the SVD-heavy work (``--spectral``: tsv, iso_c, iso_cts, extract_lora): one
+   ``--matrix-size`` square matrix per method through ``benchmarks/spectral.py`` on the CPU and
+   with ``--device cuda``, then per model (the same checkpoints; ``--spectral-memory-budget``
+   for the vocabulary matrices' SVDs) on the CPU and ``--device cuda``. cuSOLVER's SVDs are not
+   LAPACK's, so these outputs are compared within a tolerance: tsv / iso values at most
+   ``SPECTRAL_ULP`` bf16 ulps apart, extract-lora's worst relative error within
+   ``EXTRACT_REL_TOL`` of the CPU's;
+5. a table: wall time, GB/s of input read, device memory peak (torch's allocator, read inside
    the merge process), speed-up over the CPU path, output check.
+
+Without a GPU, ``--paths cpu --skip-tests`` runs every CPU step (a dry run of the rest).
 
 Steps still to run when the time budget is spent are skipped and listed as such.
 """
@@ -41,6 +51,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 METHODS = ("task_arithmetic", "ties", "ties_model")
+SPECTRAL = ("tsv", "iso_c", "iso_cts", "extract_lora")  # SVD per matrix: CPU and cuda-torch only
+SPECTRAL_PATHS = ("cpu", "cuda-torch")
+SPECTRAL_ULP = 4  # bf16 ulps a GPU tsv / iso output may differ from the CPU's (other SVD library)
+EXTRACT_REL_TOL = 0.01  # relative difference allowed between the CPU and GPU worst errors
 PATHS = {  # label -> extra ``weightsmith merge`` arguments
     "cpu": [],
     "cuda-torch": ["--device", "cuda"],
@@ -92,8 +106,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip steps that would start after this")
     ap.add_argument("--skip-tests", action="store_true", help="do not run the gpu tests")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
+    ap.add_argument("--spectral", default=",".join(SPECTRAL), help="SVD-heavy methods timed ('' for none)")
+    ap.add_argument("--matrix-size", type=int, default=4096, help="side of the per-matrix spectral timing")
+    ap.add_argument("--spectral-memory-budget", default="16GB",
+                    help="--memory-budget of the per-model spectral runs (vocabulary matrices' SVDs)")
+    ap.add_argument("--extract-rank", type=int, default=64, help="extract_lora: the adapter's rank")
     args = ap.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    args.spectral = [m for m in args.spectral.split(",") if m]
+    for m in args.spectral:
+        if m not in SPECTRAL:
+            ap.error(f"--spectral: {m!r} is not one of {', '.join(SPECTRAL)}")
     args.paths = [p for p in args.paths.split(",") if p]
     for m in args.methods:
         if m not in METHODS:
@@ -163,7 +186,8 @@ def nvvm_version() -> str | None:
 
 # --------------------------------------------------------------------------- tests
 def run_gpu_tests(timeout_s: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "tests/test_gpu_svd.py",
+           "-p", "no:cacheprovider"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -186,9 +210,14 @@ class Run:
 
 
 def timed_merge(recipe: Path, out: Path, extra: list[str]) -> tuple[float, dict[str, Any], str, int]:
+    return timed_cli(["merge", str(recipe), str(out), "-q", *extra], out)
+
+
+def timed_cli(cli_args: list[str], out: Path) -> tuple[float, dict[str, Any], str, int]:
+    """One weightsmith command in a fresh process (PROBE): wall time, device peak, stderr, code."""
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.NamedTemporaryFile(suffix=".json") as report:
-        cmd = [sys.executable, "-c", PROBE, report.name, "merge", str(recipe), str(out), "-q", *extra]
+        cmd = [sys.executable, "-c", PROBE, report.name, *cli_args]
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
         start = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -200,6 +229,17 @@ def timed_merge(recipe: Path, out: Path, extra: list[str]) -> tuple[float, dict[
 
 def compare_outputs(ref: Path, got: Path) -> str:
     """"equal bytes", or how many values differ and by how many bf16 ulps at most."""
+    found = output_difference(ref, got)
+    if isinstance(found, str):
+        return found
+    differing, worst = found
+    if differing == 0:
+        return "equal bytes"
+    return f"{differing} values differ, at most {worst} ulp"
+
+
+def output_difference(ref: Path, got: Path) -> tuple[int, int] | str:
+    """(values that differ, the largest distance in ulps), or why the folders do not compare."""
     import torch
     from safetensors.torch import load_file
 
@@ -223,9 +263,7 @@ def compare_outputs(ref: Path, got: Path) -> str:
             continue
         differing += int((x != y).sum())
         worst = max(worst, ulp_distance(x, y))
-    if differing == 0:
-        return "equal bytes"
-    return f"{differing} values differ, at most {worst} ulp"
+    return differing, worst
 
 
 def ulp_distance(x: Any, y: Any) -> int:
@@ -283,6 +321,118 @@ def run_merges(args: argparse.Namespace, deadline: float, log: Any) -> tuple[lis
     return runs, meta
 
 
+# --------------------------------------------------------------------------- spectral
+def time_matrices(args: argparse.Namespace, deadline: float, log: Any) -> list[dict[str, Any]]:
+    """benchmarks/spectral.py per device: one ``--matrix-size`` matrix per spectral method."""
+    devices = ["cpu"] + (["cuda"] if "cuda-torch" in args.paths else [])
+    rows: list[dict[str, Any]] = []
+    for device in devices:
+        if not args.spectral:
+            break
+        if time.perf_counter() > deadline:
+            rows.append({"device": device, "error": "skipped: time budget spent"})
+            continue
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "spectral.py"), "--size", str(args.matrix_size),
+               "--tasks", "2", "--methods", ",".join(args.spectral), "--device", device,
+               "--rank", str(args.extract_rank)]
+        done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              capture_output=True, text=True)
+        found = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or [""]
+            found.append({"device": device, "error": f"failed (exit {done.returncode}): {tail[0]}"})
+        rows += found
+        for row in found:
+            log(f"matrix {args.matrix_size}^2 {row.get('method', '')} {device}: "
+                f"{row.get('wall_s', row.get('error'))} s wall, {row.get('cpu_s', '')} s CPU")
+    return rows
+
+
+def spectral_command(method: str, folders: list[Path], recipe: Path, out: Path, label: str,
+                     args: argparse.Namespace) -> list[str]:
+    """The weightsmith command line of one per-model spectral run."""
+    budget = ["--memory-budget", args.spectral_memory_budget]
+    device = PATHS[label]
+    if method == "extract_lora":
+        base, ft = folders[0], folders[1]
+        return ["extract-lora", str(ft), str(base), str(out), "--rank", str(args.extract_rank), "-q",
+                *budget, *device]
+    return ["merge", str(recipe), str(out), "-q", *budget, *device]
+
+
+def worst_error(out: Path) -> float:
+    report = json.loads((out / "extract_report.json").read_text())
+    return max((m["relative_error"] for m in report["modules"] if m["rank"]), default=0.0)
+
+
+def spectral_check(method: str, ref: Path, got: Path) -> tuple[str, bool]:
+    """How a GPU spectral output compares with the CPU's, and whether that is within tolerance."""
+    if method == "extract_lora":
+        a, b = worst_error(ref), worst_error(got)
+        close = abs(a - b) <= EXTRACT_REL_TOL * max(a, b, 1e-12)
+        return f"worst relative error {b:.4f} (CPU {a:.4f})", close
+    found = output_difference(ref, got)
+    if isinstance(found, str):
+        return found, False
+    differing, worst = found
+    if differing == 0:
+        return "equal bytes", True
+    return f"{differing} values differ, at most {worst} ulp (tolerance {SPECTRAL_ULP})", worst <= SPECTRAL_ULP
+
+
+def run_spectral(args: argparse.Namespace, deadline: float, log: Any) -> list[Run]:
+    """Per model: tsv / iso merges and extract-lora of ft0 vs base, on the CPU and the GPU."""
+    import yaml
+    from make_checkpoints import build
+    from run import recipe
+
+    from weightsmith.units import parse_size
+
+    params = parse_size(args.params.replace("B", "G"))
+    folders = build(args.work / f"ckpt-{args.params}-{args.models}", params, args.models)
+    runs: list[Run] = []
+    labels = [p for p in args.paths if p in SPECTRAL_PATHS]
+    for method in args.spectral:
+        path = args.work / f"gpu-check-{method}.yaml"
+        if method != "extract_lora":
+            path.write_text(yaml.safe_dump(recipe(method, folders), sort_keys=False))
+        read = folders[:2] if method == "extract_lora" else folders
+        input_bytes = sum(f.stat().st_size for d in read for f in d.glob("*.safetensors"))
+        for label in labels:
+            run = Run(method, label, extra={"input_bytes": input_bytes, "spectral": True})
+            runs.append(run)
+            if time.perf_counter() > deadline:
+                run.error = "skipped: time budget spent"
+                continue
+            out = args.work / f"gpu-check-out-{label}"
+            command = spectral_command(method, folders, path, out, label, args)
+            wall, probe, stderr, code = timed_cli(command, out)
+            if code != 0:
+                last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+                run.error = f"failed (exit {code}): {last}"
+                log(f"{method} {label}: {run.error}")
+                continue
+            run.wall_s = round(wall, 2)
+            run.device_peak_bytes = probe.get("device_peak_bytes")
+            if label != "cpu":
+                run.check, run.extra["within"] = spectral_check(method, args.work / "gpu-check-out-cpu", out)
+            log(f"{method} {label}: {run.wall_s} s {run.check}")
+        for label in labels:
+            shutil.rmtree(args.work / f"gpu-check-out-{label}", ignore_errors=True)
+    return runs
+
+
+def matrix_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| method | device | matrix | wall s | CPU s |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r.get('method', '')} | {r['device']} | | | {r['error']} |")
+        else:
+            size = f"{r['size']} x {r['size']}"
+            lines.append(f"| {r['method']} | {r['device']} | {size} | {r['wall_s']} | {r['cpu_s']} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- report
 def gib(n: int | None) -> str:
     return "" if n is None else f"{n / 2**30:.2f} GiB"
@@ -299,7 +449,7 @@ def table(runs: list[Run], input_bytes: int) -> str:
         if r.wall_s is None:
             lines.append(f"| {r.method} | {r.path} | | | | | {r.error} |")
             continue
-        rate = f"{input_bytes / r.wall_s / 1e9:.2f}"
+        rate = f"{r.extra.get('input_bytes', input_bytes) / r.wall_s / 1e9:.2f}"
         base = cpu.get(r.method)
         speed = f"{base / r.wall_s:.2f}x" if base and r.path != "cpu" else ""
         check = "reference" if r.path == "cpu" else r.check
@@ -316,6 +466,9 @@ def verdict(tests: dict[str, Any] | None, runs: list[Run]) -> str:
     for r in runs:
         if r.error and not r.error.startswith("skipped"):
             problems.append(f"{r.method} {r.path}: {r.error}")
+        elif r.wall_s is not None and r.path != "cpu" and "within" in r.extra:
+            if not r.extra["within"]:  # spectral: another SVD library, compared within a tolerance
+                problems.append(f"{r.method} {r.path}: {r.check}")
         elif r.wall_s is not None and r.path != "cpu" and r.check != "equal bytes":
             problems.append(f"{r.method} {r.path}: {r.check}")
     return "PASS" if not problems else "FAIL: " + "; ".join(problems)
@@ -343,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         if not tests["ok"]:
             print(tests["tail"])
     runs, meta = run_merges(args, deadline, log)
+    matrices = time_matrices(args, deadline, log)
+    if args.spectral:
+        runs += run_spectral(args, deadline, log)
     result = {
         "environment": env,
         "tests": tests,
@@ -350,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": args.models,
         **meta,
         "runs": [r.__dict__ for r in runs],
+        "matrices": matrices,
         "total_s": round(time.perf_counter() - started, 1),
     }
     result["verdict"] = verdict(tests, runs)
@@ -359,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     read = meta["input_bytes"] / 1e9
     print(f"{args.models} checkpoints of {args.params} params, {read:.2f} GB read per merge")
     print(table(runs, meta["input_bytes"]))
+    if matrices:
+        print(f"\nspectral methods, one matrix (benchmarks/spectral.py, 2 task vectors; extract_lora rank "
+              f"{args.extract_rank})")
+        print(matrix_table(matrices))
     print(f"\nverdict: {result['verdict']}  (total {result['total_s']} s; JSON in {args.out})")
     return 0 if result["verdict"] == "PASS" else 1
 

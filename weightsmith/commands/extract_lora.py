@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import click
 
+from weightsmith.defaults import DEFAULT_MEMORY_BUDGET
 from weightsmith.dtype_names import FACTOR_DTYPES
 from weightsmith.errors import WeightsmithError
 
@@ -33,6 +34,14 @@ REPORT = "extract_report.json"  # as lora_extraction.REPORT (tests/test_cli_star
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Also read PyTorch .bin pickles (weights_only=True).")
 @click.option("--quiet", "-q", is_flag=True, help="No per-module table.")
+@click.option("--memory-budget", default=DEFAULT_MEMORY_BUDGET, show_default=True,
+              help="cap on one tensor's memory, SVD scratch included; a tensor over it is refused up front")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the per-tensor memory plan (SVD scratch included) and write nothing.")
+@click.option("--device", default="cpu", show_default=True,
+              help="where the SVDs run: cpu, cuda[:N], or auto (CUDA when present); cpu-staged: the CPU fake")
+@click.option("--device-memory-budget", default=None, metavar="SIZE",
+              help="device memory one SVD may use; default: 4/5 of the free device memory")
 def extract_lora_cmd(
     fine_tune: str,
     base: str,
@@ -49,18 +58,38 @@ def extract_lora_cmd(
     overwrite: bool,
     allow_pickle: bool,
     quiet: bool,
+    memory_budget: str,
+    plan_only: bool,
+    device: str,
+    device_memory_budget: str | None,
 ) -> None:
-    """Write a PEFT LoRA adapter approximating FINE_TUNE - BASE to the new folder OUT."""
-    from weightsmith.lora_extraction import extract_lora  # torch: only when the command runs
+    """Write a PEFT LoRA adapter approximating FINE_TUNE - BASE to the new folder OUT.
 
+    Each tensor's peak (SVD scratch included) must fit --memory-budget; --plan shows them."""
+    from weightsmith.lora_extraction import extract_lora, plan_extract_lora  # torch: only now
+
+    options = {"memory_budget": memory_budget, "device": device, "device_memory_budget": device_memory_budget}
     try:
-        if not quiet:
-            click.echo(f"{'module':60s} {'kind':15s} {'shape':>12s} {'rank':>5s} {'rel.err':>8s}")
+        if plan_only:
+            plan = plan_extract_lora(
+                fine_tune, base, rank=rank, energy=energy, include=include, exclude=exclude,
+                save_modules=save_modules, embed_lora=embed_lora, svd=svd, allow_pickle=allow_pickle,
+                memory_budget=memory_budget,
+            )
+            for line in plan.lines(top=10, title="extract-lora:"):
+                click.echo(line)
+            return
+        header = [f"{'module':60s} {'kind':15s} {'shape':>12s} {'rank':>5s} {'rel.err':>8s}"]
+
+        def row(line: str) -> None:  # the table's header with its first row (not before a refusal)
+            while header:
+                click.echo(header.pop())
+            click.echo(line)
         result = extract_lora(
             fine_tune, base, out, rank=rank, energy=energy, include=include, exclude=exclude,
             save_modules=save_modules, save_above_error=save_above_error, embed_lora=embed_lora,
-            svd=svd, dtype=dtype,
-            overwrite=overwrite, allow_pickle=allow_pickle, log=None if quiet else click.echo,
+            svd=svd, dtype=dtype, **options,
+            overwrite=overwrite, allow_pickle=allow_pickle, log=None if quiet else row,
         )
     except WeightsmithError as err:
         click.echo(f"error: {err}", err=True)

@@ -34,7 +34,8 @@ class AppendingSafetensorsWriter:
         data = tensor.detach().cpu().contiguous()
         try:
             if data.numel():
-                self._file.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+                # the tensor's own memory (no bytes copy: a module saved whole is not held twice)
+                self._file.write(data.reshape(-1).view(torch.uint8).numpy())
         except OSError as e:
             raise OutputError(f"{self.spill}: cannot write ({e.strerror or e})") from e
         self.items.append((name, data.dtype, tuple(data.shape)))

@@ -1,5 +1,5 @@
 """Writing PEFT LoRA adapters: the ``adapter_config.json`` for per-module ranks, the factor
-names peft loads, and the check that an adapter's folder does not overlap its inputs.
+names peft loads. (OUT's checks are the merge path's: weightsmith/output_checks.py.)
 
 Shared by ``extract-lora`` (commands/extract_lora.py) and ``out_format: lora`` (lora_output.py);
 the factors themselves are appended with ``AppendingSafetensorsWriter`` (ranks are known only
@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from weightsmith.errors import OutputError
 from weightsmith.io.checkpoint import Checkpoint
 from weightsmith.io.peft_format import PEFT_PREFIX
 
@@ -24,24 +21,6 @@ def factor_names(module: str, embedding: bool) -> tuple[str, str]:
     if embedding:
         return f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B"
     return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
-
-
-def check_out_outside_inputs(out: Path, inputs: Sequence[Checkpoint]) -> None:
-    """OUT must not be, contain or sit inside an input's folder: the rename would destroy it."""
-    target = out.absolute().resolve()
-    roots = []
-    for ckpt in inputs:
-        roots.append(ckpt.root)
-        adapter = getattr(ckpt, "adapter", None)  # BASE+ADAPTER inputs read a second folder
-        if adapter is not None:
-            roots.append(adapter.root)
-    for root in roots:
-        real = Path(root).absolute().resolve()
-        if target == real or real in target.parents or target in real.parents:
-            raise OutputError(
-                f"{out}: overlaps the input folder {root}; writing there would replace or mix with "
-                "an input. Choose an OUT outside the inputs"
-            )
 
 
 def adapter_config(

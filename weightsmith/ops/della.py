@@ -41,6 +41,7 @@ import torch
 from weightsmith.errors import RecipeError
 from weightsmith.ops.param_checks import check_choice, check_density
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
+from weightsmith.ops.row_ranks import ranks_along_dim1
 from weightsmith.ops.sparse.combine import common_params
 from weightsmith.ops.sparse.random_drop import random_drop_task_arithmetic
 from weightsmith.ops.sparse.report import summarize
@@ -59,11 +60,8 @@ def keep_probabilities(magnitudes: torch.Tensor, density: float, epsilon: float)
     n = magnitudes.shape[1]
     if n == 1:
         return torch.full(magnitudes.shape, density, dtype=torch.float32, device=magnitudes.device)
-    order = torch.argsort(magnitudes, dim=1, stable=True)
-    positions = torch.arange(n, device=magnitudes.device).view(1, n, *[1] * (magnitudes.dim() - 2))
-    ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
-    del order
-    rank_norm = ranks.to(torch.float32).div_(n - 1)
+    # Linear-time radix ranks on CPU float32 (numba), torch's stable sort elsewhere: same ranks.
+    rank_norm = ranks_along_dim1(magnitudes).div_(n - 1)
     return rank_norm.mul_(2).mul_(epsilon).add_(density - epsilon)
 
 
