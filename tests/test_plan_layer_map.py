@@ -9,7 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from models import LLAMA_CONFIG, perturb, random_state, save_model
-from test_slices import VLM_CONFIG, _vlm_state
+from test_slices import VLM_CONFIG, _vlm_state, vlm_recipe
 
 from weightsmith.cli import main
 from weightsmith.engine.layer_origin import LayerOrigin
@@ -87,21 +87,7 @@ def test_plan_shows_each_output_layer_and_each_shards_peak(six, tmp_path):
 def test_modules_recipe_maps_every_modules_layers(tmp_path):
     a = save_model(tmp_path / "vlm_a", _vlm_state(1), VLM_CONFIG, shards=1)
     b = save_model(tmp_path / "vlm_b", _vlm_state(2), VLM_CONFIG, shards=1)
-    recipe = {
-        "merge_method": "linear",
-        "dtype": "float32",
-        "parameters": {"weight": 1.0},
-        "modules": {
-            "text_decoder": {
-                "slices": [
-                    {"sources": [{"model": str(a), "layer_range": [0, 4]}]},
-                    {"sources": [{"model": str(b), "layer_range": [2, 4]}]},
-                ]
-            },
-            "vision_tower": {"models": [{"model": str(a)}, {"model": str(b)}], "parameters": {"weight": 0.5}},
-            "multi_modal_projector": {"models": [{"model": str(b)}]},
-        },
-    }
+    recipe = vlm_recipe(a, b)
     origins = plan_merge(recipe).layer_origins
     text_layers = [(str(a), 0), (str(a), 1), (str(a), 2), (str(a), 3), (str(b), 2), (str(b), 3)]
     assert origins == [

@@ -327,26 +327,30 @@ def _vlm_state(seed: int) -> dict[str, torch.Tensor]:
     return {k: torch.randn(shape, generator=g) for k, shape in state.items()}
 
 
-def test_two_modules_text_and_vision(tmp_path):
-    a = save_model(tmp_path / "vlm_a", _vlm_state(1), VLM_CONFIG, shards=1)
-    b = save_model(tmp_path / "vlm_b", _vlm_state(2), VLM_CONFIG, shards=1)
-    recipe = {
+def vlm_recipe(a, b) -> dict:
+    """Two VLM folders merged by module: the text decoder stacked (6 layers), the vision tower
+    averaged with its own module weight, the projector taken from b."""
+    return {
         "merge_method": "linear",
         "dtype": "float32",
         "parameters": {"weight": 1.0},
         "modules": {
-            # the text decoder: stacked, 6 layers
             "text_decoder": {
                 "slices": [
                     {"sources": [{"model": str(a), "layer_range": [0, 4]}]},
                     {"sources": [{"model": str(b), "layer_range": [2, 4]}]},
                 ]
             },
-            # the vision tower: an average of both, its own module weight
             "vision_tower": {"models": [{"model": str(a)}, {"model": str(b)}], "parameters": {"weight": 0.5}},
             "multi_modal_projector": {"models": [{"model": str(b)}]},
         },
     }
+
+
+def test_two_modules_text_and_vision(tmp_path):
+    a = save_model(tmp_path / "vlm_a", _vlm_state(1), VLM_CONFIG, shards=1)
+    b = save_model(tmp_path / "vlm_b", _vlm_state(2), VLM_CONFIG, shards=1)
+    recipe = vlm_recipe(a, b)
     out, config, result = _run(recipe, tmp_path / "vlm")
     sa, sb = load_folder(a), load_folder(b)
     assert config["text_config"]["num_hidden_layers"] == 6
