@@ -304,14 +304,8 @@ def run_merges(args: argparse.Namespace, deadline: float, log: Any) -> tuple[lis
             if time.perf_counter() > deadline:
                 run.error = "skipped: time budget spent"
                 continue
-            wall, probe, stderr, code = timed_merge(path, args.work / f"gpu-check-out-{label}", PATHS[label])
-            if code != 0:
-                last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-                run.error = f"failed (exit {code}): {last}"
-                log(f"{method} {label}: {run.error}")
+            if not finished(run, *timed_merge(path, args.work / f"gpu-check-out-{label}", PATHS[label]), log):
                 continue
-            run.wall_s = round(wall, 2)
-            run.device_peak_bytes = probe.get("device_peak_bytes")
             if label != "cpu":
                 outs = args.work / "gpu-check-out-cpu", args.work / f"gpu-check-out-{label}"
                 run.check = compare_outputs(*outs)
@@ -319,6 +313,18 @@ def run_merges(args: argparse.Namespace, deadline: float, log: Any) -> tuple[lis
         for label in args.paths:
             shutil.rmtree(args.work / f"gpu-check-out-{label}", ignore_errors=True)
     return runs, meta
+
+
+def finished(run: Run, wall: float, probe: dict[str, Any], stderr: str, code: int, log: Any) -> bool:
+    """Record one timed run's outcome on ``run``; False (with the error logged) if it failed."""
+    if code != 0:
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        run.error = f"failed (exit {code}): {last}"
+        log(f"{run.method} {run.path}: {run.error}")
+        return False
+    run.wall_s = round(wall, 2)
+    run.device_peak_bytes = probe.get("device_peak_bytes")
+    return True
 
 
 # --------------------------------------------------------------------------- spectral
@@ -406,14 +412,8 @@ def run_spectral(args: argparse.Namespace, deadline: float, log: Any) -> list[Ru
                 continue
             out = args.work / f"gpu-check-out-{label}"
             command = spectral_command(method, folders, path, out, label, args)
-            wall, probe, stderr, code = timed_cli(command, out)
-            if code != 0:
-                last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-                run.error = f"failed (exit {code}): {last}"
-                log(f"{method} {label}: {run.error}")
+            if not finished(run, *timed_cli(command, out), log):
                 continue
-            run.wall_s = round(wall, 2)
-            run.device_peak_bytes = probe.get("device_peak_bytes")
             if label != "cpu":
                 run.check, run.extra["within"] = spectral_check(method, args.work / "gpu-check-out-cpu", out)
             log(f"{method} {label}: {run.wall_s} s {run.check}")
