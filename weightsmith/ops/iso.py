@@ -36,7 +36,14 @@ import torch
 
 from weightsmith.ops.param_checks import check_fraction
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
-from weightsmith.ops.tsv import numerical_rank, polar_factor, svd_dtype, weighted_task_vectors_
+from weightsmith.ops.tsv import (
+    numerical_rank,
+    polar_factor,
+    svd_dtype,
+    svd_failed,
+    thin_svd,
+    weighted_task_vectors_,
+)
 
 
 def _task_sum(tau: torch.Tensor) -> torch.Tensor:
@@ -51,7 +58,7 @@ def _task_sum(tau: torch.Tensor) -> torch.Tensor:
 def iso_c_delta(tau: torch.Tensor) -> torch.Tensor:
     """ISO-C's merged task vector of stacked matrices ``tau`` [T, m, n] (not scaled by alpha)."""
     dtype = svd_dtype(tau)
-    u, s, vh = torch.linalg.svd(_task_sum(tau).to(dtype), full_matrices=False)
+    u, s, vh = thin_svd(_task_sum(tau).to(dtype))
     # Directions of a zero singular value are LAPACK's arbitrary choice: left out (full-rank
     # sums, the reference's case, keep all k).
     rank = numerical_rank(s, tuple(tau.shape[1:]))
@@ -75,7 +82,7 @@ def iso_cts_delta(tau: torch.Tensor, common_space_fraction: float = 0.8) -> torc
     n_tasks, m, n = tau.shape
     common, per_task = subspace_sizes(min(m, n), n_tasks, common_space_fraction)
     dtype = svd_dtype(tau)
-    u, s, vh = torch.linalg.svd(_task_sum(tau).to(dtype), full_matrices=False)
+    u, s, vh = thin_svd(_task_sum(tau).to(dtype))
     # Common directions first (the reference puts them last: the polar factor and a constant
     # spectrum make the order irrelevant). Zero singular values' directions are left out, as
     # in iso_c.
@@ -87,7 +94,7 @@ def iso_cts_delta(tau: torch.Tensor, common_space_fraction: float = 0.8) -> torc
         # This task's part outside the common subspace, and its top directions.
         residual = tau[t].to(dtype)
         residual = residual - u_common @ (u_common.T @ residual)
-        ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
+        ut, st, vht = thin_svd(residual)
         keep = min(per_task, numerical_rank(st, (m, n)))
         us.append(ut[:, :keep].clone())
         ss.append(st[:keep].clone())
@@ -110,6 +117,7 @@ def _merge(
     alpha: float,
     spectral: bool,
     delta_fn: Callable[[torch.Tensor], torch.Tensor],
+    method: str,
 ) -> torch.Tensor:
     assert inputs.base is not None
     if alpha == 0:
@@ -117,7 +125,10 @@ def _merge(
         return inputs.output_buffer().copy_(inputs.base)
     tau = weighted_task_vectors_(inputs, weight)
     if spectral and inputs.base.dim() == 2:
-        delta = delta_fn(tau)
+        try:
+            delta = delta_fn(tau)
+        except torch.linalg.LinAlgError as err:
+            raise svd_failed(inputs, method, err) from err
         inputs.stats["svd_matrices"] = 1.0
     else:
         delta = tau.mean(0)
@@ -127,7 +138,7 @@ def _merge(
 def iso_c(
     inputs: MergeInputs, weight: list[float], alpha: float = 1.0, spectral: bool = True
 ) -> torch.Tensor:
-    return _merge(inputs, weight, alpha, spectral, iso_c_delta)
+    return _merge(inputs, weight, alpha, spectral, iso_c_delta, "iso_c")
 
 
 def iso_cts(
@@ -137,7 +148,9 @@ def iso_cts(
     common_space_fraction: float = 0.8,
     spectral: bool = True,
 ) -> torch.Tensor:
-    return _merge(inputs, weight, alpha, spectral, lambda tau: iso_cts_delta(tau, common_space_fraction))
+    return _merge(
+        inputs, weight, alpha, spectral, lambda tau: iso_cts_delta(tau, common_space_fraction), "iso_cts"
+    )
 
 
 def _check_fraction(tensors: list[TensorSpec], dtype: torch.dtype) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from weightsmith.ops.tsv import thin_svd
+
 SVD_METHODS = ("exact", "randomized")
 RANDOMIZED_SEED = 0  # the range finder's Gaussian test matrix
 
@@ -81,7 +83,7 @@ def truncated_svd(
             u, s, v = torch.svd_lowrank(m, q=rank + oversample, niter=niter)
         vh = v.T
     else:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        u, s, vh = thin_svd(m)  # float64 retry where LAPACK does not converge
     root = s[:rank].sqrt()
     b = (u[:, :rank] * root).contiguous()
     a = (root[:, None] * vh[:rank]).contiguous()

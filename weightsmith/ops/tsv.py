@@ -37,13 +37,39 @@ from __future__ import annotations
 
 import torch
 
+from weightsmith.errors import MergeError
 from weightsmith.ops.param_checks import check_fraction
 from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec, register
 
 
+def thin_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(x, full_matrices=False)``; where LAPACK's divide-and-conquer driver does
+    not converge (it can on matrices with many repeated singular values, e.g. concatenated bases
+    of nearly identical task vectors), once more in float64, cast back. The retry needs one
+    float64 copy of ``x`` and its factors beyond the declared scratch; it is rare (seen once on
+    synthetic checkpoints whose task vectors are i.i.d. noise)."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
+def svd_failed(inputs: MergeInputs, method: str, err: Exception) -> MergeError:
+    """The message for a matrix whose SVD did not converge even in float64."""
+    return MergeError(
+        f"{method}: tensor {inputs.name!r} {list(inputs.base.shape) if inputs.base is not None else ''}: "
+        f"the SVD did not converge in float32 nor float64 ({err}); the task vectors are probably "
+        "degenerate (e.g. identical fine-tunes or NaN-like values). Merge this tensor another way: "
+        "a `filter:`-ed parameter or a per-tensor method such as task_arithmetic"
+    )
+
+
 def polar_factor(x: torch.Tensor) -> torch.Tensor:
     """The matrix with orthonormal columns (rows, if wide) nearest to ``x``: P Q^T."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    p, _, qh = thin_svd(x)
     return p @ qh
 
 
@@ -92,7 +118,7 @@ def tsv_delta(tau: torch.Tensor, rank_fraction: float = 0.0) -> torch.Tensor:
         # only the ones with a nonzero singular value: the directions LAPACK picks for a zero
         # singular value are arbitrary, and would tilt the other tasks' directions in the
         # orthogonalisation (a rank-16 LoRA delta, or a task at weight 0).
-        u, s, vh = torch.linalg.svd(tau[t].to(dtype), full_matrices=False)
+        u, s, vh = thin_svd(tau[t].to(dtype))
         keep = min(r, numerical_rank(s, (m, n)))
         u_cat[:, filled:filled + keep] = u[:, :keep]
         v_cat[:, filled:filled + keep] = vh[:keep].T
@@ -121,7 +147,10 @@ def tsv(
         return inputs.output_buffer().copy_(inputs.base)
     tau = weighted_task_vectors_(inputs, weight)
     if spectral and inputs.base.dim() == 2:
-        delta = tsv_delta(tau, rank_fraction)
+        try:
+            delta = tsv_delta(tau, rank_fraction)
+        except torch.linalg.LinAlgError as err:
+            raise svd_failed(inputs, "tsv", err) from err
         inputs.stats["svd_matrices"] = 1.0
     else:
         delta = tau.mean(0)
