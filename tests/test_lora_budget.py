@@ -186,8 +186,11 @@ svd, root = sys.argv[1], Path(sys.argv[2])
 opts = dict(rank=64, svd=svd) if svd == "randomized" else dict(energy=0.99)
 extract_lora(root / "ft", root / "base", root / "warm", include=["w"], **opts)  # loads LAPACK
 plan = plan_extract_lora(root / "ft", root / "base", memory_budget=None, **opts)
-rss = status("VmRSS:")
+# Reset the high-water mark to the current RSS and read that as the baseline: RSS read before
+# the reset can be larger than the reset value when the kernel reclaims pages in between (seen
+# under memory pressure: a negative growth).
 open("/proc/self/clear_refs", "w").write("5")
+rss = status("VmHWM:")
 extract_lora(root / "ft", root / "base", root / "out", memory_budget=plan.peak, **opts)
 print(status("VmHWM:") - rss, plan.peak)
 """

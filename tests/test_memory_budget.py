@@ -28,9 +28,9 @@ CHILD = textwrap.dedent(
     # are code and threads, not tensor memory.
     merge(sys.argv[4], sys.argv[5], memory_budget=2**20)
     weightsmith.ops.fused.warm_up()  # the units above were too small for the fused kernels
-    baseline = status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+        f.write("5")  # high-water mark := current RSS; read after, so reclaimed pages cannot skew it
+    baseline = status("VmHWM:")
     merge(sys.argv[1], sys.argv[2], memory_budget=sys.argv[3])
     print(json.dumps({"baseline": baseline, "peak": status("VmHWM:")}))
     """

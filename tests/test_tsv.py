@@ -195,8 +195,8 @@ fn = get_method(method)
 fn(MergeInputs("w", torch.randn(tasks, 40, 30), torch.randn(40, 30)), weight=[1.0] * tasks)  # loads LAPACK
 base = torch.randn(size, size)
 models, out = base + torch.randn(tasks, size, size), torch.empty(size, size)
-rss = status("VmRSS:")
-open("/proc/self/clear_refs", "w").write("5")
+open("/proc/self/clear_refs", "w").write("5")  # high-water mark := current RSS, the baseline
+rss = status("VmHWM:")
 fn(MergeInputs("x", models, base, out=out), weight=[1.0] * tasks)
 print((status("VmHWM:") - rss) / (size * size), fn.scratch_per_element(tasks, torch.float32))
 """
