@@ -122,3 +122,12 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def save_pair(root: Path, config: dict, seed: int = 0) -> tuple[Path, Path]:
+    """Two one-shard checkpoints of ``config``: ``root/a`` (seeded random) and ``root/b`` (a
+    perturbed copy of it), the usual pair for planning tests."""
+    state = random_state(config, seed=seed)
+    a = save_model(root / "a", state, config, shards=1)
+    b = save_model(root / "b", perturb(state, 1), config, shards=1)
+    return a, b

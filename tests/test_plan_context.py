@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from models import LLAMA_CONFIG, perturb, random_state, save_model
+from models import LLAMA_CONFIG, save_pair
 
 from weightsmith.engine.plan_context import DEFAULT_SCOPES, PlanContext, keep_all
 from weightsmith.errors import RecipeError
@@ -19,10 +19,7 @@ FOUR = {**LLAMA_CONFIG, "num_hidden_layers": 4}
 
 @pytest.fixture
 def two(tmp_path):
-    base_state = random_state(FOUR, seed=0)
-    a = save_model(tmp_path / "a", base_state, FOUR, shards=1)
-    b = save_model(tmp_path / "b", perturb(base_state, 1), FOUR, shards=1)
-    return a, b
+    return save_pair(tmp_path, FOUR)
 
 
 def _stacked(a, b, method="slerp"):

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 from click.testing import CliRunner
-from models import LLAMA_CONFIG, perturb, random_state, save_model
+from models import LLAMA_CONFIG, save_model, save_pair
 from test_slices import VLM_CONFIG, _vlm_state, vlm_recipe
 
 from weightsmith.cli import main
@@ -22,10 +22,7 @@ SIX = {**LLAMA_CONFIG, "num_hidden_layers": 6}
 
 @pytest.fixture
 def six(tmp_path):
-    state = random_state(SIX, seed=0)
-    a = save_model(tmp_path / "a", state, SIX, shards=1)
-    b = save_model(tmp_path / "b", perturb(state, 1), SIX, shards=1)
-    return a, b
+    return save_pair(tmp_path, SIX)
 
 
 def _stack(a, b):
