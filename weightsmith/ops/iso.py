@@ -39,10 +39,9 @@ from weightsmith.ops.registry import MergeInputs, MergeMethod, Param, TensorSpec
 from weightsmith.ops.tsv import (
     numerical_rank,
     polar_factor,
+    spectral_merge,
     svd_dtype,
-    svd_failed,
     thin_svd,
-    weighted_task_vectors_,
 )
 
 
@@ -111,34 +110,10 @@ def iso_cts_delta(tau: torch.Tensor, common_space_fraction: float = 0.8) -> torc
     return (u_orth.mul_(s_cat.mean()) @ v_orth.T).to(tau.dtype)
 
 
-def _merge(
-    inputs: MergeInputs,
-    weight: list[float],
-    alpha: float,
-    spectral: bool,
-    delta_fn: Callable[[torch.Tensor], torch.Tensor],
-    method: str,
-) -> torch.Tensor:
-    assert inputs.base is not None
-    if alpha == 0:
-        # The base bit for bit (also its signed zeros), and no SVD.
-        return inputs.output_buffer().copy_(inputs.base)
-    tau = weighted_task_vectors_(inputs, weight)
-    if spectral and inputs.base.dim() == 2:
-        try:
-            delta = delta_fn(tau)
-        except torch.linalg.LinAlgError as err:
-            raise svd_failed(inputs, method, err) from err
-        inputs.stats["svd_matrices"] = 1.0
-    else:
-        delta = tau.mean(0)
-    return inputs.output_buffer().copy_(delta).mul_(alpha).add_(inputs.base)
-
-
 def iso_c(
     inputs: MergeInputs, weight: list[float], alpha: float = 1.0, spectral: bool = True
 ) -> torch.Tensor:
-    return _merge(inputs, weight, alpha, spectral, iso_c_delta, "iso_c")
+    return spectral_merge(inputs, weight, alpha, spectral, iso_c_delta, "iso_c")
 
 
 def iso_cts(
@@ -148,7 +123,7 @@ def iso_cts(
     common_space_fraction: float = 0.8,
     spectral: bool = True,
 ) -> torch.Tensor:
-    return _merge(
+    return spectral_merge(
         inputs, weight, alpha, spectral, lambda tau: iso_cts_delta(tau, common_space_fraction), "iso_cts"
     )
 

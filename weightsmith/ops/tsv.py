@@ -35,6 +35,8 @@ such as LoRA deltas; full-rank inputs are unaffected).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from weightsmith.errors import MergeError
@@ -134,13 +136,16 @@ def tsv_delta(tau: torch.Tensor, rank_fraction: float = 0.0) -> torch.Tensor:
     return (u_orth @ v_orth.T).to(tau.dtype)
 
 
-def tsv(
+def spectral_merge(
     inputs: MergeInputs,
     weight: list[float],
-    alpha: float = 1.0,
-    rank_fraction: float = 0.0,
-    spectral: bool = True,
+    alpha: float,
+    spectral: bool,
+    delta_fn: Callable[[torch.Tensor], torch.Tensor],
+    method: str,
 ) -> torch.Tensor:
+    """The frame tsv, iso_c and iso_cts share: weighted task vectors, ``delta_fn`` on each 2-D
+    tensor (the mean elsewhere, or with ``spectral: false``), base + alpha * delta."""
     assert inputs.base is not None
     if alpha == 0:
         # The base bit for bit (also its signed zeros), and no SVD.
@@ -148,13 +153,23 @@ def tsv(
     tau = weighted_task_vectors_(inputs, weight)
     if spectral and inputs.base.dim() == 2:
         try:
-            delta = tsv_delta(tau, rank_fraction)
+            delta = delta_fn(tau)
         except torch.linalg.LinAlgError as err:
-            raise svd_failed(inputs, "tsv", err) from err
+            raise svd_failed(inputs, method, err) from err
         inputs.stats["svd_matrices"] = 1.0
     else:
         delta = tau.mean(0)
     return inputs.output_buffer().copy_(delta).mul_(alpha).add_(inputs.base)
+
+
+def tsv(
+    inputs: MergeInputs,
+    weight: list[float],
+    alpha: float = 1.0,
+    rank_fraction: float = 0.0,
+    spectral: bool = True,
+) -> torch.Tensor:
+    return spectral_merge(inputs, weight, alpha, spectral, lambda tau: tsv_delta(tau, rank_fraction), "tsv")
 
 
 def check_rank_fraction(tensors: list[TensorSpec], dtype: torch.dtype) -> None:
