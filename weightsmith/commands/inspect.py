@@ -44,6 +44,7 @@ def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
 
 
 @click.command("methods")
+@friendly
 def methods_cmd() -> None:
     """List merge methods and their parameters."""
     from weightsmith.ops.registry import methods
