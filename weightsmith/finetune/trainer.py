@@ -174,7 +174,7 @@ def finetune(
     model.eval()
     # OUT appears whole or not at all: assembled in a hidden sibling, renamed in when complete,
     # removed on an error or Ctrl-C (a half-saved folder would look like a finished model).
-    empty = out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir())
+    empty = out_dir.is_dir() and not any(out_dir.iterdir())
     with OutputDir(out_dir, overwrite=opts.overwrite or empty) as folder:
         save_model(model, tokenizer, base_dir, folder.tmp)
         log.write(folder.tmp, wall)
