@@ -89,6 +89,13 @@ def test_wrapper_error_interrupt_and_what_is_kept() -> None:
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored after each run
 
 
+def test_every_command_ends_through_the_one_wrapper() -> None:
+    bare = [name for name, cmd in main.commands.items()
+            if not getattr(cmd.callback, "ends_friendly", False)]
+    assert not bare, f"commands without cli_errors.friendly: {bare}"
+    assert len(main.commands) >= 13  # merge, plan, push, finetune, eval, testbed, graft, bang, ...
+
+
 # --------------------------------------------------------------------------- tiny classifiers
 def rows(n: int, seed: int) -> list[dict[str, object]]:
     rng = random.Random(seed)
@@ -316,3 +323,53 @@ def test_extract_lora_error_and_interrupt(tmp_path: Path, monkeypatch) -> None:
     res = run("extract-lora", ft, base, tmp_path / "lora", "--rank", "2", "--quiet")
     assert res.exit_code == 130 and res.stderr.strip() == NOTHING_WRITTEN, res.output
     assert not (tmp_path / "lora").exists() and not leftovers(tmp_path)
+
+
+# --------------------------------------------------------------------------- merge / push / plan
+def two_stages(base: Path, models: list[Path]) -> str:
+    linear = "merge_method: linear\ndtype: float32\nmodels:\n"
+    return (f"{linear}  - model: first\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {models[2]}\n    parameters: {{weight: 0.5}}\n---\nname: first\n{linear}"
+            + "".join(f"  - model: {m}\n    parameters: {{weight: 0.5}}\n" for m in models[:2]))
+
+
+def test_merge_interrupt_names_the_finished_stages_it_keeps(family, tmp_path: Path, monkeypatch) -> None:
+    base, models = family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(two_stages(base, models))
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    out.mkdir()
+    res = run("merge", recipe, out, "--stage-cache", cache, "-q")
+    assert_one_error_line(res, OutputError.exit_code, "--overwrite")
+    out.rmdir()
+    interrupt_commit(monkeypatch, name="out")
+    res = run("merge", recipe, out, "--stage-cache", cache, "-q")
+    assert res.exit_code == 130, res.output
+    assert res.stderr.strip() == (f"interrupted: {out} was not written (the partial output was "
+                                  f"removed); the stages that had finished stay in {cache} and "
+                                  "the next run reuses them")
+    assert not out.exists() and not leftovers(tmp_path) and not leftovers(cache)
+    assert [(p / "merge_report.json").is_file() for p in cache.iterdir()] == [True]  # stage `first`
+    single = tmp_path / "single.yaml"
+    single.write_text(two_stages(base, models).split("---\nname: first\n")[1])
+    res = run("merge", single, out, "-q")
+    assert res.exit_code == 130 and res.stderr.strip() == f"interrupted: {out} was not written " \
+        "(the partial output was removed)"
+
+
+def test_push_and_plan_interrupts(family, tmp_path: Path, monkeypatch) -> None:
+    import weightsmith.io.hub_push as hub_push
+    import weightsmith.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    base, models = family
+    monkeypatch.setattr(hub_push, "push_to_hub", interrupted)
+    res = run("push", base, "me/model")
+    assert res.exit_code == 130 and "nothing was committed to me/model" in res.stderr
+    monkeypatch.setattr(pipeline, "plan_merge", interrupted)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(two_stages(base, models).split("---\nname: first\n")[1])
+    res = run("plan", recipe)
+    assert res.exit_code == 130 and res.stderr.strip() == "interrupted (this command writes nothing)"

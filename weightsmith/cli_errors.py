@@ -17,6 +17,7 @@ import click
 from weightsmith.errors import WeightsmithError
 
 NOTHING_WRITTEN = "interrupted: nothing was written (the partial output was removed)"
+WRITES_NOTHING = "interrupted (this command writes nothing)"
 # What a command says when Ctrl-C/SIGTERM stops it: a fixed line, or one made from the
 # command's own parameters (click passes them as keyword arguments) for a command that keeps
 # something on purpose (a search's trial log, a finished first stage).
@@ -77,4 +78,5 @@ def _wrap(fn: F, on_interrupt: InterruptMessage) -> F:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+    wrapper.ends_friendly = True  # type: ignore[attr-defined]  # tests check every command has it
     return wrapper  # type: ignore[return-value]

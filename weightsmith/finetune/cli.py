@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from weightsmith.cli_errors import friendly
+from weightsmith.cli_errors import WRITES_NOTHING, friendly
 from weightsmith.finetune.data import TASKS
 
 _path = click.Path(path_type=str)
@@ -113,7 +113,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
 @click.option("--truncate", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@friendly(on_interrupt="interrupted: nothing was written (eval only reads)")
+@friendly(on_interrupt=WRITES_NOTHING)
 def eval_cmd(
     model: str,
     data: str,
