@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from models import save_model
 
 from weightsmith.cli import main
-from weightsmith.cli_errors import NOTHING_WRITTEN, friendly
+from weightsmith.cli_errors import NOTHING_WRITTEN, WRITES_NOTHING, friendly
 from weightsmith.errors import OutputError, RecipeError
 from weightsmith.io.output_dir import OutputDir
 
@@ -174,7 +174,7 @@ def test_eval_error_and_interrupt(tiny, monkeypatch) -> None:
 
     monkeypatch.setattr(evaluation, "evaluate", interrupted)
     res = run("eval", tiny["pre"], "--data", tiny["data"], "--task", "classification")
-    assert res.exit_code == 130 and "nothing was written" in res.stderr
+    assert res.exit_code == 130 and res.stderr.strip() == WRITES_NOTHING
 
 
 def test_testbed_interrupt_says_the_build_is_unfinished(tmp_path: Path, monkeypatch) -> None:
@@ -222,6 +222,33 @@ def test_graft_interrupt_leaves_no_out_and_no_mask(tiny, tmp_path: Path, monkeyp
     assert res.exit_code == 0, res.output
     res = run(*args, "--mask-out", tmp_path / "m3.safetensors")
     assert_one_error_line(res, OutputError.exit_code, "choose another OUT")
+
+
+def test_mask_until_done_keeps_a_mask_only_when_the_block_completes(tmp_path: Path) -> None:
+    from weightsmith.commands.graft import mask_until_done
+
+    mask = tmp_path / "m.safetensors"
+    mask.write_text("old")
+    with pytest.raises(OutputError), mask_until_done(mask):
+        mask.write_text("new")
+        raise OutputError("the merge failed")
+    assert mask.read_text() == "old" and not leftovers(tmp_path)
+    with mask_until_done(mask):
+        mask.write_text("new")
+    assert mask.read_text() == "new" and not leftovers(tmp_path)
+
+
+def test_finetune_disk_error_is_one_line(tiny, tmp_path: Path, monkeypatch) -> None:
+    from weightsmith.finetune import trainer
+
+    def disk_full(model, tokenizer, tokenizer_dir, out_dir):
+        (out_dir / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer, "save_model", disk_full)
+    res = run("finetune", tiny["pre"], tmp_path / "out", "--data", tiny["data"], *TRAIN)
+    assert_one_error_line(res, OutputError.exit_code, "No space left on device")
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
 # --------------------------------------------------------------------------- bang
@@ -372,4 +399,4 @@ def test_push_and_plan_interrupts(family, tmp_path: Path, monkeypatch) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(two_stages(base, models).split("---\nname: first\n")[1])
     res = run("plan", recipe)
-    assert res.exit_code == 130 and res.stderr.strip() == "interrupted (this command writes nothing)"
+    assert res.exit_code == 130 and res.stderr.strip() == WRITES_NOTHING

@@ -175,11 +175,16 @@ def finetune(
     # OUT appears whole or not at all: assembled in a hidden sibling, renamed in when complete,
     # removed on an error or Ctrl-C (a half-saved folder would look like a finished model).
     empty = out_dir.is_dir() and not any(out_dir.iterdir())
-    with OutputDir(out_dir, overwrite=opts.overwrite or empty) as folder:
-        save_model(model, tokenizer, base_dir, folder.tmp)
-        log.write(folder.tmp, wall)
-        plot_loss(log, folder.tmp)
-        folder.commit()
+    try:
+        with OutputDir(out_dir, overwrite=opts.overwrite or empty) as folder:
+            save_model(model, tokenizer, base_dir, folder.tmp)
+            log.write(folder.tmp, wall)
+            plot_loss(log, folder.tmp)
+            folder.commit()
+    except OSError as e:  # disk full, permissions: one line naming OUT, not a traceback
+        raise OutputError(
+            f"{out_dir}: cannot write the fine-tuned model ({e.strerror or e}); nothing was left behind"
+        ) from e
     return FinetuneResult(
         out_dir=out_dir,
         steps=total,
