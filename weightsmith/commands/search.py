@@ -13,7 +13,8 @@ from typing import Any
 import click
 import yaml
 
-from weightsmith.errors import OutputError, RecipeError, WeightsmithError
+from weightsmith.cli_errors import friendly
+from weightsmith.errors import OutputError, RecipeError
 
 _path = click.Path(path_type=str)
 
@@ -60,6 +61,9 @@ def load_recipe_dict(path: str) -> dict[str, Any]:
 @click.option("--resume", is_flag=True, help="Continue the search logged in --workdir.")
 @click.option("--overwrite", is_flag=True, help="Start afresh over a logged search; replace --out.")
 @click.option("--quiet", is_flag=True)
+@friendly(on_interrupt=lambda p: (
+    f"interrupted: the trials finished so far stay logged in {p['workdir']} (continue with "
+    "--resume)" + (f"; {p['out']} was not written" if p.get("out") else "")))
 def search_cmd(
     recipe: str, space_path: str, data: str, task: str, trials: int, workdir: str, out: str | None,
     metric: str | None, control: str | None, control_weight: float, model_dir: str | None, seed: int,
@@ -76,47 +80,43 @@ def search_cmd(
     from weightsmith.search.space import Space
     from weightsmith.search.workdir import check_workdir, search_inputs
 
-    try:
-        base = load_recipe_dict(recipe)
-        space = Space.load(space_path)
-        files = {"recipe file": recipe, "search space": space_path, "eval data": data,
-                 "control data": control}
-        check_workdir(workdir, search_inputs(base, files, model_dir, memory_budget))
-        if executor != "ray" and (ray_address or ray_workers):
-            raise RecipeError("--ray-address/--ray-workers need --executor ray")
-        folder = Path(workdir)
-        log = folder / "trials.jsonl"
-        if log.exists() and not (resume or overwrite):
-            raise OutputError(f"{log}: a search is logged there; pass --resume to continue it or "
-                              "--overwrite to start afresh")
-        if log.exists() and overwrite and not resume:
-            log.unlink()
-        folder.mkdir(parents=True, exist_ok=True)
-        args = dict(
-            recipe=base, data=data, task=task, control=control, control_weight=control_weight,
-            metric=metric, model_dir=model_dir, batch_size=batch_size, max_length=max_length,
-            truncate=truncate, memory_budget=memory_budget, random_seed=seed,
-        )
-        with open_pool(executor, args, ray_address, ray_workers, popsize or default_popsize(space)) as pool:
-            bar = progress(trials, "search", "trial", enabled=not quiet)
-            try:
-                result = search(space, base, pool, trials=trials, log_path=log,
-                                higher_is_better=pool.higher_is_better, seed=seed, sigma=sigma,
-                                popsize=popsize, bar=bar)
-            finally:
-                bar.close()
-        best = space.apply(base, result.best_trial.unit)
-        write_outputs(result, best, folder)
-        click.echo(f"best: trial {result.best} of {len(result.trials)}, score "
-                   f"{result.best_trial.score:.6g} (recipe as given: {result.trials[0].score:.6g}); "
-                   f"{folder / 'best_recipe.yaml'}")
-        if out:  # the pool's models are gone (closed above) before this merge
-            pipeline.merge(best, out, memory_budget=memory_budget, overwrite=overwrite,
-                           random_seed=seed, progress=not quiet)
-            click.echo(f"wrote {out}")
-    except WeightsmithError as err:
-        click.echo(f"error: {err}", err=True)
-        raise SystemExit(err.exit_code) from None
+    base = load_recipe_dict(recipe)
+    space = Space.load(space_path)
+    files = {"recipe file": recipe, "search space": space_path, "eval data": data,
+             "control data": control}
+    check_workdir(workdir, search_inputs(base, files, model_dir, memory_budget))
+    if executor != "ray" and (ray_address or ray_workers):
+        raise RecipeError("--ray-address/--ray-workers need --executor ray")
+    folder = Path(workdir)
+    log = folder / "trials.jsonl"
+    if log.exists() and not (resume or overwrite):
+        raise OutputError(f"{log}: a search is logged there; pass --resume to continue it or "
+                          "--overwrite to start afresh")
+    if log.exists() and overwrite and not resume:
+        log.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    args = dict(
+        recipe=base, data=data, task=task, control=control, control_weight=control_weight,
+        metric=metric, model_dir=model_dir, batch_size=batch_size, max_length=max_length,
+        truncate=truncate, memory_budget=memory_budget, random_seed=seed,
+    )
+    with open_pool(executor, args, ray_address, ray_workers, popsize or default_popsize(space)) as pool:
+        bar = progress(trials, "search", "trial", enabled=not quiet)
+        try:
+            result = search(space, base, pool, trials=trials, log_path=log,
+                            higher_is_better=pool.higher_is_better, seed=seed, sigma=sigma,
+                            popsize=popsize, bar=bar)
+        finally:
+            bar.close()
+    best = space.apply(base, result.best_trial.unit)
+    write_outputs(result, best, folder)
+    click.echo(f"best: trial {result.best} of {len(result.trials)}, score "
+               f"{result.best_trial.score:.6g} (recipe as given: {result.trials[0].score:.6g}); "
+               f"{folder / 'best_recipe.yaml'}")
+    if out:  # the pool's models are gone (closed above) before this merge
+        pipeline.merge(best, out, memory_budget=memory_budget, overwrite=overwrite,
+                       random_seed=seed, progress=not quiet)
+        click.echo(f"wrote {out}")
 
 
 COMMANDS = [search_cmd]
