@@ -50,7 +50,7 @@ SUPPORTED = {
     "tokenizer-block-union", "tokenizer-block-model", "tokenizer-block-empty", "chat_template-named",
     "lambda", "rescale", "epsilon", "top-level-weight", "single-model", "non-ascii-comments",
     "filters-non-layer-tensors", "duplicate-model", "trailing-whitespace", "model-names-with-spaces",
-    "overlapping-slices", "same-model-repeated-in-slice", "density-gradient",
+    "overlapping-slices", "same-model-repeated-in-slice", "density-gradient", "nuslerp-with-base",
 }
 MODEL_KEYS = {"model", "base_model"}
 TOKENIZER_KEYS = {"tokenizer_source", "source"}
