@@ -130,3 +130,31 @@ def test_neither_eval_nor_head_is_refused(family, tmp_path: Path) -> None:  # no
     recipe, space = write_inputs(family, tmp_path)
     result = CliRunner().invoke(main, search_args(recipe, space, tmp_path / "work", 2))
     assert result.exit_code == 2 and "--eval" in result.output and "--head" in result.output, result.output
+
+
+def test_heads_travel_to_the_pool_as_plain_picklable_arguments(family, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+    """What --executor ray hands each actor (the actors themselves: tests/test_ray_search.py)."""
+    import pickle
+
+    from weightsmith.search import population
+    from weightsmith.search.heads import Head
+    from weightsmith.search.objective import Score
+
+    asked = []
+
+    def fake_open_pool(executor, args, address, workers, population_size):
+        asked.append((executor, pickle.loads(pickle.dumps(args))))
+        return population.SequentialPool(lambda recipe: Score(0.0, 0.0))
+
+    monkeypatch.setattr(population, "open_pool", fake_open_pool)
+    recipe, space = write_inputs(family, tmp_path)
+    result = CliRunner().invoke(main, search_args(
+        recipe, space, tmp_path / "work", 1, "--executor", "ray",
+        "--head", "a", str(family["good"]), str(family["val"]),
+        "--head", "b", str(family["bad"]), str(family["held_out"])))
+    assert result.exit_code == 0, result.output
+    (executor, args), = asked
+    assert executor == "ray" and args["metric"] == "loss"
+    assert args["heads"] == [Head("a", str(family["good"]), str(family["val"])),
+                             Head("b", str(family["bad"]), str(family["held_out"]))]
+    assert not {"data", "model_dir", "control"} & set(args)  # HeadsObjective takes none of them
