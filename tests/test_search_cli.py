@@ -59,8 +59,8 @@ def test_two_head_search_logs_the_score_heads_objective_gives(family, tmp_path: 
     assert rows[0]["score"] == objective(linear_recipe(family)).value
     assert rows[0]["score"] == pytest.approx((per_head["good"] + per_head["bad"]) / 2)
     recorded = json.loads((tmp_path / "work" / "search_inputs.json").read_text())
-    assert {"--head good data", "--head bad data", "--head good model folder",
-            "--head bad model folder"} <= set(recorded)
+    assert {"--head good data", "--head bad data", "--head good model",
+            "--head bad model"} <= set(recorded)
 
 
 def test_resume_with_a_changed_head_data_file_is_refused(family, tmp_path: Path) -> None:  # noqa: F811
@@ -85,7 +85,7 @@ def test_resume_with_a_changed_head_data_file_is_refused(family, tmp_path: Path)
     copy_rows(family["held_out"], data)
     swapped = ["--head", "good", str(family["bad"]), str(family["val"]), *heads[4:]]
     refused = CliRunner().invoke(main, search_args(recipe, space, work, 3, *swapped, "--resume"))
-    assert refused.exit_code == 2 and "--head good model folder" in refused.output, refused.output
+    assert refused.exit_code == 2 and "--head good model" in refused.output, refused.output
 
 
 def test_resume_with_a_changed_eval_file_is_refused(family, tmp_path: Path) -> None:  # noqa: F811
@@ -158,3 +158,16 @@ def test_heads_travel_to_the_pool_as_plain_picklable_arguments(family, tmp_path:
     assert args["heads"] == [Head("a", str(family["good"]), str(family["val"])),
                              Head("b", str(family["bad"]), str(family["held_out"]))]
     assert not {"data", "model_dir", "control"} & set(args)  # HeadsObjective takes none of them
+
+
+def test_a_workdir_inside_a_head_model_folder_is_refused(family, tmp_path: Path) -> None:  # noqa: F811
+    recipe, space = write_inputs(family, tmp_path)
+    head = tmp_path / "head"  # a head's model folder that is not one of the recipe's inputs
+    head.mkdir()
+    (head / "config.json").write_text((family["bad"] / "config.json").read_text())
+    result = CliRunner().invoke(main, search_args(
+        recipe, space, head / "runs", 2, "--head", "good", str(family["good"]), str(family["val"]),
+        "--head", "other", str(head), str(family["held_out"])))
+    assert result.exit_code == 5, result.output  # OutputError
+    assert "inside the --head other model folder" in result.output
+    assert not (head / "runs").exists()

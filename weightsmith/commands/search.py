@@ -95,7 +95,7 @@ def search_cmd(
         folders: dict[str, str | None] = {"--model-dir": model_dir}
         for h in heads:
             files[f"--head {h.name} data"] = str(h.data)
-            folders[f"--head {h.name} model folder"] = str(h.model_dir)
+            folders[f"--head {h.name} model"] = str(h.model_dir)
         plan = pipeline.plan_merge(base, memory_budget=memory_budget)
         check_workdir(workdir, search_inputs(plan, files, folders))
         if executor != "ray" and (ray_address or ray_workers):
