@@ -115,7 +115,7 @@ def search_cmd(
              "control_weight": control_weight if control else None},
         ), resuming=resume and log.exists())
         args: dict[str, Any] = dict(recipe=base, memory_budget=memory_budget, random_seed=seed, **scoring)
-        if heads:  # HeadsObjective (population.build_objective), also in each Ray actor
+        if heads:  # HeadsObjective (objective_args.build_objective), here or in each Ray actor
             args["heads"] = heads
         else:
             args.update(data=data, control=control, control_weight=control_weight, model_dir=model_dir)

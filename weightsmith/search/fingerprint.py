@@ -75,8 +75,8 @@ def check_resumable(workdir: str | Path, fingerprint: dict[str, str], resuming: 
         except (OSError, json.JSONDecodeError) as e:
             raise RecipeError(f"{path}: cannot read the logged search's inputs ({e}); pass "
                               "--overwrite to start afresh") from None
-        changed = sorted(set(logged) ^ set(fingerprint) | {k for k in fingerprint
-                                                            if logged.get(k) != fingerprint[k]})
+        changed = sorted((set(logged) ^ set(fingerprint))  # an input added or left out
+                         | {k for k in fingerprint if logged.get(k) != fingerprint[k]})
         if changed:
             raise RecipeError(
                 f"{path}: --resume over a search with other inputs ({', '.join(changed)} changed "

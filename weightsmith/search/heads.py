@@ -31,7 +31,7 @@ class Head:
 
 def heads_from_options(given: Sequence[tuple[str, str, str]]) -> list[Head]:
     """``--head NAME MODEL_DIR DATA`` (repeated) as heads, in the order given; names must
-    differ (the trial table and ``metrics`` key each task by its name)."""
+    differ (``scores`` and ``metrics`` key each task by its name)."""
     heads = [Head(name, model_dir, data) for name, model_dir, data in given]
     seen: set[str] = set()
     for head in heads:
