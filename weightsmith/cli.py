@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from weightsmith.cli_errors import WRITES_NOTHING
 from weightsmith.cli_errors import friendly as _friendly
 from weightsmith.cli_options import common_plan_options, device_options, executor_option
 from weightsmith.units import format_size
@@ -17,6 +18,22 @@ from weightsmith.version import __version__
 @click.version_option(__version__, prog_name="weightsmith")
 def main() -> None:
     """weightsmith: merge fine-tuned checkpoints of one base model, streamed tensor by tensor."""
+
+
+def _merge_interrupted(params: dict[str, Any]) -> str:
+    """What an interrupted merge keeps: a multi-stage recipe's finished stages stay in the stage
+    cache (the next run reuses them); with --push-to, OUT if the merge had finished."""
+    from weightsmith.stages import cache_folder, is_multi_stage
+
+    out, repo = params["out"], params.get("push_to")
+    if repo:
+        return (f"interrupted: nothing was pushed to {repo}; {out} is complete if the merge had "
+                f"finished (push it with: weightsmith push {out} {repo}), else it was not written")
+    message = f"interrupted: {out} was not written (the partial output was removed)"
+    if is_multi_stage(params["recipe"]):
+        cache = cache_folder(out, params.get("stage_cache"))
+        message += f"; the stages that had finished stay in {cache} and the next run reuses them"
+    return message
 
 
 @main.command("merge")
@@ -49,7 +66,7 @@ def main() -> None:
 @click.option("--out-energy", type=float, default=None,
               help="out-format lora, SVD path: per module, the rank keeping this fraction of sum(s^2)")
 @common_plan_options
-@_friendly
+@_friendly(on_interrupt=_merge_interrupted)
 def merge_cmd(
     recipe: str,
     out: str,
@@ -155,7 +172,8 @@ def merge_cmd(
 @click.option("--revision", metavar="BRANCH", default=None, help="branch to commit to (created from main)")
 @click.option("--create-pr", is_flag=True, help="open a pull request instead of committing to the branch")
 @click.option("--message", default=None, help="commit message")
-@_friendly
+@_friendly(on_interrupt=lambda p: f"interrupted: nothing was committed to {p['repo_id']} (a push is "
+           "one commit); run the command again, uploaded files are not sent twice")
 def push_cmd(
     out: str, repo_id: str, private: bool, revision: str | None, create_pr: bool, message: str | None
 ) -> None:
@@ -191,7 +209,7 @@ def push_cmd(
 @executor_option
 @device_options
 @common_plan_options
-@_friendly
+@_friendly(on_interrupt=WRITES_NOTHING)
 def plan_cmd(
     recipe: str,
     as_json: bool,

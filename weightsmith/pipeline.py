@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,7 @@ def merge(
     ray_address: str | None = None,
     ray_shared_fs: bool = True,
     hash_inputs: bool = False,
+    extra_files: Mapping[str, str] | None = None,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out`` (a new folder; see ``overwrite``).
 
@@ -135,7 +136,8 @@ def merge(
     the output is byte for byte what an uninterrupted run writes. ``strict``: see plan_merge.
     ``numerics="mergekit"`` reproduces mergekit 0.1.5's arithmetic (docs/mergekit.md, "Numerics").
     ``hash_inputs`` records the sha256 of every local input shard (a full read of each)
-    instead of a sampled fingerprint.
+    instead of a sampled fingerprint. ``extra_files`` (name -> text): more files for ``out``,
+    written before it is renamed into place (a workflow's own report).
     (``weightsmith.merge`` also runs multi-stage recipes: weightsmith/stages.py.)
     ``executor="ray"`` runs one task per output shard on a Ray cluster (``ray_address``, else a
     local one), docs/distributed.md: the same bytes; ``ray_shared_fs=False`` when the workers
@@ -147,6 +149,7 @@ def merge(
         threads=threads, progress=progress, fsync=fsync, resume=resume, kernels=kernels,
         device_memory_budget=device_memory_budget, executor=executor, ray_address=ray_address,
         ray_shared_fs=ray_shared_fs, hash_inputs=hash_inputs,
+        extra_files=tuple((extra_files or {}).items()),
     )
     with collecting():  # a warning repeated by a re-plan (greedy soups) is printed once
         return merge_with(recipe, out, options)
@@ -323,6 +326,8 @@ def _run_plan(
         folder.write_json("model.safetensors.index.json", index)
         stats.summary = build_summary(plan, stats)
         write_side_files(plan, folder, stats, time.perf_counter() - started, options.hash_inputs)
+        for name, text in options.extra_files:
+            folder.write_text(name, text)
         path = folder.commit()
     return MergeResult(path, plan, stats, time.perf_counter() - started)
 

@@ -40,6 +40,9 @@ class RunOptions:
     # (engine/ray_stream.py, docs/distributed.md "Without shared storage").
     ray_shared_fs: bool = True
     hash_inputs: bool = False
+    # (file name, text) written into OUT beside the merge's own files before it is committed,
+    # so a workflow's report (graft_report.json) appears with the output or not at all.
+    extra_files: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:

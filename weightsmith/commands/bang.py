@@ -19,8 +19,9 @@ from typing import Any
 
 import click
 
+from weightsmith.cli_errors import friendly
 from weightsmith.errors import OutputError, RecipeError
-from weightsmith.finetune.cli import _user_errors, schedule_options
+from weightsmith.finetune.cli import schedule_options
 from weightsmith.finetune.data import TASKS
 
 
@@ -116,6 +117,14 @@ def run_bang(
 _path = click.Path(path_type=str)
 
 
+def _interrupted(params: dict[str, Any]) -> str:
+    # OUT and --finetuned are each written whole or not at all (the fine-tune first), so a
+    # kept --finetuned is a finished fine-tune; the default temporary one is always removed.
+    kept = params.get("finetuned")
+    tail = f"; {kept} holds the fine-tune if it had finished, else is untouched" if kept else ""
+    return f"interrupted: {params['out']} was not written (the partial output was removed){tail}"
+
+
 @click.command("bang")
 @click.argument("base", type=_path)
 @click.argument("out", type=_path)
@@ -134,7 +143,7 @@ _path = click.Path(path_type=str)
 @click.option("--train-only", multiple=True, metavar="PATTERN", help="Train only matching parameters.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT (and --finetuned) if they exist.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@_user_errors
+@friendly(on_interrupt=_interrupted)
 def bang_cmd(base: str, out: str, data: str, task: str, **options: Any) -> None:
     """BANG: fine-tune BASE on --data with label smoothing / MixUp, average with BASE into OUT."""
     options["freeze"] = tuple(options["freeze"])

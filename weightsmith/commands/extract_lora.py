@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import click
 
+from weightsmith.cli_errors import friendly
 from weightsmith.defaults import DEFAULT_MEMORY_BUDGET
 from weightsmith.dtype_names import FACTOR_DTYPES
-from weightsmith.errors import WeightsmithError
 
 REPORT = "extract_report.json"  # as lora_extraction.REPORT (tests/test_cli_startup.py checks)
 
@@ -42,6 +42,7 @@ REPORT = "extract_report.json"  # as lora_extraction.REPORT (tests/test_cli_star
               help="where the SVDs run: cpu, cuda[:N], or auto (CUDA when present); cpu-staged: the CPU fake")
 @click.option("--device-memory-budget", default=None, metavar="SIZE",
               help="device memory one SVD may use; default: 4/5 of the free device memory")
+@friendly
 def extract_lora_cmd(
     fine_tune: str,
     base: str,
@@ -69,31 +70,27 @@ def extract_lora_cmd(
     from weightsmith.lora_extraction import extract_lora, plan_extract_lora  # torch: only now
 
     options = {"memory_budget": memory_budget, "device": device, "device_memory_budget": device_memory_budget}
-    try:
-        if plan_only:
-            plan = plan_extract_lora(
-                fine_tune, base, rank=rank, energy=energy, include=include, exclude=exclude,
-                save_modules=save_modules, embed_lora=embed_lora, svd=svd, allow_pickle=allow_pickle,
-                memory_budget=memory_budget,
-            )
-            for line in plan.lines(top=10, title="extract-lora:"):
-                click.echo(line)
-            return
-        header = [f"{'module':60s} {'kind':15s} {'shape':>12s} {'rank':>5s} {'rel.err':>8s}"]
-
-        def row(line: str) -> None:  # the table's header with its first row (not before a refusal)
-            while header:
-                click.echo(header.pop())
-            click.echo(line)
-        result = extract_lora(
-            fine_tune, base, out, rank=rank, energy=energy, include=include, exclude=exclude,
-            save_modules=save_modules, save_above_error=save_above_error, embed_lora=embed_lora,
-            svd=svd, dtype=dtype, **options,
-            overwrite=overwrite, allow_pickle=allow_pickle, log=None if quiet else row,
+    if plan_only:
+        plan = plan_extract_lora(
+            fine_tune, base, rank=rank, energy=energy, include=include, exclude=exclude,
+            save_modules=save_modules, embed_lora=embed_lora, svd=svd, allow_pickle=allow_pickle,
+            memory_budget=memory_budget,
         )
-    except WeightsmithError as err:
-        click.echo(f"error: {err}", err=True)
-        raise SystemExit(err.exit_code) from None
+        for line in plan.lines(top=10, title="extract-lora:"):
+            click.echo(line)
+        return
+    header = [f"{'module':60s} {'kind':15s} {'shape':>12s} {'rank':>5s} {'rel.err':>8s}"]
+
+    def row(line: str) -> None:  # the table's header with its first row (not before a refusal)
+        while header:
+            click.echo(header.pop())
+        click.echo(line)
+    result = extract_lora(
+        fine_tune, base, out, rank=rank, energy=energy, include=include, exclude=exclude,
+        save_modules=save_modules, save_above_error=save_above_error, embed_lora=embed_lora,
+        svd=svd, dtype=dtype, **options,
+        overwrite=overwrite, allow_pickle=allow_pickle, log=None if quiet else row,
+    )
     lora = [m for m in result.modules if m.rank]
     worst = max(lora, key=lambda m: m.relative_error, default=None)
     uncaptured = [m.module for m in result.modules if m.kind == "not-captured"]

@@ -6,7 +6,7 @@ from collections import Counter
 
 import click
 
-from weightsmith.cli_errors import friendly
+from weightsmith.cli_errors import WRITES_NOTHING, friendly
 from weightsmith.dtype_names import dtype_name
 from weightsmith.units import format_size
 
@@ -15,7 +15,7 @@ from weightsmith.units import format_size
 @click.argument("model")
 @click.option("--keys", "show_keys", is_flag=True, help="list every tensor")
 @click.option("--allow-pickle", is_flag=True, help="also read PyTorch .bin pickles")
-@friendly
+@friendly(on_interrupt=WRITES_NOTHING)
 def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
     """Keys, dtypes, parameter count, shards and layer count of MODEL (headers only)."""
     from weightsmith.engine.keys import _num_layers
@@ -44,6 +44,7 @@ def inspect_cmd(model: str, show_keys: bool, allow_pickle: bool) -> None:
 
 
 @click.command("methods")
+@friendly(on_interrupt=WRITES_NOTHING)
 def methods_cmd() -> None:
     """List merge methods and their parameters."""
     from weightsmith.ops.registry import methods

@@ -14,7 +14,8 @@ from typing import Any
 import click
 import yaml
 
-from weightsmith.errors import OutputError, RecipeError, WeightsmithError
+from weightsmith.cli_errors import friendly
+from weightsmith.errors import OutputError, RecipeError
 
 _path = click.Path(path_type=str)
 
@@ -67,6 +68,9 @@ def load_recipe_dict(path: str) -> dict[str, Any]:
 @click.option("--resume", is_flag=True, help="Continue the search logged in --workdir.")
 @click.option("--overwrite", is_flag=True, help="Start afresh over a logged search; replace --out.")
 @click.option("--quiet", is_flag=True)
+@friendly(on_interrupt=lambda p: (
+    f"interrupted: the trials finished so far stay logged in {p['workdir']} (continue with "
+    "--resume)" + (f"; {p['out']} was not written" if p.get("out") else "")))
 def search_cmd(
     recipe: str, space_path: str, data: str | None, head_options: tuple[tuple[str, str, str], ...],
     task: str, trials: int, workdir: str, out: str | None,
@@ -86,59 +90,55 @@ def search_cmd(
     from weightsmith.search.space import Space
     from weightsmith.search.workdir import check_workdir, search_inputs
 
-    try:
-        heads = _heads(head_options, data, model_dir, control)
-        base = load_recipe_dict(recipe)
-        space = Space.load(space_path)
-        files = {"recipe file": recipe, "search space": space_path, "eval data": data,
-                 "control data": control}
-        folders: dict[str, str | None] = {"--model-dir": model_dir}
-        for h in heads:
-            files[f"--head {h.name} data"] = str(h.data)
-            folders[f"--head {h.name} model"] = str(h.model_dir)
-        plan = pipeline.plan_merge(base, memory_budget=memory_budget)
-        check_workdir(workdir, search_inputs(plan, files, folders))
-        if executor != "ray" and (ray_address or ray_workers):
-            raise RecipeError("--ray-address/--ray-workers need --executor ray")
-        folder = Path(workdir)
-        log = folder / "trials.jsonl"
-        if log.exists() and not (resume or overwrite):
-            raise OutputError(f"{log}: a search is logged there; pass --resume to continue it or "
-                              "--overwrite to start afresh")
-        if log.exists() and overwrite and not resume:
-            log.unlink()
-        scoring = dict(task=task, metric=metric, batch_size=batch_size, max_length=max_length,
-                       truncate=truncate)
-        check_resumable(folder, search_fingerprint(
-            base, plan, {k: v for k, v in files.items() if k != "recipe file"}, folders,
-            {**scoring, "heads": [h.name for h in heads],
-             "control_weight": control_weight if control else None},
-        ), resuming=resume and log.exists())
-        args: dict[str, Any] = dict(recipe=base, memory_budget=memory_budget, random_seed=seed, **scoring)
-        if heads:  # HeadsObjective (objective_args.build_objective), here or in each Ray actor
-            args["heads"] = heads
-        else:
-            args.update(data=data, control=control, control_weight=control_weight, model_dir=model_dir)
-        with open_pool(executor, args, ray_address, ray_workers, popsize or default_popsize(space)) as pool:
-            bar = progress(trials, "search", "trial", enabled=not quiet)
-            try:
-                result = search(space, base, pool, trials=trials, log_path=log,
-                                higher_is_better=pool.higher_is_better, seed=seed, sigma=sigma,
-                                popsize=popsize, bar=bar)
-            finally:
-                bar.close()
-        best = space.apply(base, result.best_trial.unit)
-        write_outputs(result, best, folder)
-        click.echo(f"best: trial {result.best} of {len(result.trials)}, score "
-                   f"{result.best_trial.score:.6g} (recipe as given: {result.trials[0].score:.6g}); "
-                   f"{folder / 'best_recipe.yaml'}")
-        if out:  # the pool's models are gone (closed above) before this merge
-            pipeline.merge(best, out, memory_budget=memory_budget, overwrite=overwrite,
-                           random_seed=seed, progress=not quiet)
-            click.echo(f"wrote {out}")
-    except WeightsmithError as err:
-        click.echo(f"error: {err}", err=True)
-        raise SystemExit(err.exit_code) from None
+    heads = _heads(head_options, data, model_dir, control)
+    base = load_recipe_dict(recipe)
+    space = Space.load(space_path)
+    files = {"recipe file": recipe, "search space": space_path, "eval data": data,
+             "control data": control}
+    folders: dict[str, str | None] = {"--model-dir": model_dir}
+    for h in heads:
+        files[f"--head {h.name} data"] = str(h.data)
+        folders[f"--head {h.name} model"] = str(h.model_dir)
+    plan = pipeline.plan_merge(base, memory_budget=memory_budget)
+    check_workdir(workdir, search_inputs(plan, files, folders))
+    if executor != "ray" and (ray_address or ray_workers):
+        raise RecipeError("--ray-address/--ray-workers need --executor ray")
+    folder = Path(workdir)
+    log = folder / "trials.jsonl"
+    if log.exists() and not (resume or overwrite):
+        raise OutputError(f"{log}: a search is logged there; pass --resume to continue it or "
+                          "--overwrite to start afresh")
+    if log.exists() and overwrite and not resume:
+        log.unlink()
+    scoring = dict(task=task, metric=metric, batch_size=batch_size, max_length=max_length,
+                   truncate=truncate)
+    check_resumable(folder, search_fingerprint(
+        base, plan, {k: v for k, v in files.items() if k != "recipe file"}, folders,
+        {**scoring, "heads": [h.name for h in heads],
+         "control_weight": control_weight if control else None},
+    ), resuming=resume and log.exists())
+    args: dict[str, Any] = dict(recipe=base, memory_budget=memory_budget, random_seed=seed, **scoring)
+    if heads:  # HeadsObjective (objective_args.build_objective), here or in each Ray actor
+        args["heads"] = heads
+    else:
+        args.update(data=data, control=control, control_weight=control_weight, model_dir=model_dir)
+    with open_pool(executor, args, ray_address, ray_workers, popsize or default_popsize(space)) as pool:
+        bar = progress(trials, "search", "trial", enabled=not quiet)
+        try:
+            result = search(space, base, pool, trials=trials, log_path=log,
+                            higher_is_better=pool.higher_is_better, seed=seed, sigma=sigma,
+                            popsize=popsize, bar=bar)
+        finally:
+            bar.close()
+    best = space.apply(base, result.best_trial.unit)
+    write_outputs(result, best, folder)
+    click.echo(f"best: trial {result.best} of {len(result.trials)}, score "
+               f"{result.best_trial.score:.6g} (recipe as given: {result.trials[0].score:.6g}); "
+               f"{folder / 'best_recipe.yaml'}")
+    if out:  # the pool's models are gone (closed above) before this merge
+        pipeline.merge(best, out, memory_budget=memory_budget, overwrite=overwrite,
+                       random_seed=seed, progress=not quiet)
+        click.echo(f"wrote {out}")
 
 
 def _heads(given: tuple[tuple[str, str, str], ...], data: str | None, model_dir: str | None,

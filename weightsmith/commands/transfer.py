@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from weightsmith.errors import WeightsmithError
+from weightsmith.cli_errors import NOTHING_WRITTEN, friendly
 from weightsmith.finetune.cli import schedule_options
 
 _path = click.Path(path_type=str)
@@ -69,6 +69,15 @@ def transfer_model(
     return Path(out)
 
 
+def _interrupted(params: dict[str, Any]) -> str:
+    # Each stage's folder is written whole or not at all; the transfer finishes first.
+    if not params.get("then_finetune"):
+        return NOTHING_WRITTEN
+    out = Path(params["out"])
+    return (f"interrupted: {out / 'finetuned'} was not written (the partial output was removed); "
+            f"{out / 'transferred'} holds the transfer if it had finished, else is untouched")
+
+
 @click.command("transfer")
 @click.argument("new_base", type=_path)
 @click.argument("ft", type=_path)
@@ -90,6 +99,7 @@ def transfer_model(
 @click.option("--train-only", multiple=True, metavar="PATTERN", help="Train only matching parameters.")
 @click.option("--num-labels", type=int, default=None, help="Size of a new classification head.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly(on_interrupt=_interrupted)
 def transfer_cmd(
     new_base: str,
     ft: str,
@@ -108,39 +118,35 @@ def transfer_cmd(
     With --then-finetune, OUT/transferred holds the transfer and OUT/finetuned the model
     fine-tuned on --data starting from it.
     """
-    try:
-        if then_finetune and (data is None or task is None):
-            raise click.UsageError("--then-finetune needs --data and --task")
-        if not then_finetune and data is not None:
-            raise click.UsageError("--data is for --then-finetune; add the flag or drop --data")
-        target = Path(out) / "transferred" if then_finetune else Path(out)
-        transfer_model(
-            new_base, ft, old_base, target, weight=weight, memory_budget=memory_budget,
-            overwrite=overwrite,
-        )
-        click.echo(f"wrote {target}: {new_base} + {weight:g} * ({ft} - {old_base})")
-        if not then_finetune:
-            return
-        from weightsmith.finetune.trainer import finetune
+    if then_finetune and (data is None or task is None):
+        raise click.UsageError("--then-finetune needs --data and --task")
+    if not then_finetune and data is not None:
+        raise click.UsageError("--data is for --then-finetune; add the flag or drop --data")
+    target = Path(out) / "transferred" if then_finetune else Path(out)
+    transfer_model(
+        new_base, ft, old_base, target, weight=weight, memory_budget=memory_budget,
+        overwrite=overwrite,
+    )
+    click.echo(f"wrote {target}: {new_base} + {weight:g} * ({ft} - {old_base})")
+    if not then_finetune:
+        return
+    from weightsmith.finetune.trainer import finetune
 
-        assert data is not None and task is not None
-        finetune_options["freeze"] = tuple(finetune_options["freeze"])
-        finetune_options["train_only"] = tuple(finetune_options["train_only"])
-        grown = _vocab_rows(str(target)) != _vocab_rows(new_base)
-        # init_from loads the transferred weights into NEW_BASE's architecture; when FT added
-        # tokens the shapes differ, so training starts from the transferred folder itself.
-        start = (target, {}) if grown else (Path(new_base), {"init_from": str(target)})
-        result = finetune(
-            start[0], Path(out) / "finetuned", data, task, overwrite=overwrite, **start[1],
-            **finetune_options,
-        )
-        click.echo(
-            f"wrote {result.out_dir}: {result.steps} steps from the transferred model, final loss "
-            f"{result.final_loss:.4f}, {result.wall_time_s:.1f} s"
-        )
-    except WeightsmithError as err:
-        click.echo(f"error: {err}", err=True)
-        raise SystemExit(err.exit_code) from None
+    assert data is not None and task is not None
+    finetune_options["freeze"] = tuple(finetune_options["freeze"])
+    finetune_options["train_only"] = tuple(finetune_options["train_only"])
+    grown = _vocab_rows(str(target)) != _vocab_rows(new_base)
+    # init_from loads the transferred weights into NEW_BASE's architecture; when FT added
+    # tokens the shapes differ, so training starts from the transferred folder itself.
+    start = (target, {}) if grown else (Path(new_base), {"init_from": str(target)})
+    result = finetune(
+        start[0], Path(out) / "finetuned", data, task, overwrite=overwrite, **start[1],
+        **finetune_options,
+    )
+    click.echo(
+        f"wrote {result.out_dir}: {result.steps} steps from the transferred model, final loss "
+        f"{result.final_loss:.4f}, {result.wall_time_s:.1f} s"
+    )
 
 
 COMMANDS = [transfer_cmd]

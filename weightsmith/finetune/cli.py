@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from weightsmith.errors import WeightsmithError
+from weightsmith.cli_errors import WRITES_NOTHING, friendly
 from weightsmith.finetune.data import TASKS
-
-
-def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Known errors print one line to stderr and exit with the error's code, no traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except WeightsmithError as err:
-            click.echo(f"error: {err}", err=True)
-            raise SystemExit(err.exit_code) from None
-
-    return wrapper
-
 
 _path = click.Path(path_type=str)
 
@@ -99,7 +83,7 @@ _task = click.Choice(TASKS)
               help="Torch CPU threads while training (fix it for bitwise reproducibility).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_user_errors
+@friendly
 def finetune_cmd(base: str, out: str, data: str, task: str, **options: Any) -> None:
     """Fine-tune the transformers checkpoint BASE on --data and write it to OUT."""
     from weightsmith.finetune.trainer import finetune
@@ -129,7 +113,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
 @click.option("--truncate", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@_user_errors
+@friendly(on_interrupt=WRITES_NOTHING)
 def eval_cmd(
     model: str,
     data: str,
@@ -150,12 +134,19 @@ def eval_cmd(
     click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
 
 
+def _testbed_interrupted(params: dict[str, Any]) -> str:
+    # A build writes testbed.json last (and removes an old one first), so the next run sees
+    # an unfinished folder and builds it again; the finished parts are not kept apart.
+    return (f"interrupted: {params['out']} holds an unfinished build (no testbed.json); run the "
+            "command again to build it")
+
+
 @click.command("testbed")
 @click.argument("name", type=click.Choice(["minilm", "tinylm"]))
 @click.argument("out", type=_path)
 @click.option("--force", is_flag=True, help="Rebuild even if OUT holds an identical build.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@_user_errors
+@friendly(on_interrupt=_testbed_interrupted)
 def testbed_cmd(name: str, out: str, force: bool, quiet: bool) -> None:
     """Build the reproducible model family NAME into OUT (cached by recipe hash)."""
     from weightsmith.testbeds import build

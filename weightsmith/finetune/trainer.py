@@ -32,6 +32,7 @@ from weightsmith.finetune.runtime import fixed_threads
 from weightsmith.finetune.schedule import warmup_cosine
 from weightsmith.finetune.selection import SparseMask, select_trainable
 from weightsmith.finetune.trainlog import TrainLog, package_versions, plot_loss
+from weightsmith.io.output_dir import OutputDir
 from weightsmith.progress import progress
 
 
@@ -171,9 +172,19 @@ def finetune(
         )
     wall = time.perf_counter() - start
     model.eval()
-    save_model(model, tokenizer, base_dir, out_dir)
-    log.write(out_dir, wall)
-    plot_loss(log, out_dir)
+    # OUT appears whole or not at all: assembled in a hidden sibling, renamed in when complete,
+    # removed on an error or Ctrl-C (a half-saved folder would look like a finished model).
+    empty = out_dir.is_dir() and not any(out_dir.iterdir())
+    try:
+        with OutputDir(out_dir, overwrite=opts.overwrite or empty) as folder:
+            save_model(model, tokenizer, base_dir, folder.tmp)
+            log.write(folder.tmp, wall)
+            plot_loss(log, folder.tmp)
+            folder.commit()
+    except OSError as e:  # disk full, permissions: one line naming OUT, not a traceback
+        raise OutputError(
+            f"{out_dir}: cannot write the fine-tuned model ({e.strerror or e}); nothing was left behind"
+        ) from e
     return FinetuneResult(
         out_dir=out_dir,
         steps=total,

@@ -37,6 +37,13 @@ def cached_info(out_dir: Path, digest: str) -> dict[str, object] | None:
     return info if info.get("recipe_hash") == digest else None
 
 
+def start_build(out_dir: Path) -> None:
+    """Make ``out_dir`` and drop its testbed.json: a (forced) rebuild stopped halfway must not
+    leave the old file claiming the folder is a finished build."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INFO_NAME).unlink(missing_ok=True)
+
+
 def write_info(out_dir: Path, info: dict[str, object]) -> Path:
     path = out_dir / INFO_NAME
     tmp = path.with_suffix(".json.tmp")

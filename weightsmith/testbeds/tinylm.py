@@ -28,6 +28,7 @@ from weightsmith.testbeds.common import (
     Stages,
     cached_info,
     recipe_hash,
+    start_build,
     versions,
     write_info,
     write_jsonl,
@@ -121,7 +122,7 @@ def build(out_dir: str | Path, force: bool = False, quiet: bool = False) -> dict
     digest = recipe_hash(rec)
     if not force and (info := cached_info(out, digest)) is not None:
         return {**info, "cached": True}
-    out.mkdir(parents=True, exist_ok=True)
+    start_build(out)
     stages = Stages(quiet)
     common = {"seed": SEED, "max_length": MAX_LENGTH, "quiet": quiet, "overwrite": True}
     data = out / "data"
