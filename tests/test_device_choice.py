@@ -196,3 +196,26 @@ def test_the_statistics_passes_run_where_the_stage_computes(tmp_path, family, mo
                                device_memory_budget=1 << 26)
     assert seen == [passes_on]
     assert result.stats.global_passes > 0  # model-wide statistics: the passes did run
+
+
+def test_plan_shows_the_device_choice_and_refuses_a_bad_budget_as_merge_does(tmp_path, family):
+    import yaml
+    from click.testing import CliRunner
+
+    from weightsmith.cli import main
+
+    base, models = family
+    path = tmp_path / "r.yaml"
+    listed = [{"model": str(m), "parameters": {"weight": 0.5}} for m in models]
+    path.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": listed}))
+    runner = CliRunner()
+    shown = runner.invoke(main, ["plan", str(path), "--device", "cpu-staged", "--kernels", "cupy",
+                                 "--device-memory-budget", "64MB"])
+    assert shown.exit_code == 0, shown.output
+    line = next(li for li in shown.output.splitlines() if li.startswith("device:"))
+    assert "cpu-staged (kernels: cupy)" in line and "4/5 of the free device memory" not in line
+    # `plan` checks the device options as `merge` does, the budget on the CPU too.
+    for command in (["plan", str(path)], ["merge", str(path), str(tmp_path / "out")]):
+        refused = runner.invoke(main, [*command, "--device", "cpu", "--device-memory-budget", "lots"])
+        assert refused.exit_code != 0 and "device memory budget" in refused.output, refused.output
+    assert not (tmp_path / "out").exists()
