@@ -19,6 +19,7 @@ from weightsmith.engine.device_choice import DeviceChoice
 from weightsmith.engine.executor import RunStats, execute
 from weightsmith.engine.modules import build_sliced_plan, is_sliced
 from weightsmith.engine.plan import MergePlan, build_plan
+from weightsmith.engine.plan_context import CheckpointOpener, open_checkpoint
 from weightsmith.engine.summary import build_summary
 from weightsmith.engine.vocab_rows import apply_alignment
 from weightsmith.errors import OutputError, RecipeError
@@ -81,9 +82,11 @@ def plan_checkpoints(
     memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
     random_seed: int | None = None,
     method: MergeMethod | None = None,
+    open_aux: CheckpointOpener = open_checkpoint,
 ) -> MergePlan:
     """The one way a merge is planned: ``weightsmith merge``/``plan``, ``merge()`` and the lazy
-    API's ``save`` all come through here (``method`` stands in for the recipe's, see build_plan)."""
+    API's ``save`` all come through here (``method`` stands in for the recipe's, see build_plan;
+    ``open_aux`` opens the checkpoints parameters name: a search reuses its own, per candidate)."""
     vocab = plan_vocabulary(recipe, checkpoints)
     if is_sliced(recipe):
         plan = build_sliced_plan(
@@ -95,7 +98,7 @@ def plan_checkpoints(
     else:
         plan = build_plan(
             recipe, checkpoints, memory_budget=_size(memory_budget, "memory budget"),
-            random_seed=random_seed, method=method, vocab=vocab,
+            random_seed=random_seed, method=method, vocab=vocab, open_aux=open_aux,
         )
     # evaluation:/calibration: blocks are checked here, before any model runs.
     check_data_blocks(plan)
