@@ -226,8 +226,11 @@ def test_plan_and_merge_agree_on_stage_keys(family, tmp_path):
 
 
 def test_byte_route_keeps_only_what_changes_bytes():
+    from weightsmith.engine.device_choice import DeviceChoice
     from weightsmith.resume import byte_route
 
-    assert byte_route("cpu") == byte_route("cpu-staged", "cupy") == {"device": "cpu", "kernels": None}
-    assert byte_route("cuda:0") == byte_route("cuda:1", "torch") == {"device": "cuda", "kernels": "torch"}
-    assert byte_route("cuda", "cupy") != byte_route("cuda", "torch")
+    cpu, staged = DeviceChoice("cpu"), DeviceChoice("cpu-staged", "cupy", 1 << 20)
+    assert byte_route(cpu) == byte_route(staged) == {"device": "cpu", "kernels": None}
+    on_gpu = DeviceChoice("cuda:1", "torch", 1 << 30)
+    assert byte_route(DeviceChoice("cuda:0")) == byte_route(on_gpu) == {"device": "cuda", "kernels": "torch"}
+    assert byte_route(DeviceChoice("cuda", "cupy")) != byte_route(DeviceChoice("cuda", "torch"))

@@ -94,3 +94,29 @@ def test_a_killed_actor_is_restarted_and_a_resumed_ray_search_ends_the_same(
     assert len(rss) == 2 and all(r > 0 for r in rss)
     assert log.read_text() == local_log.read_text()
     assert len(result.trials) == TRIALS
+
+
+@pytest.mark.slow
+def test_a_two_head_ray_search_writes_the_sequential_trial_log(cluster, family, tmp_path: Path) -> None:  # noqa: F811
+    """``--head`` arguments travel to the actors: each builds the same HeadsObjective."""
+    from weightsmith.search.heads import Head
+    from weightsmith.search.objective_args import build_objective
+    from weightsmith.search.optimizer import search
+    from weightsmith.search.population import SequentialPool
+
+    args = dict(recipe=linear_recipe(family), task="classification", metric="loss", random_seed=SEED,
+                heads=[Head("good", str(family["good"]), str(family["val"])),
+                       Head("bad", str(family["bad"]), str(family["held_out"]))])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as an actor runs
+    try:
+        local = SequentialPool(build_objective(args))
+        search(SPACE, linear_recipe(family), local, trials=5, log_path=tmp_path / "local.jsonl",
+               higher_is_better=local.higher_is_better, seed=SEED, popsize=POPSIZE)
+    finally:
+        torch.set_num_threads(threads)
+    with RayPool(args, workers=2) as pool:
+        assert not pool.higher_is_better  # the loss: the heads' objective's direction came back
+        search(SPACE, linear_recipe(family), pool, trials=5, log_path=tmp_path / "ray.jsonl",
+               higher_is_better=False, seed=SEED, popsize=POPSIZE)
+    assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()

@@ -234,7 +234,7 @@ def plan_cmd(
     stage once its inputs exist."""
     if ray_no_shared_fs and executor != "ray":
         raise click.UsageError("--ray-no-shared-fs applies to --executor ray only; add --executor ray")
-    from weightsmith.devices import device_summary
+    from weightsmith.devices import device_choice, device_summary
     from weightsmith.pipeline import plan_merge
     from weightsmith.plan_report import (
         device_line,
@@ -266,7 +266,7 @@ def plan_cmd(
         plan = plan_merge(recipe, strict=strict, **options)
     report = plan_json(plan)
     report["summary"].update(sliced_json(plan, parse_size(out_shard_size)))
-    on_device = device_summary(plan, device, kernels, device_memory_budget)
+    on_device = device_summary(plan, device_choice(device, kernels, device_memory_budget))
     if on_device["device"] != "cpu":
         report["summary"]["device"] = on_device
     shards = []
@@ -288,7 +288,7 @@ def plan_cmd(
     for line in sliced_lines(plan, None if shards else parse_size(out_shard_size), per_layer=verbose):
         click.echo(line)
     if on_device["device"] != "cpu":
-        click.echo(device_line(on_device, kernels))
+        click.echo(device_line(on_device))
     if shards:
         from weightsmith.engine.partition import describe_partition
 

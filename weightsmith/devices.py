@@ -1,12 +1,14 @@
-"""The device options of ``merge`` and ``plan`` (``--device``, ``--kernels``,
-``--device-memory-budget``): checked before any work, and what ``plan`` tells about the
-device pipeline (engine/device_pipeline.py) from the plan alone."""
+"""The device options of ``merge``, ``plan`` and ``extract-lora`` (``--device``, ``--kernels``,
+``--device-memory-budget``): checked before any work and turned into the one value the engine
+takes (``DeviceChoice``), and what ``plan`` tells about the device pipeline
+(engine/device_pipeline.py) from the plan alone."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from weightsmith.engine.device import KERNELS, STAGED_CPU, resolve_device
+from weightsmith.engine.device_choice import DeviceChoice
 from weightsmith.engine.tasks import MergePlan
 from weightsmith.errors import RecipeError
 from weightsmith.units import parse_size
@@ -19,24 +21,31 @@ def _budget(value: str | int) -> int:
         raise RecipeError(f"device memory budget: {e}") from None
 
 
-def device_summary(plan: MergePlan, device: str, kernels: str, budget: str | int | None) -> dict[str, Any]:
-    """What ``weightsmith plan --device ...`` tells about the device pipeline, from the plan alone."""
+def device_choice(device: str, kernels: str = "torch", budget: str | int | None = None) -> DeviceChoice:
+    """The user's device options as the engine takes them: the device checked against the
+    kernels (``auto`` resolved, ``check_device``), then the budget parsed to bytes."""
+    device = check_device(device, kernels)
+    return DeviceChoice(device, kernels, None if budget is None else _budget(budget))
+
+
+def device_summary(plan: MergePlan, choice: DeviceChoice) -> dict[str, Any]:
+    """What ``weightsmith plan --device ...`` tells about the device pipeline, from the plan alone
+    (``choice`` from ``device_choice``)."""
     from weightsmith.engine.batching import Pack, pack_units
     from weightsmith.engine.device_pipeline import footprint
     from weightsmith.engine.slots import SlotPool
     from weightsmith.engine.tasks import SLOTS
 
-    device = check_device(device, kernels)
-    if device == "cpu":
+    if choice.on_cpu:
         return {"device": "cpu"}
     capacity = SlotPool(plan).capacity
     _, sizes, scratch = footprint(plan, plan.units, capacity)
     items = pack_units(plan, plan.units, capacity)
     packs = [i for i in items if isinstance(i, Pack)]
     return {
-        "device": device,
-        "kernels": kernels,
-        "device_memory_budget": None if budget is None else _budget(budget),
+        "device": choice.device,
+        "kernels": choice.kernels,
+        "device_memory_budget": choice.memory_budget,
         "device_slot_bytes": sum(sizes),
         "device_scratch_bytes": scratch,
         "device_bytes_for_all_slots": SLOTS * sum(sizes) + scratch,

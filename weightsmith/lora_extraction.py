@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from weightsmith.defaults import DEFAULT_MEMORY_BUDGET
+from weightsmith.devices import device_choice
 from weightsmith.dtype_names import FACTOR_DTYPES, canonical_name, parse_dtype
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.append_writer import AppendingSafetensorsWriter
@@ -166,7 +167,7 @@ def _extract(
     check_parent_writable(out)
     plan = _plan(ft, bs, opts)
     check_extraction_fits(plan)
-    runner = SvdRunner(opts.device, opts.device_memory_budget)
+    runner = SvdRunner(device_choice(opts.device, budget=opts.device_memory_budget))
     try:
         for t in plan.tensors:
             if t.step.startswith("svd"):

@@ -15,9 +15,11 @@ import torch
 from weightsmith.data_steps import check_data_blocks, run_data_steps
 from weightsmith.defaults import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE
 from weightsmith.devices import check_device
+from weightsmith.engine.device_choice import DeviceChoice
 from weightsmith.engine.executor import RunStats, execute
 from weightsmith.engine.modules import build_sliced_plan, is_sliced
 from weightsmith.engine.plan import MergePlan, build_plan
+from weightsmith.engine.plan_context import CheckpointOpener, open_checkpoint
 from weightsmith.engine.summary import build_summary
 from weightsmith.engine.vocab_rows import apply_alignment
 from weightsmith.errors import OutputError, RecipeError
@@ -80,9 +82,11 @@ def plan_checkpoints(
     memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
     random_seed: int | None = None,
     method: MergeMethod | None = None,
+    open_aux: CheckpointOpener = open_checkpoint,
 ) -> MergePlan:
     """The one way a merge is planned: ``weightsmith merge``/``plan``, ``merge()`` and the lazy
-    API's ``save`` all come through here (``method`` stands in for the recipe's, see build_plan)."""
+    API's ``save`` all come through here (``method`` stands in for the recipe's, see build_plan;
+    ``open_aux`` opens the checkpoints parameters name: a search reuses its own, per candidate)."""
     vocab = plan_vocabulary(recipe, checkpoints)
     if is_sliced(recipe):
         plan = build_sliced_plan(
@@ -94,7 +98,7 @@ def plan_checkpoints(
     else:
         plan = build_plan(
             recipe, checkpoints, memory_budget=_size(memory_budget, "memory budget"),
-            random_seed=random_seed, method=method, vocab=vocab,
+            random_seed=random_seed, method=method, vocab=vocab, open_aux=open_aux,
         )
     # evaluation:/calibration: blocks are checked here, before any model runs.
     check_data_blocks(plan)
@@ -227,14 +231,14 @@ def run_plan_with(
         torch.set_num_threads(options.threads)
         previous_kernel_threads = fused.set_threads(options.threads)  # the fused kernels' pool too
     try:
-        options = replace(options, device=check_device(options.device, options.kernels))
+        device_choice = options.device_choice()  # checked before the output folder exists
         run = execute
         if options.executor == "ray":
             from weightsmith.engine.ray_executor import execute_on_ray
 
             run = functools.partial(execute_on_ray, address=options.ray_address,
                                     shared_fs=options.ray_shared_fs)
-        return _run_plan(plan, out, options, started, resume_command, run)
+        return _run_plan(plan, out, options, device_choice, started, resume_command, run)
     finally:
         torch.set_num_threads(previous)
         if previous_kernel_threads is not None:
@@ -245,19 +249,17 @@ def _run_plan(
     plan: MergePlan,
     out: str | Path,
     options: RunOptions,
+    device_choice: DeviceChoice,
     started: float,
     resume_command: str | None,
     run: Callable[..., RunStats],
 ) -> MergeResult:
-    device = options.device
-    budget = options.device_memory_budget
-    device_memory_budget = None if budget is None else _size(budget, "device memory budget")
     shard_bytes = _size(options.out_shard_size, "out shard size")
     try:
         output = OutputDir(
             out,
             overwrite=options.overwrite,
-            journal_header=plan_fingerprint(plan, shard_bytes, device, options.kernels),
+            journal_header=plan_fingerprint(plan, shard_bytes, device_choice),
             resume=options.resume,
             resume_command=resume_command,
             durable=options.fsync,
@@ -305,12 +307,10 @@ def _run_plan(
             stats = run(
                 plan,
                 writer,
-                device=device,
+                device_choice=device_choice,
                 progress=bar.update if progress else None,
                 journal=folder.journal,
                 reused=reused,
-                kernels=options.kernels,
-                device_memory_budget=device_memory_budget,
             )
             bar.close()
             finish_started = time.perf_counter()

@@ -190,9 +190,10 @@ def plan_json(plan: Any) -> dict[str, Any]:
     return {"summary": summary, "tensors": rows}
 
 
-def device_line(on_device: dict[str, Any], kernels: str) -> str:
-    """`weightsmith plan` on a device: slot sizes against the device budget, packed launches."""
-    budget = on_device["device_memory_budget"]
+def device_line(on_device: dict[str, Any]) -> str:
+    """`weightsmith plan` on a device (``devices.device_summary``): slot sizes against the device
+    budget, packed launches."""
+    budget, kernels = on_device["device_memory_budget"], on_device["kernels"]
     return (
         f"device:          {on_device['device']} (kernels: {kernels}); a device slot "
         f"{format_size(on_device['device_slot_bytes'])} + scratch "

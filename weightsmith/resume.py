@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.defaults import DEFAULT_SHARD_SIZE
-from weightsmith.engine.device import STAGED_CPU
+from weightsmith.engine.device_choice import DeviceChoice
 from weightsmith.engine.plan import MergePlan
 from weightsmith.run_options import RunOptions
 from weightsmith.version import __version__
@@ -51,18 +51,18 @@ def resume_command_for(recipe: Any, out: str | Path, options: RunOptions) -> str
     return shlex.join([*words, "--resume"])
 
 
-def byte_route(device: str, kernels: str = "torch") -> dict[str, str | None]:
+def byte_route(choice: DeviceChoice) -> dict[str, str | None]:
     """The part of ``--device`` / ``--kernels`` that decides the output's bytes: the CPU and the
     ``cpu-staged`` fake write the same bytes (tests/test_device_pipeline.py), whichever GPU is
     used does not matter, and the kernels matter only on a GPU (on the CPU the operators pick
-    the CPU kernels whatever the choice; ops/kernel_choice.py)."""
-    on_gpu = device.split(":")[0] not in ("cpu", STAGED_CPU)
-    return {"device": device.split(":")[0] if on_gpu else "cpu", "kernels": kernels if on_gpu else None}
+    the CPU kernels whatever the choice; ops/kernel_choice.py). The device memory budget does
+    not matter at all."""
+    if not choice.on_gpu:
+        return {"device": "cpu", "kernels": None}
+    return {"device": choice.device.split(":")[0], "kernels": choice.kernels}
 
 
-def plan_fingerprint(
-    plan: MergePlan, shard_bytes: int, device: str, kernels: str = "torch"
-) -> dict[str, Any]:
+def plan_fingerprint(plan: MergePlan, shard_bytes: int, device_choice: DeviceChoice) -> dict[str, Any]:
     """What must not change for an interrupted merge to be resumed (and what names a
     multi-stage recipe's cached intermediate, stage_keys.py): the plan (recipe, method, every
     task with its parameters, dtypes and seed), the inputs' shard fingerprints, and the options
@@ -87,7 +87,7 @@ def plan_fingerprint(
         "inputs": digest([c.provenance() for c in plan.checkpoints]),
         "options": {
             "out_shard_size": shard_bytes,
-            **byte_route(device, kernels),
+            **byte_route(device_choice),
             "weightsmith_version": __version__,
         },
     }

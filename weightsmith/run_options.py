@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from weightsmith.defaults import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, EXECUTORS
+from weightsmith.devices import device_choice
+from weightsmith.engine.device_choice import DeviceChoice
 from weightsmith.errors import RecipeError
 
 
@@ -50,6 +52,12 @@ class RunOptions:
         if not self.ray_shared_fs and self.executor != "ray":
             raise RecipeError("ray_shared_fs=False (--ray-no-shared-fs) applies to --executor ray only; "
                               "add --executor ray or drop the option")
+
+    def device_choice(self) -> DeviceChoice:
+        """``device``, ``kernels`` and ``device_memory_budget`` as the one value the engine takes:
+        checked (``auto`` resolved, the budget parsed to bytes; RecipeError otherwise). The three
+        stay fields here because they are the user's options, as given (``auto``, ``"2GB"``)."""
+        return device_choice(self.device, self.kernels, self.device_memory_budget)
 
     def planning(self) -> dict[str, Any]:
         """The keyword arguments of ``plan_merge`` (strict aside: it applies to the first plan only)."""

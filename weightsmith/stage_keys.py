@@ -16,6 +16,7 @@ from typing import Any
 
 from weightsmith.defaults import DEFAULT_SHARD_SIZE
 from weightsmith.engine.device import resolve_device
+from weightsmith.engine.device_choice import DeviceChoice
 from weightsmith.engine.tasks import MergePlan
 from weightsmith.errors import RecipeError
 from weightsmith.resume import plan_fingerprint
@@ -37,7 +38,8 @@ def stage_key(plan: MergePlan, options: dict[str, Any]) -> str:
     except ValueError as e:
         raise RecipeError(f"out shard size: {e}") from None
     device = resolve_device(options.get("device", "cpu"))  # `auto`: what a merge here would use
-    return str(plan_fingerprint(plan, shard_bytes, device, options.get("kernels", "torch"))["fingerprint"])
+    choice = DeviceChoice(device, options.get("kernels", "torch"))  # (the budget changes no byte)
+    return str(plan_fingerprint(plan, shard_bytes, choice)["fingerprint"])
 
 
 def stage_folder(cache: Path, name: str, plan: MergePlan, options: dict[str, Any]) -> Path:

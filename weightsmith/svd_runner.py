@@ -11,24 +11,21 @@ from typing import Any, TypeVar
 
 import torch
 
-from weightsmith.devices import check_device
 from weightsmith.engine.device import DeviceStage, open_stage
-from weightsmith.errors import MergeError, RecipeError
-from weightsmith.units import format_size, parse_size
+from weightsmith.engine.device_choice import ON_CPU, DeviceChoice
+from weightsmith.errors import MergeError
+from weightsmith.units import format_size
 
 T = TypeVar("T")
 
 
 class SvdRunner:
-    """Runs ``fn(matrix)`` on the selected device; ``close()`` when done."""
+    """Runs ``fn(matrix)`` on the selected device (``devices.device_choice`` checks the user's
+    options); ``close()`` when done."""
 
-    def __init__(self, device: str = "cpu", device_memory_budget: str | int | None = None) -> None:
-        self.device = check_device(device)
-        try:
-            budget = None if device_memory_budget is None else parse_size(device_memory_budget)
-        except ValueError as e:
-            raise RecipeError(f"device memory budget: {e}") from None
-        self.stage: DeviceStage | None = None if self.device == "cpu" else open_stage(self.device, budget)
+    def __init__(self, device_choice: DeviceChoice = ON_CPU) -> None:
+        self.device = device_choice.device
+        self.stage: DeviceStage | None = open_stage(device_choice)
         self._compute = None if self.stage is None else self.stage.stream("compute")
         self.count = 0
 

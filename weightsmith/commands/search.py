@@ -1,4 +1,5 @@
-"""``weightsmith search RECIPE --space SPACE.yaml --eval DATA.jsonl --task T --trials N``.
+"""``weightsmith search RECIPE --space SPACE.yaml --eval DATA.jsonl --task T --trials N``
+(or ``--head NAME MODEL_DIR DATA.jsonl`` once per task instead of ``--eval``: a multi-task score).
 
 Tunes the recipe's numbers (weightsmith/search/) with candidates merged in memory, writes the
 best recipe, the trial table and a plot into ``--workdir``, and merges the best recipe to disk
@@ -32,7 +33,13 @@ def load_recipe_dict(path: str) -> dict[str, Any]:
 @click.command("search")
 @click.argument("recipe", type=_path)
 @click.option("--space", "space_path", required=True, type=_path, help="SPACE.yaml: recipe paths -> bounds.")
-@click.option("--eval", "data", required=True, type=_path, help="Held-out JSONL the score is taken on.")
+@click.option("--eval", "data", type=_path, default=None,
+              help="Held-out JSONL the score is taken on (required unless --head is given).")
+@click.option("--head", "head_options", nargs=3, multiple=True, type=(str, _path, _path),
+              metavar="NAME MODEL_DIR DATA",
+              help="Repeatable, instead of --eval/--model-dir: a task scored with its own model "
+              "folder (its head on the merged backbone) on its own JSONL; the score is the mean "
+              "of --metric over the tasks.")
 @click.option("--task", required=True, type=click.Choice(["classification", "causal-lm"]))
 @click.option("--trials", required=True, type=int, help="Trials in all (trial 0 is the recipe as given).")
 @click.option("--workdir", required=True, type=_path, help="Trial log, best recipe, table and plot.")
@@ -65,26 +72,35 @@ def load_recipe_dict(path: str) -> dict[str, Any]:
     f"interrupted: the trials finished so far stay logged in {p['workdir']} (continue with "
     "--resume)" + (f"; {p['out']} was not written" if p.get("out") else "")))
 def search_cmd(
-    recipe: str, space_path: str, data: str, task: str, trials: int, workdir: str, out: str | None,
+    recipe: str, space_path: str, data: str | None, head_options: tuple[tuple[str, str, str], ...],
+    task: str, trials: int, workdir: str, out: str | None,
     metric: str | None, control: str | None, control_weight: float, model_dir: str | None, seed: int,
     sigma: float, popsize: int | None, batch_size: int, max_length: int, truncate: bool,
     memory_budget: str, executor: str, ray_address: str | None, ray_workers: int | None, resume: bool,
     overwrite: bool, quiet: bool,
 ) -> None:
-    """Tune RECIPE's numeric parameters for a score on --eval, merging candidates in memory."""
+    """Tune RECIPE's numeric parameters for a score on --eval (or over several --head tasks),
+    merging candidates in memory."""
     from weightsmith import pipeline
     from weightsmith.progress import progress
+    from weightsmith.search.fingerprint import check_resumable, search_fingerprint
     from weightsmith.search.optimizer import default_popsize, search
     from weightsmith.search.population import open_pool
     from weightsmith.search.report import write_outputs
     from weightsmith.search.space import Space
     from weightsmith.search.workdir import check_workdir, search_inputs
 
+    heads = _heads(head_options, data, model_dir, control)
     base = load_recipe_dict(recipe)
     space = Space.load(space_path)
     files = {"recipe file": recipe, "search space": space_path, "eval data": data,
              "control data": control}
-    check_workdir(workdir, search_inputs(base, files, model_dir, memory_budget))
+    folders: dict[str, str | None] = {"--model-dir": model_dir}
+    for h in heads:
+        files[f"--head {h.name} data"] = str(h.data)
+        folders[f"--head {h.name} model"] = str(h.model_dir)
+    plan = pipeline.plan_merge(base, memory_budget=memory_budget)
+    check_workdir(workdir, search_inputs(plan, files, folders))
     if executor != "ray" and (ray_address or ray_workers):
         raise RecipeError("--ray-address/--ray-workers need --executor ray")
     folder = Path(workdir)
@@ -94,12 +110,18 @@ def search_cmd(
                           "--overwrite to start afresh")
     if log.exists() and overwrite and not resume:
         log.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    args = dict(
-        recipe=base, data=data, task=task, control=control, control_weight=control_weight,
-        metric=metric, model_dir=model_dir, batch_size=batch_size, max_length=max_length,
-        truncate=truncate, memory_budget=memory_budget, random_seed=seed,
-    )
+    scoring = dict(task=task, metric=metric, batch_size=batch_size, max_length=max_length,
+                   truncate=truncate)
+    check_resumable(folder, search_fingerprint(
+        base, plan, {k: v for k, v in files.items() if k != "recipe file"}, folders,
+        {**scoring, "heads": [h.name for h in heads],
+         "control_weight": control_weight if control else None},
+    ), resuming=resume and log.exists())
+    args: dict[str, Any] = dict(recipe=base, memory_budget=memory_budget, random_seed=seed, **scoring)
+    if heads:  # HeadsObjective (objective_args.build_objective), here or in each Ray actor
+        args["heads"] = heads
+    else:
+        args.update(data=data, control=control, control_weight=control_weight, model_dir=model_dir)
     with open_pool(executor, args, ray_address, ray_workers, popsize or default_popsize(space)) as pool:
         bar = progress(trials, "search", "trial", enabled=not quiet)
         try:
@@ -117,6 +139,27 @@ def search_cmd(
         pipeline.merge(best, out, memory_budget=memory_budget, overwrite=overwrite,
                        random_seed=seed, progress=not quiet)
         click.echo(f"wrote {out}")
+
+
+def _heads(given: tuple[tuple[str, str, str], ...], data: str | None, model_dir: str | None,
+           control: str | None) -> list[Any]:
+    """The ``--head`` tasks (none: the single ``--eval`` score), refusing options they replace."""
+    from weightsmith.search.heads import heads_from_options
+
+    if not given:
+        if data is None:
+            raise RecipeError("give --eval DATA.jsonl (the data the score is taken on), or one "
+                              "--head NAME MODEL_DIR DATA.jsonl per task")
+        return []
+    mixed = [name for name, value in (("--eval", data), ("--model-dir", model_dir)) if value is not None]
+    if mixed:
+        raise RecipeError(f"--head with {' and '.join(mixed)}: each --head names its own model "
+                          f"folder and data; drop {' and '.join(mixed)} or the --head options")
+    if control is not None:
+        raise RecipeError("--control with --head: a multi-task search has no control task (its "
+                          "score is the mean over the heads); drop --control, or add that task "
+                          "as one more --head")
+    return heads_from_options(given)
 
 
 COMMANDS = [search_cmd]

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from weightsmith.engine.device_choice import KERNELS, STAGED_CPU, DeviceChoice
 from weightsmith.errors import MergeError, RecipeError
 
-STAGED_CPU = "cpu-staged"
-KERNELS = ("torch", "cupy")  # --kernels: the torch path, or the numba.cuda kernels (ops/cuda_fused.py)
+__all__ = ["KERNELS", "STAGED_CPU", "CudaStage", "DeviceStage", "StagedCpu", "open_stage", "resolve_device"]
 
 
 def resolve_device(device: str) -> str:
@@ -218,5 +218,10 @@ class StagedCpu(DeviceStage):
         self.workers.clear()
 
 
-def open_stage(device: str, budget: int | None) -> DeviceStage:
-    return StagedCpu(budget) if device == STAGED_CPU else CudaStage(device, budget)
+def open_stage(choice: DeviceChoice) -> DeviceStage | None:
+    """The device stage ``choice`` runs on; None on the plain CPU (no pipeline)."""
+    if choice.on_cpu:
+        return None
+    if choice.staged:
+        return StagedCpu(choice.memory_budget)
+    return CudaStage(choice.device, choice.memory_budget)

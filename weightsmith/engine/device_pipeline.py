@@ -31,6 +31,7 @@ import torch
 from weightsmith.engine.batching import Pack, load_item, pack_units
 from weightsmith.engine.compute import cast_checked, run_method
 from weightsmith.engine.device import DeviceStage
+from weightsmith.engine.device_choice import DeviceChoice
 from weightsmith.engine.reading import stream_loaded
 from weightsmith.engine.run_stats import RunStats
 from weightsmith.engine.slots import SlotPool, typed, unit_numel, unit_shape
@@ -121,12 +122,14 @@ def run_on_device(
     pool: SlotPool,
     stats: RunStats,
     stage: DeviceStage,
-    kernels: str,
+    device_choice: DeviceChoice,
     put: Put,
     record: Callable[[WorkUnit, dict[str, float]], None],
     failed: list[BaseException],
 ) -> None:
-    """Run ``todo`` through the device stage; hand each result to ``put`` (the writer)."""
+    """Run ``todo`` through the device stage (opened for ``device_choice``, whose kernels the
+    operators get); hand each result to ``put`` (the writer)."""
+    kernels = device_choice.kernels
     items = pack_units(plan, todo, pool.capacity)
     slots = DeviceSlots(stage, plan, todo, pool.capacity)
     stats.device_slots, stats.device_budget = slots.count, stage.budget

@@ -18,12 +18,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from weightsmith.engine.compute import all_finite, cast_checked, run_method
 from weightsmith.engine.device import DeviceStage, open_stage
+from weightsmith.engine.device_choice import CPU_STATISTICS, ON_CPU, DeviceChoice
 from weightsmith.engine.device_pipeline import run_on_device
 from weightsmith.engine.passes import run_global_passes
 from weightsmith.engine.reading import Loaded, stream_loaded
@@ -82,29 +84,27 @@ def execute(
     writer: ShardWriter,
     *,
     progress: Callable[[int], None] | None = None,
-    device: str = "cpu",
+    device_choice: DeviceChoice = ON_CPU,
     journal: Journal | None = None,
     reused: dict[UnitKey, Entry] | None = None,
-    kernels: str = "torch",
-    device_memory_budget: int | None = None,
     statistics: tuple[Any, int, int] | None = None,
 ) -> RunStats:
     """Run every unit of the plan, writing results through ``writer``.
 
     Units in ``reused`` (verified blocks of an interrupted run) are not computed again; their
     journaled statistics stand in. Every block written is recorded in ``journal``. On a
-    ``device`` other than the CPU (``cuda[:N]``, or the ``cpu-staged`` fake) the units go
-    through the device pipeline (engine/device_pipeline.py) with ``kernels`` and
-    ``device_memory_budget`` (bytes; default: four fifths of the device's free memory).
+    device other than the CPU (``device_choice``: ``cuda[:N]``, or the ``cpu-staged`` fake)
+    the units go through the device pipeline (engine/device_pipeline.py) with its kernels and
+    device memory budget (default: four fifths of the device's free memory).
     ``statistics`` (context, passes, bytes read) stands in for the statistics passes when they
     were run elsewhere (a distributed run reduces them over the whole model first).
     """
     keep_big_buffers_on_the_heap()
-    stage = None if device == "cpu" else open_stage(device, device_memory_budget)
+    stage = open_stage(device_choice)
     try:
         return _execute(
-            plan, writer, progress=progress, device=device, journal=journal, reused=reused or {},
-            stage=stage, kernels=kernels, statistics=statistics,
+            plan, writer, progress=progress, journal=journal, reused=reused or {},
+            stage=stage, device_choice=device_choice, statistics=statistics,
         )
     finally:
         if stage is not None:
@@ -117,20 +117,20 @@ def _execute(
     writer: ShardWriter,
     *,
     progress: Callable[[int], None] | None,
-    device: str,
     journal: Journal | None,
     reused: dict[UnitKey, Entry],
-    stage: DeviceStage | None = None,
-    kernels: str = "torch",
+    stage: DeviceStage | None,
+    device_choice: DeviceChoice,
     statistics: tuple[Any, int, int] | None = None,
 ) -> RunStats:
     stats = RunStats()
     pool = SlotPool(plan, alloc=stage.pinned if stage is not None else None)
     # Methods with model-wide statistics stream the inputs first; the result is small. A
-    # resumed run computes them again (they read the inputs, never the output).
+    # resumed run computes them again (they read the inputs, never the output). On a stage,
+    # on its compute device (``cuda`` resolved to its index; the CPU for the fake).
+    passes_on = CPU_STATISTICS if stage is None else replace(device_choice, device=str(stage.compute_device))
     stats.context, stats.global_passes, stats.global_bytes_read = statistics or run_global_passes(
-        plan, pool, device=str(stage.compute_device) if stage is not None else "cpu",
-        kernels=kernels if stage is not None else "auto",
+        plan, pool, device_choice=passes_on
     )
     unit_stats: dict[UnitKey, dict[str, float]] = {key: e.stats for key, e in reused.items() if e.stats}
     if progress and reused:
@@ -186,7 +186,7 @@ def _execute(
             unit_stats[(unit.task.name, unit.rows)] = tensor_stats
 
         try:
-            run_on_device(plan, todo, pool, stats, stage, kernels, to_write.put, record, errors)
+            run_on_device(plan, todo, pool, stats, stage, device_choice, to_write.put, record, errors)
         except BaseException:
             aborted.set()
             raise

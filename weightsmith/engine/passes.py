@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from weightsmith.engine.device_choice import CPU_STATISTICS, DeviceChoice
 from weightsmith.engine.keys import TIED_ALIASES
 from weightsmith.engine.reading import stream_loaded
 from weightsmith.engine.slots import SlotPool
@@ -81,9 +82,10 @@ def statistic_units(plan: MergePlan, stats: GlobalStatistics | None = None) -> l
 
 
 def run_global_passes(
-    plan: MergePlan, pool: SlotPool, *, device: str = "cpu", kernels: str = "auto"
+    plan: MergePlan, pool: SlotPool, *, device_choice: DeviceChoice = CPU_STATISTICS
 ) -> tuple[Any, int, int]:
-    """Run the method's statistics passes, streaming units through the engine's slots.
+    """Run the method's statistics passes, streaming units through the engine's slots, on
+    ``device_choice``'s device (a torch device: ``cuda:N`` or ``cpu``) with its kernels.
 
     Returns what the output pass gets as ``inputs.context``, the number of passes run and the
     bytes they read.
@@ -102,7 +104,7 @@ def run_global_passes(
                 "this is a bug in the method, please report it"
             )
         total: Any = None
-        for part in unit_partials(plan, units, pool, stats, device=device, kernels=kernels):
+        for part in unit_partials(plan, units, pool, stats, device_choice=device_choice):
             total = part if total is None else stats.combine(total, part)
         stats.absorb(total)
     return stats.result(), passes, passes * per_pass
@@ -114,8 +116,7 @@ def unit_partials(
     pool: SlotPool,
     stats: GlobalStatistics,
     *,
-    device: str = "cpu",
-    kernels: str = "auto",
+    device_choice: DeviceChoice = CPU_STATISTICS,
 ) -> Iterator[Any]:
     """One statistics pass over ``units``: each unit's partial (``collect``), in order. A
     distributed run streams the units of one output shard per worker through this too."""
@@ -126,9 +127,11 @@ def unit_partials(
             try:
                 models, base = loaded.models, loaded.base
                 assert models is not None
-                if device != "cpu":
+                if device_choice.on_gpu:  # (the cpu-staged fake computes on the CPU)
+                    device = device_choice.device
                     models = models.to(device, non_blocking=True)
                     base = base.to(device, non_blocking=True) if base is not None else None
+                kernels = device_choice.kernels
                 inputs = MergeInputs(unit.task.name, models, base, aux=loaded.aux, kernels=kernels)
                 part = stats.collect(inputs, **unit.task.params)
             finally:

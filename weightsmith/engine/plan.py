@@ -21,7 +21,7 @@ from weightsmith.engine.keys import (
     layer_index,
 )
 from weightsmith.engine.parameters import check_parameters, resolve_params
-from weightsmith.engine.plan_context import PlanContext, finish_plan
+from weightsmith.engine.plan_context import CheckpointOpener, PlanContext, finish_plan, open_checkpoint
 from weightsmith.engine.tasks import MergePlan, Source, TensorTask
 from weightsmith.engine.vocab_rows import fill_bytes, gather_sources
 from weightsmith.errors import MergeError, RecipeError
@@ -47,17 +47,21 @@ def build_plan(
     random_seed: int | None = None,
     method: MergeMethod | None = None,
     vocab: Any = None,
+    open_aux: CheckpointOpener = open_checkpoint,
 ) -> MergePlan:
     """Build the plan. ``checkpoints`` are base first (if the recipe has one), then models.
 
     ``method`` stands in for the registry's ``recipe.merge_method`` when given (the lazy API's
     checkpoint expressions are methods of their own, planned the same way). ``vocab`` (an
     ``io/tokenizer_build.VocabAlignment``) maps the vocabulary tensors' rows to a merged
-    tokenizer. The plan's ``warnings`` are the recipe's and those given while planning.
+    tokenizer. ``open_aux`` opens the checkpoints that parameters name (``Checkpoint.open``
+    unless a caller reuses its own). The plan's ``warnings`` are the recipe's and those given
+    while planning.
     """
     with collecting() as warnings:
         ctx = PlanContext.create(
-            recipe, checkpoints, memory_budget=memory_budget, random_seed=random_seed, method=method
+            recipe, checkpoints, memory_budget=memory_budget, random_seed=random_seed, method=method,
+            open_aux=open_aux,
         )
         plan = _build_plan(ctx, vocab)
     plan.warnings = [*recipe.warnings, *(w for w in warnings if w not in recipe.warnings)]
@@ -248,7 +252,7 @@ def _open_aux_checkpoints(ctx: PlanContext, specs: list[Any]) -> dict[str, list[
                     f"or layer, got {value!r}"
                 )
             if value not in opened:
-                checkpoints.append(Checkpoint.open(value, search_dirs=recipe.search_dirs))
+                checkpoints.append(ctx.open_aux(value, recipe.search_dirs))
                 opened[value] = len(checkpoints) - 1
             indices.append(opened[value])
         out[p.name] = indices

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from weightsmith.engine.passes import describe, prepare_statistics
@@ -25,6 +26,16 @@ from weightsmith.recipe import Recipe
 
 def keep_all(name: str) -> bool:
     return True
+
+
+# Opens a checkpoint that a parameter names (a graft mask, a transfer source): its ref and the
+# recipe's search_dirs. A caller that plans the same inputs many times (a search, per
+# candidate) passes one that reuses what it opened before.
+CheckpointOpener = Callable[[str, tuple[Path, ...]], Checkpoint]
+
+
+def open_checkpoint(ref: str, search_dirs: tuple[Path, ...]) -> Checkpoint:
+    return Checkpoint.open(ref, search_dirs=search_dirs)
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,7 @@ class PlanContext:
     module_params: dict[str, Any] = field(default_factory=dict)
     keep: Callable[[str], bool] = keep_all
     scopes: Scopes = DEFAULT_SCOPES
+    open_aux: CheckpointOpener = open_checkpoint
 
     @classmethod
     def create(
@@ -54,9 +66,11 @@ class PlanContext:
         memory_budget: int,
         random_seed: int | None = None,
         method: MergeMethod | None = None,
+        open_aux: CheckpointOpener = open_checkpoint,
     ) -> PlanContext:
         """``checkpoints`` opened as for any recipe: the base (if any), then ``recipe.models``;
-        ``method`` stands in for the registry's ``recipe.merge_method`` when given."""
+        ``method`` stands in for the registry's ``recipe.merge_method`` when given;
+        ``open_aux`` opens the checkpoints that parameters name."""
         if method is None:
             try:
                 method = get_method(recipe.merge_method)
@@ -68,7 +82,7 @@ class PlanContext:
         by_ref: dict[str, int] = {}
         for i, ref in enumerate(refs):
             by_ref.setdefault(ref, i)
-        return cls(recipe, method, checkpoints, by_ref, memory_budget, random_seed)
+        return cls(recipe, method, checkpoints, by_ref, memory_budget, random_seed, open_aux=open_aux)
 
     def for_module(
         self,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from weightsmith.engine import ray_stream
+from weightsmith.engine.device_choice import CPU_STATISTICS, ON_CPU, DeviceChoice
 from weightsmith.engine.executor import UnitKey
 from weightsmith.engine.partition import ShardWork, sub_plan
 from weightsmith.engine.passes import (
@@ -82,12 +83,14 @@ def _exact(part: Any) -> bool:
 
 
 def collect_shard(
-    plan: MergePlan, indices: list[int], stats: GlobalStatistics, device: str
+    plan: MergePlan, indices: list[int], stats: GlobalStatistics, device_choice: DeviceChoice
 ) -> tuple[bool, list[Any]]:
     """One statistics pass over one shard's units: (reduced, partials). Integer partials are
     reduced here to one; others are returned one per unit, in plan order."""
     part_plan = sub_plan(plan, indices)
-    parts = list(unit_partials(part_plan, part_plan.units, SlotPool(part_plan), stats, device=device))
+    parts = list(
+        unit_partials(part_plan, part_plan.units, SlotPool(part_plan), stats, device_choice=device_choice)
+    )
     if not all(_exact(p) for p in parts):
         return False, parts
     total: Any = None
@@ -97,7 +100,12 @@ def collect_shard(
 
 
 def reduce_statistics(
-    ray: Any, plan: MergePlan, plan_ref: Any, collect: Any, device: str, shard_of: dict[str, int]
+    ray: Any,
+    plan: MergePlan,
+    plan_ref: Any,
+    collect: Any,
+    device_choice: DeviceChoice,
+    shard_of: dict[str, int],
 ) -> tuple[Any, int, int] | None:
     """Model-wide statistics as Ray reductions, or None when the method has none (or only
     per-tensor ones, which each shard's task runs itself)."""
@@ -129,7 +137,9 @@ def reduce_statistics(
                 "this is a bug in the method, please report it"
             )
         stats_ref = ray.put(stats)
-        results = ray.get([collect.remote(plan_ref, groups[k], stats_ref, device) for k in sorted(groups)])
+        results = ray.get(
+            [collect.remote(plan_ref, groups[k], stats_ref, device_choice) for k in sorted(groups)]
+        )
         total: Any = None
         for _reduced, parts in results:
             for part in parts:
@@ -172,23 +182,20 @@ def execute_on_ray(
     address: str | None = None,
     shared_fs: bool = True,
     progress: Callable[[int], None] | None = None,
-    device: str = "cpu",
+    device_choice: DeviceChoice = ON_CPU,
     journal: Journal | None = None,
     reused: dict[UnitKey, Entry] | None = None,
-    kernels: str = "torch",
-    device_memory_budget: int | None = None,
 ) -> RunStats:
     """``execute``'s contract, on Ray: every unit written through ``writer``'s layout. The
-    statistics passes run on the CPU; ``device``, ``kernels`` and ``device_memory_budget``
-    apply to each task's output pass. ``shared_fs=False``: the workers never see ``writer``'s
-    folder; each streams its shard back to this process (engine/ray_stream.py)."""
+    statistics passes run on the CPU; ``device_choice`` applies to each task's output pass.
+    ``shared_fs=False``: the workers never see ``writer``'s folder; each streams its shard
+    back to this process (engine/ray_stream.py)."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     try:
-        device_options = {"kernels": kernels, "device_memory_budget": device_memory_budget}
-        return _run(ray, plan, writer, progress, device, journal, reused or {}, device_options, shared_fs)
+        return _run(ray, plan, writer, progress, device_choice, journal, reused or {}, shared_fs)
     finally:
         if started_here:
             ray.shutdown()
@@ -199,10 +206,9 @@ def _run(
     plan: MergePlan,
     writer: ShardWriter,
     progress: Callable[[int], None] | None,
-    device: str,
+    device_choice: DeviceChoice,
     journal: Journal | None,
     reused: dict[UnitKey, Entry],
-    device_options: dict[str, Any],
     shared_fs: bool,
 ) -> RunStats:
     # Workers need no more than the plan's budget each; Ray schedules by it.
@@ -211,7 +217,7 @@ def _run(
     collect = ray.remote(collect_shard).options(**options)
     plan_ref = ray.put(plan)
     shard_of = {name: slot.shard for name, slot in writer.slots.items()}
-    statistics = reduce_statistics(ray, plan, plan_ref, collect, "cpu", shard_of)
+    statistics = reduce_statistics(ray, plan, plan_ref, collect, CPU_STATISTICS, shard_of)
     work = _shard_groups_by_writer(plan, writer)
     pending = {}
     if shared_fs:
@@ -228,10 +234,8 @@ def _run(
             where: tuple[Any, ...] = (str(writer.folder), writer.names, writer.slots)
         else:  # the shard's name, header and slots: nothing that names the output folder
             where = (ray_stream.shard_file(writer, w.shard),)
-        args = (plan_ref, w.units, *where, device, statistics, mine)
-        kwargs = dict(device_options)
-        if not shared_fs:
-            kwargs["chunk_bytes"] = ray_stream.CHUNK_BYTES
+        args = (plan_ref, w.units, *where, device_choice, statistics, mine)
+        kwargs = {} if shared_fs else {"chunk_bytes": ray_stream.CHUNK_BYTES}
         pending[_launch(task, args, kwargs)] = w
     if shared_fs:
         results = _wait_all(ray, pending, progress)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from weightsmith.engine.device_choice import DeviceChoice
 from weightsmith.engine.executor import UnitKey, execute
 from weightsmith.engine.partition import sub_plan
 from weightsmith.engine.run_stats import RunStats
@@ -53,18 +54,17 @@ def run_shard(
     plan: MergePlan,
     indices: list[int],
     writer: ShardWriter,
-    device: str,
+    *,
+    device_choice: DeviceChoice,
     statistics: tuple[Any, int, int] | None,
     reused: dict[UnitKey, Entry],
-    kernels: str,
-    device_memory_budget: int | None,
 ) -> ShardResult:
     """The local executor over one shard's units, into ``writer`` (closed after)."""
     recorder = _Recorder()
     try:
         stats = execute(
-            sub_plan(plan, indices), writer, device=device, journal=recorder,  # type: ignore[arg-type]
-            reused=reused, statistics=statistics, kernels=kernels, device_memory_budget=device_memory_budget,
+            sub_plan(plan, indices), writer, device_choice=device_choice, journal=recorder,  # type: ignore[arg-type]
+            reused=reused, statistics=statistics,
         )
         for fd in writer.fds:
             os.fsync(fd)
@@ -80,12 +80,10 @@ def merge_shard(
     folder: str,
     names: list[str],
     slots: dict[str, Any],
-    device: str,
+    device_choice: DeviceChoice,
     statistics: tuple[Any, int, int] | None,
     reused: dict[UnitKey, Entry],
-    kernels: str = "torch",
-    device_memory_budget: int | None = None,
 ) -> ShardResult:
     """One shard's work, on a worker that sees the output folder: blocks ``pwrite``n in place."""
     writer = ShardWriter.attach(Path(folder), names, slots)
-    return run_shard(plan, indices, writer, device, statistics, reused, kernels, device_memory_budget)
+    return run_shard(plan, indices, writer, device_choice=device_choice, statistics=statistics, reused=reused)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from weightsmith.engine.device_choice import DeviceChoice
 from weightsmith.engine.executor import UnitKey
 from weightsmith.engine.partition import ShardWork
 from weightsmith.engine.ray_shard import ShardResult, die_if_marked, run_shard
@@ -108,11 +109,9 @@ def merge_shard_streamed(
     plan: MergePlan,
     indices: list[int],
     shard: ShardFile,
-    device: str,
+    device_choice: DeviceChoice,
     statistics: tuple[Any, int, int] | None,
     reused: dict[UnitKey, Entry],
-    kernels: str = "torch",
-    device_memory_budget: int | None = None,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> Iterator[Chunk | Trailer]:
     """One shard's work on a worker that cannot see the output: merged into a spool file,
@@ -129,7 +128,8 @@ def merge_shard_streamed(
         finally:
             os.close(fd)
         writer = ShardWriter.attach(spool, [shard.name], shard.slots)
-        result = run_shard(plan, indices, writer, device, statistics, reused, kernels, device_memory_budget)
+        result = run_shard(plan, indices, writer, device_choice=device_choice, statistics=statistics,
+                           reused=reused)
         ranges = streamed_ranges(shard.size, list(reused.values()))
         spans = chunk_spans(ranges, chunk_bytes)
         crc, fd = 0, os.open(path, os.O_RDONLY)

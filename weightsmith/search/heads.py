@@ -29,6 +29,21 @@ class Head:
     data: str | Path
 
 
+def heads_from_options(given: Sequence[tuple[str, str, str]]) -> list[Head]:
+    """``--head NAME MODEL_DIR DATA`` (repeated) as heads, in the order given; names must
+    differ (``scores`` and ``metrics`` key each task by its name)."""
+    heads = [Head(name, model_dir, data) for name, model_dir, data in given]
+    seen: set[str] = set()
+    for head in heads:
+        if not head.name.strip():
+            raise RecipeError(f"--head '' {head.model_dir} {head.data}: give the task a name "
+                              "(--head NAME MODEL_DIR DATA.jsonl)")
+        if head.name in seen:
+            raise RecipeError(f"--head {head.name}: given twice; give each task its own name")
+        seen.add(head.name)
+    return heads
+
+
 class HeadsObjective:
     def __init__(
         self,

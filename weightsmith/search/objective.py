@@ -1,7 +1,8 @@
 """A candidate recipe's score: merge it into a live model (no disk) and evaluate it on data.
 
 The model is built once, from the first input model's folder (or ``model_dir``), like a greedy
-soup's evaluator, and the input checkpoints are opened once (headers read, files kept open):
+soup's evaluator, and the input checkpoints are opened once (headers read, files kept open),
+the models and base and the checkpoints parameters name (a graft mask, a transfer source) alike:
 each candidate is only planned over those open checkpoints and its merged tensors overwrite the
 model's weights through ``MemoryWriter``; ``finetune.evaluation`` scores them. With a control
 set, the score is the weighted scalarisation ``(1 - w) * target + w * control`` of the same
@@ -58,6 +59,8 @@ class Objective:
             raise RecipeError(f"--control-weight {control_weight}: give a number in [0, 1]")
         self.memory_budget, self.random_seed = memory_budget, random_seed
         self.inputs: dict[str, Checkpoint] = {}  # ref -> checkpoint, opened by the first plan
+        # (ref, search dirs) -> a checkpoint a parameter names, opened by the first plan
+        self.aux_inputs: dict[tuple[str, tuple[Path, ...]], Checkpoint] = {}
         plan = self._plan(recipe)
         root = model_dir or plan.checkpoints[plan.model_indices[0]].root
         self.evaluator = Evaluator(root, data, task, metric=metric, batch_size=batch_size,
@@ -79,10 +82,19 @@ class Objective:
                 self.inputs[ref] = Checkpoint.open(ref, search_dirs=recipe.search_dirs)
         return [self.inputs[ref] for ref in refs]  # a new list: planning appends aux checkpoints
 
+    def _open_aux(self, ref: str, search_dirs: tuple[Path, ...]) -> Checkpoint:
+        """A checkpoint a parameter names, opened once per search (planning asks per candidate).
+        Kept apart from ``inputs``: a merge opens an aux checkpoint on its own even when a model
+        has the same ref, and the plan here is the one a merge builds."""
+        key = (ref, tuple(search_dirs))
+        if key not in self.aux_inputs:
+            self.aux_inputs[key] = Checkpoint.open(ref, search_dirs=search_dirs)
+        return self.aux_inputs[key]
+
     def _plan(self, recipe: dict[str, Any]) -> Any:
         parsed = normalize_models(load_recipe(recipe))
         plan = plan_checkpoints(parsed, self._open_inputs(parsed), memory_budget=self.memory_budget,
-                                random_seed=self.random_seed)
+                                random_seed=self.random_seed, open_aux=self._open_aux)
         if plan.recipe.evaluation is not None or plan.recipe.calibration is not None:
             raise RecipeError(
                 f"merge_method: {plan.method.name} runs a data step (evaluation:/calibration:); a "

@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.search.objective import Score
+from weightsmith.search.objective_args import build_objective
 
 
 @runtime_checkable
@@ -49,15 +50,13 @@ class SequentialPool:
 
 def open_pool(executor: str, objective_args: dict[str, Any], ray_address: str | None = None,
               ray_workers: int | None = None, population: int | None = None) -> Any:
-    """The pool ``--executor`` names, as a context manager: ``Objective(**objective_args)``
+    """The pool ``--executor`` names, as a context manager: ``build_objective(objective_args)``
     here, or one per Ray actor (ray_pool.py)."""
     if executor == "ray":
         from weightsmith.search.ray_pool import RayPool
 
         return RayPool(objective_args, ray_workers, ray_address, population)
-    from weightsmith.search.objective import Objective
-
-    return SequentialPool(Objective(**objective_args))
+    return SequentialPool(build_objective(objective_args))
 
 
 def as_pool(objective: Callable[[dict[str, Any]], Score] | CandidatePool) -> CandidatePool:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.errors import MergeError, RecipeError, WeightsmithError
-from weightsmith.search.objective import Objective, Score
+from weightsmith.search.objective import Score
+from weightsmith.search.objective_args import build_objective
 
 # An actor whose process dies is restarted, and its candidate retried, this many times.
 MAX_RESTARTS = 3
@@ -32,14 +33,15 @@ DIE_ONCE_ENV = "WEIGHTSMITH_TEST_SEARCH_DIE_ONCE"
 
 
 class SearchWorker:
-    """The body of one actor: an ``Objective`` built once, scoring candidates in turn."""
+    """The body of one actor: an objective (``Objective``, or ``HeadsObjective`` when the
+    arguments name heads) built once, scoring candidates in turn."""
 
     def __init__(self, cwd: str, args: dict[str, Any]) -> None:
         if Path(cwd).is_dir():  # relative paths in the recipe mean what they mean to the driver
             os.chdir(cwd)
         self.error: WeightsmithError | None = None
         try:
-            self.objective = Objective(**args)
+            self.objective = build_objective(args)
         except WeightsmithError as e:  # raised by ready(): one clear message, not a dead actor
             self.error = e
 
@@ -65,7 +67,7 @@ class SearchWorker:
 
 class RayPool:
     """``workers`` actors on the cluster at ``address`` (else a local one started here), each
-    holding an ``Objective(**objective_args)``; by default one per cluster CPU, at most
+    holding a ``build_objective(objective_args)``; by default one per cluster CPU, at most
     ``population`` (more would sit idle). Use as a context manager: the actors (and a cluster
     started here) go away on exit."""
 

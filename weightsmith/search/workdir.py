@@ -12,23 +12,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from weightsmith.engine.plan import MergePlan
 from weightsmith.errors import OutputError
 from weightsmith.output_checks import Protected, protect, protected_inputs
-from weightsmith.pipeline import plan_merge
+from weightsmith.search.fingerprint import FINGERPRINT_FILE
 
-# What a search writes into its workdir (optimizer: the log; report.write_outputs: the rest).
-WRITTEN = ("trials.jsonl", "best_recipe.yaml", "trials.json", "trials.csv", "search.png")
+# What a search writes into its workdir (optimizer: the log; fingerprint.py: the inputs' digests;
+# report.write_outputs: the rest).
+WRITTEN = ("trials.jsonl", FINGERPRINT_FILE, "best_recipe.yaml", "trials.json", "trials.csv",
+           "search.png")
 
 
-def search_inputs(recipe: dict, files: dict[str, str | None], model_dir: str | None,
-                  memory_budget: str | int) -> list[Protected]:
-    """Every path a search reads: the recipe's inputs (planned from headers, as a merge does),
-    the files given on the command line (``label -> path``) and ``--model-dir``."""
-    plan = plan_merge(recipe, memory_budget=memory_budget)
+def search_inputs(plan: MergePlan, files: dict[str, str | None],
+                  folders: dict[str, str | None]) -> list[Protected]:
+    """Every path a search reads: the recipe's inputs (``plan``, planned from headers as a
+    merge does), the files and the model folders given on the command line (``label -> path``:
+    ``--model-dir``, each ``--head``'s model)."""
     out = protected_inputs(plan)
     out += [protect(label, path, folder=False) for label, path in files.items() if path]
-    if model_dir:
-        out.append(protect("--model-dir", model_dir, folder=True))
+    out += [protect(label, path, folder=True) for label, path in folders.items() if path]
     return out
 
 
