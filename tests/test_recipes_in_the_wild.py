@@ -48,6 +48,9 @@ SUPPORTED = {
     "slices-partial", "slice-parameters", "source-parameters", "base-as-slice-source", "modules",
     "passthrough", "tokenizer_source-union", "tokenizer_source-model-prefix", "tokenizer-block-base",
     "tokenizer-block-union", "tokenizer-block-model", "tokenizer-block-empty", "chat_template-named",
+    "lambda", "rescale", "epsilon", "top-level-weight", "single-model", "non-ascii-comments",
+    "filters-non-layer-tensors", "duplicate-model", "trailing-whitespace", "model-names-with-spaces",
+    "overlapping-slices", "same-model-repeated-in-slice", "density-gradient", "nuslerp-with-base",
 }
 MODEL_KEYS = {"model", "base_model"}
 TOKENIZER_KEYS = {"tokenizer_source", "source"}

@@ -459,3 +459,24 @@ def test_a_slice_of_the_base_alone_gives_the_base(six, tmp_path):
         for i in range(rng[1] - rng[0]):
             for key in LAYER_KEYS:
                 assert torch.equal(_layer(out, i, key), _layer(sb, rng[0] + i, key)), (rng, i, key)
+
+
+def test_a_base_source_needs_no_weight(six, tmp_path):
+    """The base listed among a slice's sources without `weight` (Edens-Gate/Holland-Magnum-Merge-R2,
+    tests/recipes_in_the_wild/077): its task vector is zero, so mergekit never reads its weight.
+    The full-range form equals the models: recipe; the stacked form plans too."""
+    base, a, b = six
+    sources = [{"model": str(base)},
+               {"model": str(a), "parameters": {"weight": 0.5}},
+               {"model": str(b), "parameters": {"weight": 0.5}}]
+    models_recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
+                     "parameters": {"normalize": False}, "models": sources}
+    want, _, _ = _run(models_recipe, tmp_path / "m")
+    for rng in ([0, 6], [2, 5]):
+        sliced = {k: v for k, v in models_recipe.items() if k != "models"}
+        sliced["slices"] = [{"sources": [{**s, "layer_range": rng} for s in sources]}]
+        out, config, _ = _run(sliced, tmp_path / f"s{rng[0]}")
+        assert config["num_hidden_layers"] == rng[1] - rng[0]
+        for i in range(rng[1] - rng[0]):
+            for key in LAYER_KEYS:
+                assert torch.equal(_layer(out, i, key), _layer(want, rng[0] + i, key)), (rng, i, key)

@@ -273,7 +273,18 @@ def _models(models_raw: Any, where: str, strict: bool = False) -> list[ModelSpec
             k: _check_setting(v, f"{where}: models[{i}] ({ref}).parameters.{k}", strict)
             for k, v in params.items()
         }
-        models.append(ModelSpec(ref, checked))
+        first = next((j for j, m in enumerate(models) if m.ref == ref), None)
+        if first is None:
+            models.append(ModelSpec(ref, checked))
+        elif models[first].parameters != checked:
+            raise RecipeError(
+                f"{where}: models[{i}] ({ref}) repeats models[{first}] with other parameters; "
+                "list each model once, with the parameters you mean"
+            )
+        else:
+            # mergekit before 0.1.5 merged a repeated model once (0.1.5 refuses "Duplicate merge
+            # inputs"); merging it once rebuilds what such published recipes produced.
+            lenient(f"{where}: models[{i}] ({ref}) repeats models[{first}]; it is merged once", strict)
     return models
 
 

@@ -112,14 +112,15 @@ def _view(ctx: PlanContext, specs: list[ModelSpec], slice_params: dict[str, Any]
 def plan_as_models(ctx: PlanContext, specs: list[ModelSpec], slice_params: dict[str, Any]) -> MergePlan:
     """The ``models:`` plan equivalent to one full-range slice (or a module's ``models:``)."""
     recipe, method = ctx.recipe, ctx.method
-    view = _view(ctx, specs, slice_params, "slices[0]")
-    listed = {m.ref for m in view.models}
+    listed = {s.ref for s in specs}
     if recipe.base_model is not None and method.base != "unused":
-        # As normalize_models does for a models: recipe: the base among the models is the base.
-        # A slice of the base alone (a LoRA applied to it, say) keeps it as its one model: its
-        # task vector is zero, so the output is the base, as in mergekit.
-        view.models = [m for m in view.models if m.ref != recipe.base_model] or view.models
-    elif recipe.base_model is not None and recipe.base_model not in listed:
+        # As normalize_models does for a models: recipe: the base among the models is the base,
+        # so its parameters are never read (a base source without `weight` is fine, as in
+        # mergekit). A slice of the base alone (a LoRA applied to it, say) keeps it as its one
+        # model: its task vector is zero, so the output is the base, as in mergekit.
+        specs = [s for s in specs if s.ref != recipe.base_model] or specs
+    view = _view(ctx, specs, slice_params, "slices[0]")
+    if recipe.base_model is not None and method.base == "unused" and recipe.base_model not in listed:
         # mergekit merges only a slice's sources: a base no source names is not an input.
         view.base_model = None
     ordered = ([view.base_model] if view.base_model is not None else []) + [m.ref for m in view.models]
