@@ -1,7 +1,7 @@
 """`weightsmith search --executor ray`: candidates scored on Ray actors (each built once with
 its inputs and its own live model) write the trial log a sequential search writes under the
 same seed; an actor killed mid-trial is restarted and the search ends with the same log;
-resume from a cut log works on Ray too. A local two-CPU cluster, started here."""
+resume from a cut log works on Ray too. A local cluster, started here."""
 
 from __future__ import annotations
 
@@ -23,13 +23,16 @@ TRIALS, POPSIZE, SEED = 7, 3, 2
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """127.0.0.1, two CPUs, no dashboard. Actors inherit this environment, so the die-once
-    marker path is set before the cluster starts (a cluster another module left is replaced)."""
+    """127.0.0.1, four logical CPUs, no dashboard. Four, not two: the module's ``pool`` holds two
+    actors (one CPU each) until the module ends, and the two-head test starts two more; with two
+    CPUs its actors would wait for resources forever. Actors inherit this environment, so the
+    die-once marker path is set before the cluster starts (a cluster another module left is
+    replaced)."""
     if ray.is_initialized():
         ray.shutdown()
     marker = tmp_path_factory.mktemp("ray-search") / "die-once"
     os.environ[DIE_ONCE_ENV] = str(marker)
-    ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False,
+    ray.init(num_cpus=4, include_dashboard=False, address="local", log_to_driver=False,
              _node_ip_address="127.0.0.1")
     yield marker
     ray.shutdown()
