@@ -100,8 +100,15 @@ def test_a_killed_actor_is_restarted_and_a_resumed_ray_search_ends_the_same(
 
 
 @pytest.mark.slow
-def test_a_two_head_ray_search_writes_the_sequential_trial_log(cluster, family, tmp_path: Path) -> None:  # noqa: F811
-    """``--head`` arguments travel to the actors: each builds the same HeadsObjective."""
+def test_a_two_head_ray_search_writes_the_sequential_trial_log(
+    cluster, family, tmp_path: Path, monkeypatch, capsys  # noqa: F811
+) -> None:
+    """``--head`` arguments travel to the actors: each builds the same HeadsObjective. Actors
+    still loading when the pool's patience runs out (0 s here) get a warning naming the CPUs
+    they wait for, and the pool then works as usual."""
+    import weightsmith.search.ray_pool as ray_pool
+
+    monkeypatch.setattr(ray_pool, "READY_NOTE_S", 0.0)
     from weightsmith.search.heads import Head
     from weightsmith.search.objective_args import build_objective
     from weightsmith.search.optimizer import search
@@ -118,8 +125,23 @@ def test_a_two_head_ray_search_writes_the_sequential_trial_log(cluster, family, 
                higher_is_better=local.higher_is_better, seed=SEED, popsize=POPSIZE)
     finally:
         torch.set_num_threads(threads)
+    capsys.readouterr()
     with RayPool(args, workers=2) as pool:
+        assert "search actors have not started after 0 s" in capsys.readouterr().err
         assert not pool.higher_is_better  # the loss: the heads' objective's direction came back
         search(SPACE, linear_recipe(family), pool, trials=5, log_path=tmp_path / "ray.jsonl",
                higher_is_better=False, seed=SEED, popsize=POPSIZE)
     assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_more_workers_than_the_cluster_has_cpus_is_refused(cluster, family) -> None:  # noqa: F811
+    """Each actor takes one CPU: a pool larger than the cluster would wait forever, so it is
+    refused with the count that fits (the module's cluster has four CPUs)."""
+    from weightsmith.errors import RecipeError
+
+    args = dict(recipe=linear_recipe(family), data=str(family["val"]), task="classification")
+    refusal = r"--ray-workers 5: the Ray cluster has 4 CPU\(s\).*--ray-workers 4 or fewer"
+    with pytest.raises(RecipeError, match=refusal):
+        RayPool(args, workers=5)
+    assert ray.is_initialized()  # the module's cluster, not started by the pool, is left running

@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.errors import MergeError, RecipeError, WeightsmithError
+from weightsmith.notices import warn
 from weightsmith.search.objective import Score
 from weightsmith.search.objective_args import build_objective
 
 # An actor whose process dies is restarted, and its candidate retried, this many times.
 MAX_RESTARTS = 3
+# Actors not ready after this long get a warning saying what they wait for (free CPUs).
+READY_NOTE_S = 120.0
 
 # Test-only: an actor that finds this file removes it and exits while scoring a candidate, as
 # a killed node would; the restarted actor must then give the same score.
@@ -81,13 +84,29 @@ class RayPool:
         self.started_here = not ray.is_initialized()
         if self.started_here:
             ray.init(address=address, log_to_driver=False, include_dashboard=False)
-        if workers is None:
-            workers = max(1, min(int(ray.cluster_resources().get("CPU", 1)), population or 1 << 30))
-        self.workers = workers
-        actor = ray.remote(num_cpus=1, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
-        self.actors = [actor(SearchWorker).remote(os.getcwd(), objective_args) for _ in range(workers)]
-        try:  # every actor built, so a bad model folder or data file fails here, once
-            self.higher_is_better = self._get([a.ready.remote() for a in self.actors])[0]
+        self.actors: list[Any] = []
+        try:
+            cpus = int(ray.cluster_resources().get("CPU", 0))
+            if workers is None:
+                workers = max(1, min(cpus or 1, population or 1 << 30))
+            elif workers > cpus:  # each actor holds one CPU: the extra ones would never start
+                raise RecipeError(
+                    f"--ray-workers {workers}: the Ray cluster has {cpus} CPU(s) and each search "
+                    f"actor takes one, so {workers - cpus} would wait forever; pass --ray-workers "
+                    f"{max(cpus, 1)} or fewer, or add nodes to the cluster first"
+                )
+            self.workers = workers
+            actor = ray.remote(num_cpus=1, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+            self.actors = [actor(SearchWorker).remote(os.getcwd(), objective_args) for _ in range(workers)]
+            refs = [a.ready.remote() for a in self.actors]
+            _, waiting = ray.wait(refs, num_returns=len(refs), timeout=READY_NOTE_S)
+            if waiting:  # say why a search sits still, rather than hang in silence
+                free = int(ray.available_resources().get("CPU", 0))
+                warn(f"{len(waiting)} of {workers} search actors have not started after "
+                     f"{READY_NOTE_S:.0f} s: each needs one free CPU and the cluster has {free} "
+                     f"free of {cpus}; other work may hold them (or pass a smaller --ray-workers)")
+            # every actor built, so a bad model folder or data file fails here, once
+            self.higher_is_better = self._get(refs)[0]
         except BaseException:
             self.close()
             raise
