@@ -20,7 +20,7 @@ import yaml
 
 from weightsmith.dtype_names import parse_dtype
 from weightsmith.errors import RecipeError
-from weightsmith.notices import collecting, did_you_mean, lenient
+from weightsmith.notices import collecting, did_you_mean, lenient, warn
 from weightsmith.recipe_refs import _model_ref
 from weightsmith.recipe_settings import _check_setting
 from weightsmith.recipe_slices import ModuleSpec, SliceSpec, parse_layout, referenced_models
@@ -274,17 +274,14 @@ def _models(models_raw: Any, where: str, strict: bool = False) -> list[ModelSpec
             for k, v in params.items()
         }
         first = next((j for j, m in enumerate(models) if m.ref == ref), None)
-        if first is None:
-            models.append(ModelSpec(ref, checked))
-        elif models[first].parameters != checked:
-            raise RecipeError(
-                f"{where}: models[{i}] ({ref}) repeats models[{first}] with other parameters; "
-                "list each model once, with the parameters you mean"
-            )
-        else:
-            # mergekit before 0.1.5 merged a repeated model once (0.1.5 refuses "Duplicate merge
-            # inputs"); merging it once rebuilds what such published recipes produced.
-            lenient(f"{where}: models[{i}] ({ref}) repeats models[{first}]; it is merged once", strict)
+        if first is not None:
+            # Merged as listed: a repeat is an input like any other (a soup or model_stock of
+            # identical fine-tunes is a legitimate test). mergekit 0.1.5 refuses the recipe and
+            # earlier versions merged the model once, so say what happens and how to match them.
+            warn(f"{where}: models[{i}] ({ref}) repeats models[{first}]: both entries are merged "
+                 "(mergekit 0.1.5 refuses this recipe, earlier mergekit merged the model once; "
+                 "delete the repeat to get that)")
+        models.append(ModelSpec(ref, checked))
     return models
 
 
