@@ -158,8 +158,9 @@ register(
         paper="arXiv:2502.04959",
         elementwise=False,  # an SVD needs the whole matrix
         # The sum and one LAPACK SVD (input copy, U, V^T, workspace): peak RSS growth measured
-        # on 1024 x 1024 float32, 2 and 4 tasks, 7.2 and 8.3 copies of the matrix; 10 declared.
+        # on 1024 x 1024 float32, 2 and 4 tasks, 8 hash seeds, at most 7.3 copies; 10 declared.
         scratch_per_element=_scratch(10),
+        compute_bound=True,
     )
 )
 
@@ -176,9 +177,11 @@ register(
         summary="iso_c over common directions plus each task's own residual directions",
         paper="arXiv:2502.04959",
         elementwise=False,
-        # As iso_c, plus the collected U and V and one task's residual: measured 11.8, 12.8
-        # and (on a loaded machine) 15.0 copies (1024 x 1024 float32, 2 and 4 tasks); 16 declared.
+        # As iso_c, plus the collected U and V and one task's residual: measured at most 9.7
+        # copies (1024 x 1024 float32, 2 and 4 tasks, 8 hash seeds); 16 declared. On glibc's
+        # heap instead of fresh maps (compute_bound) the same case reached 23.5 copies.
         scratch_per_element=_scratch(16),
+        compute_bound=True,
         prepare=_check_fraction,
     )
 )

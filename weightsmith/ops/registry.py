@@ -130,6 +130,11 @@ class MergeMethod:
     # copy, the engine's default. Methods that work in place say 0 and get bigger units.
     scratch_per_element: Callable[[int, torch.dtype], int | None] | None = None
     uses_randomness: bool = False
+    # Its arithmetic (an SVD, O(n^3)) dwarfs zero-filling fresh pages (O(n^2)), so the engine
+    # serves its big temporaries from fresh mmaps that leave RSS when freed. On glibc's heap,
+    # LAPACK's workspaces of many sizes fragment it: iso_cts's peak on 1024 x 1024 float32
+    # varied from 9 to 20 copies of the matrix with the heap's start-up layout, 9.7 when mapped.
+    compute_bound: bool = False
     # A wider arithmetic dtype the method's reference uses (fine-tuning transfer: float64).
     compute_dtype: torch.dtype | None = None
     # The dtype of the method's result, from the compute dtype, where it is not the compute
