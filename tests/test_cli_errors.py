@@ -296,8 +296,16 @@ def test_transfer_then_finetune_interrupt_keeps_the_transfer(tmp_path: Path, mon
               "causal-lm", "--steps", "1", "--batch-size", "4", "--quiet")
     assert res.exit_code == 130, res.output
     assert f"{out / 'finetuned'} was not written" in res.stderr
-    assert f"{out / 'transferred'} holds the transfer" in res.stderr
+    assert f"{out / 'transferred'} is complete (it was finished before the interrupt)" in res.stderr
     assert [p.name for p in out.iterdir()] == ["transferred"] and not leftovers(tmp_path)
+    # An existing OUT/finetuned is refused before the transfer is written, not after.
+    monkeypatch.undo()
+    (out / "finetuned").mkdir()
+    (out / "transferred" / "config.json").write_text("{}")  # the transfer must stay as it is
+    res = run("transfer", new, ft, old, out, "--then-finetune", "--data", data, "--task",
+              "causal-lm", "--steps", "1", "--batch-size", "4", "--quiet")
+    assert_one_error_line(res, OutputError.exit_code, f"{out / 'finetuned'} already exists")
+    assert (out / "transferred" / "config.json").read_text() == "{}"
 
 
 # --------------------------------------------------------------------------- search
@@ -382,6 +390,39 @@ def test_merge_interrupt_names_the_finished_stages_it_keeps(family, tmp_path: Pa
     res = run("merge", single, out, "-q")
     assert res.exit_code == 130 and res.stderr.strip() == f"interrupted: {out} was not written " \
         "(the partial output was removed)"
+
+
+def interrupt_after_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OutputDir.commit renames OUT into place, then a Ctrl-C arrives before the command ends."""
+    commit = OutputDir.commit
+
+    def committed_then_interrupted(self: OutputDir) -> Path:
+        commit(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OutputDir, "commit", committed_then_interrupted)
+
+
+def test_an_interrupt_after_the_final_rename_says_out_is_complete(family, tiny, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    base, models = family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(two_stages(base, models).split("---\nname: first\n")[1])
+    interrupt_after_commit(monkeypatch)
+    out = tmp_path / "out"
+    res = run("merge", recipe, out, "-q")
+    assert res.exit_code == 130, res.output
+    assert res.stderr.strip() == f"interrupted: {out} is complete (it was finished before the interrupt)"
+    assert (out / "merge_report.json").is_file() and not leftovers(tmp_path)
+    res = run("finetune", tiny["pre"], tmp_path / "ft", "--data", tiny["data"], *TRAIN)
+    assert res.exit_code == 130
+    assert res.stderr.strip() == f"interrupted after {tmp_path / 'ft'} was complete: kept as written"
+    assert (tmp_path / "ft" / "model.safetensors").is_file()
+    # The next command's message does not count what this one finished.
+    monkeypatch.undo()
+    interrupt_commit(monkeypatch)
+    res = run("finetune", tiny["pre"], tmp_path / "ft2", "--data", tiny["data"], *TRAIN)
+    assert res.exit_code == 130 and res.stderr.strip() == NOTHING_WRITTEN
 
 
 def test_push_and_plan_interrupts(family, tmp_path: Path, monkeypatch) -> None:

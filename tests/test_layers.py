@@ -10,7 +10,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "weightsmith"
 # Top-level module or folder -> layer. `engine` and `finetune`/`testbeds` stand side by side.
 LAYER = {"errors": 0, "units": 0, "version": 0, "progress": 0, "notices": 0, "model_ref": 0,
-         "dtype_names": 0, "cli_errors": 0,  # cli_errors: so finetune's commands share it
+         "dtype_names": 0, "finished_outputs": 0,
+         "cli_errors": 0,  # cli_errors: so finetune's commands share it
          "recipe": 1, "recipe_slices": 1, "recipe_settings": 1, "recipe_refs": 1,
          "recipe_tokenizer": 1, "io": 1, "ops": 2, "engine": 3, "finetune": 3, "testbeds": 3,
          "cli": 5}  # anything else (pipeline, lazy, ...) is 4

@@ -222,7 +222,8 @@ def test_declared_svd_scratch_covers_the_measured_peak(method):
         assert 0 < measured <= declared, (method, seed, measured, declared)
 
 
-@pytest.mark.parametrize(("method", "mode"), [("tsv", "fresh"), ("iso_cts", "fresh"), ("task_arithmetic", "heap")])
+@pytest.mark.parametrize(("method", "mode"),
+                         [("tsv", "fresh"), ("iso_cts", "fresh"), ("task_arithmetic", "heap")])
 def test_the_engine_runs_svd_methods_on_fresh_maps(family, tmp_path, monkeypatch, method, mode):
     # The declared scratch above is measured in the mode choose_heap picks; a merge must run in it.
     from weightsmith.engine import executor

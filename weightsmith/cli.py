@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from weightsmith import finished_outputs
 from weightsmith.cli_errors import WRITES_NOTHING
 from weightsmith.cli_errors import friendly as _friendly
 from weightsmith.cli_options import common_plan_options, device_options, executor_option
@@ -27,8 +28,12 @@ def _merge_interrupted(params: dict[str, Any]) -> str:
 
     out, repo = params["out"], params.get("push_to")
     if repo:
-        return (f"interrupted: nothing was pushed to {repo}; {out} is complete if the merge had "
-                f"finished (push it with: weightsmith push {out} {repo}), else it was not written")
+        if finished_outputs.is_finished(out):
+            return (f"interrupted: nothing was pushed to {repo}; {out} is complete (push it with: "
+                    f"weightsmith push {out} {repo})")
+        return f"interrupted: nothing was pushed to {repo}; {out} was not written"
+    if finished_outputs.is_finished(out):
+        return f"interrupted: {finished_outputs.state(out, '')}"
     message = f"interrupted: {out} was not written (the partial output was removed)"
     if is_multi_stage(params["recipe"]):
         cache = cache_folder(out, params.get("stage_cache"))

@@ -14,6 +14,7 @@ from typing import Any, TypeVar, overload
 
 import click
 
+from weightsmith import finished_outputs
 from weightsmith.errors import WeightsmithError
 
 NOTHING_WRITTEN = "interrupted: nothing was written (the partial output was removed)"
@@ -62,6 +63,7 @@ def _wrap(fn: F, on_interrupt: InterruptMessage) -> F:
             previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         except ValueError:  # not the main thread: leave signal handling as it is
             previous = {}
+        finished_outputs.start_command()
         try:
             return fn(*args, **kwargs)
         except WeightsmithError as e:
@@ -71,6 +73,10 @@ def _wrap(fn: F, on_interrupt: InterruptMessage) -> F:
             for sig in previous:
                 signal.signal(sig, signal.SIG_IGN)  # exiting: nothing more to interrupt
             message = on_interrupt if isinstance(on_interrupt, str) else on_interrupt(kwargs)
+            done = finished_outputs.this_command()
+            if message == NOTHING_WRITTEN and done:  # the interrupt came after the final rename
+                message = (f"interrupted after {', '.join(map(str, done))} "
+                           f"{'was' if len(done) == 1 else 'were'} complete: kept as written")
             click.echo(message, err=True)
             sys.exit(130)
         finally:

@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from weightsmith import finished_outputs
 from weightsmith.cli_errors import friendly
 from weightsmith.errors import OutputError, RecipeError
 from weightsmith.finetune.cli import schedule_options
@@ -121,8 +122,9 @@ def _interrupted(params: dict[str, Any]) -> str:
     # OUT and --finetuned are each written whole or not at all (the fine-tune first), so a
     # kept --finetuned is a finished fine-tune; the default temporary one is always removed.
     kept = params.get("finetuned")
-    tail = f"; {kept} holds the fine-tune if it had finished, else is untouched" if kept else ""
-    return f"interrupted: {params['out']} was not written (the partial output was removed){tail}"
+    tail = f"; {finished_outputs.state(kept, 'was not written')}" if kept else ""
+    out = finished_outputs.state(params["out"], "was not written (the partial output was removed)")
+    return f"interrupted: {out}{tail}"
 
 
 @click.command("bang")

@@ -12,7 +12,9 @@ from typing import Any
 
 import click
 
+from weightsmith import finished_outputs
 from weightsmith.cli_errors import NOTHING_WRITTEN, friendly
+from weightsmith.errors import OutputError
 from weightsmith.finetune.cli import schedule_options
 
 _path = click.Path(path_type=str)
@@ -74,8 +76,9 @@ def _interrupted(params: dict[str, Any]) -> str:
     if not params.get("then_finetune"):
         return NOTHING_WRITTEN
     out = Path(params["out"])
-    return (f"interrupted: {out / 'finetuned'} was not written (the partial output was removed); "
-            f"{out / 'transferred'} holds the transfer if it had finished, else is untouched")
+    removed = "was not written (the partial output was removed)"
+    return (f"interrupted: {finished_outputs.state(out / 'transferred', removed)}; "
+            f"{finished_outputs.state(out / 'finetuned', removed)}")
 
 
 @click.command("transfer")
@@ -123,6 +126,9 @@ def transfer_cmd(
     if not then_finetune and data is not None:
         raise click.UsageError("--data is for --then-finetune; add the flag or drop --data")
     target = Path(out) / "transferred" if then_finetune else Path(out)
+    if then_finetune and (Path(out) / "finetuned").exists() and not overwrite:
+        # Refused now, not after the transfer has been written.
+        raise OutputError(f"{Path(out) / 'finetuned'} already exists; pass --overwrite to replace it")
     transfer_model(
         new_base, ft, old_base, target, weight=weight, memory_budget=memory_budget,
         overwrite=overwrite,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from weightsmith import finished_outputs
 from weightsmith.errors import OutputError
 from weightsmith.io import journal
 from weightsmith.units import format_size
@@ -252,6 +253,7 @@ class OutputDir:
             os.rename(self.dest, old)
         os.rename(self.tmp, self.dest)
         self.committed = True
+        finished_outputs.record(self.out)
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
