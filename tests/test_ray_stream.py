@@ -162,3 +162,42 @@ def test_the_resume_command_keeps_the_ray_options(tmp_path):
     command = resume_command_for(str(path), tmp_path / "out", options)
     assert command.endswith("--executor ray --ray-address head:6379 --ray-no-shared-fs --resume")
     assert "--executor" not in resume_command_for(str(path), tmp_path / "out", RunOptions())
+
+
+class _Remote:
+    """A Ray remote function's ``options`` that knows only the option names it is given."""
+
+    def __init__(self, known: set[str]) -> None:
+        self.known = known
+
+    def options(self, **options):
+        unknown = sorted(set(options) - self.known)
+        if unknown:
+            raise ValueError(f"Invalid option keyword {unknown[0]} for remote functions.")
+        return options
+
+
+class _Ray:
+    __version__ = "9.9"
+
+    def __init__(self, known: set[str]) -> None:
+        self.known = known
+
+    def remote(self, fn):
+        return _Remote(self.known)
+
+
+def test_streamed_task_uses_backpressure_and_survives_a_ray_without_it():
+    from weightsmith.engine import ray_executor
+    from weightsmith.notices import collecting
+
+    base = {"max_retries", "memory", "num_returns"}
+    with collecting(echo=False) as said:
+        opts = ray_executor.streamed_task(_Ray(base | {ray_executor.BACKPRESSURE}), {"memory": 1})
+    assert opts[ray_executor.BACKPRESSURE] == ray_stream.CHUNKS_IN_FLIGHT and not said
+    with collecting(echo=False) as said:
+        opts = ray_executor.streamed_task(_Ray(base), {"memory": 1})
+    assert opts == {"memory": 1, "num_returns": "streaming"}
+    assert len(said) == 1 and "Ray (9.9) has no _generator_backpressure_num_objects" in said[0]
+    with pytest.raises(ValueError, match="memory"):  # any other refused option still fails
+        ray_executor.streamed_task(_Ray({"num_returns"}), {"memory": 1})

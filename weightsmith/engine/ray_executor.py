@@ -50,6 +50,7 @@ from weightsmith.engine.tasks import MergePlan, WorkUnit
 from weightsmith.errors import MergeError, RecipeError
 from weightsmith.io.journal import Entry, Journal
 from weightsmith.io.writer import ShardWriter
+from weightsmith.notices import warn
 from weightsmith.ops.statistics import GlobalStatistics
 from weightsmith.units import format_size
 
@@ -148,6 +149,30 @@ def reduce_statistics(
     return stats.result(), passes, passes * per_pass
 
 
+BACKPRESSURE = "_generator_backpressure_num_objects"
+
+
+def streamed_task(ray: Any, options: dict[str, Any]) -> Any:
+    """The streamed shard task, holding at most CHUNKS_IN_FLIGHT chunks ahead of the driver.
+
+    Ray (2.60 here) bounds a streaming generator only through the private option
+    ``_generator_backpressure_num_objects``. A Ray that drops it refuses the option by name
+    (ValueError); the merge then runs unbounded, with a warning, rather than failing: Ray
+    spills chunks the driver has not taken yet to disk instead of holding them in memory.
+    """
+    remote = ray.remote(ray_stream.merge_shard_streamed)
+    bounded = {BACKPRESSURE: ray_stream.CHUNKS_IN_FLIGHT}
+    try:
+        return remote.options(**options, num_returns="streaming", **bounded)
+    except ValueError as e:
+        if BACKPRESSURE not in str(e):
+            raise
+    warn(f"this Ray ({getattr(ray, '__version__', '?')}) has no {BACKPRESSURE}: workers may run "
+         f"ahead of the writer by more than {ray_stream.CHUNKS_IN_FLIGHT} chunks per shard, and "
+         "Ray spills what the object store cannot hold to disk")
+    return remote.options(**options, num_returns="streaming")
+
+
 def _check_nodes_fit(ray: Any, budget: int) -> None:
     """A task asking for more memory than any node offers would wait forever: say so now."""
     largest = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
@@ -223,10 +248,7 @@ def _run(
     if shared_fs:
         task = ray.remote(merge_shard).options(**options)
     else:  # a generator task: chunks, then the trailer (engine/ray_stream.py)
-        backpressure = {"_generator_backpressure_num_objects": ray_stream.CHUNKS_IN_FLIGHT}
-        task = ray.remote(ray_stream.merge_shard_streamed).options(
-            **options, num_returns="streaming", **backpressure
-        )
+        task = streamed_task(ray, options)
     for w in work:
         keys = {(plan.units[i].task.name, plan.units[i].rows) for i in w.units}
         mine = {k: e for k, e in reused.items() if k in keys}
