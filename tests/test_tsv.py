@@ -185,7 +185,7 @@ def test_plan_counts_the_svd_scratch(family):
 MEASURE = """
 import sys, torch
 torch.set_num_threads(1)
-from weightsmith.engine.executor import choose_heap
+from weightsmith.engine.heap import choose_heap
 from weightsmith.ops import MergeInputs, get_method
 def status(field):
     for line in open("/proc/self/status"):
@@ -226,11 +226,11 @@ def test_declared_svd_scratch_covers_the_measured_peak(method):
                          [("tsv", "fresh"), ("iso_cts", "fresh"), ("task_arithmetic", "heap")])
 def test_the_engine_runs_svd_methods_on_fresh_maps(family, tmp_path, monkeypatch, method, mode):
     # The declared scratch above is measured in the mode choose_heap picks; a merge must run in it.
-    from weightsmith.engine import executor
+    from weightsmith.engine import heap
 
     chosen = []
-    monkeypatch.setattr(executor, "map_big_buffers_fresh", lambda: chosen.append("fresh"))
-    monkeypatch.setattr(executor, "keep_big_buffers_on_the_heap", lambda: chosen.append("heap"))
+    monkeypatch.setattr(heap, "map_big_buffers_fresh", lambda: chosen.append("fresh"))
+    monkeypatch.setattr(heap, "keep_big_buffers_on_the_heap", lambda: chosen.append("heap"))
     base, models = family
     merge_to_state(recipe(method, base, models, {"weight": 1.0}), tmp_path / "o")
     assert chosen == [mode]

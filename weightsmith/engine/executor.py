@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -27,6 +27,7 @@ from weightsmith.engine.compute import all_finite, cast_checked, run_method
 from weightsmith.engine.device import DeviceStage, open_stage
 from weightsmith.engine.device_choice import CPU_STATISTICS, ON_CPU, DeviceChoice
 from weightsmith.engine.device_pipeline import run_on_device
+from weightsmith.engine.heap import choose_heap, release_heap
 from weightsmith.engine.passes import run_global_passes
 from weightsmith.engine.reading import Loaded, stream_loaded
 from weightsmith.engine.run_stats import RunStats
@@ -35,78 +36,7 @@ from weightsmith.engine.tasks import MergePlan, WorkUnit
 from weightsmith.io.journal import Entry, Journal
 from weightsmith.io.writer import ShardWriter
 
-if TYPE_CHECKING:
-    from weightsmith.ops.registry import MergeMethod
-
-
-def _libc() -> Any:
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
-
-
-def keep_big_buffers_on_the_heap() -> None:
-    """Serve the operators' tensor-sized temporaries from glibc's heap, not fresh mmaps.
-
-    glibc maps each allocation above its threshold anew, and the kernel then zero-fills it a
-    page fault per 4 KiB: measured on a 46 MB tensor, clone 44 ms vs 8 ms and a TIES trim 2x
-    slower. On the heap, freed buffers are reused by the next tensor; the budget bounds what
-    is live at once, and ``release_heap`` hands the memory back after the merge.
-    """
-    libc = _libc()
-    if libc is not None:
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, 1 << 30)
-
-
-# While a compute-bound method runs, every allocation of at least this size is a fresh mapping,
-# handed back to the kernel as soon as it is freed.
-FRESH_MAP_THRESHOLD = 1 << 20
-GLIBC_DEFAULT_TRIM_THRESHOLD = 128 << 10
-
-
-def map_big_buffers_fresh() -> None:
-    """Serve every temporary of 1 MiB or more from a fresh mmap, for SVD methods.
-
-    Their LAPACK workspaces of many sizes fragment the heap, so freed memory stays in RSS: the
-    measured peak of one iso_cts matrix varied 2x from run to run (``MergeMethod.compute_bound``).
-    Setting the threshold also stops glibc raising it after each free, which would bring
-    the heap back. The page faults cost nothing next to the SVD (iso_cts, 1536 x 1536, 4 tasks:
-    11.3 s mapped vs 13.2 s on the heap).
-    """
-    libc = _libc()
-    if libc is not None:
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, FRESH_MAP_THRESHOLD)
-        libc.mallopt(m_trim_threshold, GLIBC_DEFAULT_TRIM_THRESHOLD)
-
-
-def choose_heap(method: MergeMethod) -> None:
-    """The allocator mode that keeps ``method``'s measured peak at its declared scratch."""
-    if method.compute_bound:
-        map_big_buffers_fresh()
-    else:
-        keep_big_buffers_on_the_heap()
-
-
-def release_heap() -> None:
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-__all__ = [
-    "RunStats", "all_finite", "choose_heap", "execute", "keep_big_buffers_on_the_heap",
-    "map_big_buffers_fresh", "release_heap",
-]
+__all__ = ["RunStats", "all_finite", "execute"]
 
 UnitKey = tuple[str, "tuple[int, int] | None"]
 
