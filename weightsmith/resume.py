@@ -3,8 +3,6 @@ journal) and the command that resumes it."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shlex
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 from weightsmith.defaults import DEFAULT_SHARD_SIZE
 from weightsmith.engine.device_choice import DeviceChoice
 from weightsmith.engine.plan import MergePlan
+from weightsmith.io.fingerprints import json_digest
 from weightsmith.run_options import RunOptions
 from weightsmith.version import __version__
 
@@ -71,11 +70,8 @@ def plan_fingerprint(plan: MergePlan, shard_bytes: int, device_choice: DeviceCho
     rows, and re-does the blocks whose span moved); nor are threads, progress, fsync,
     the executor (Ray writes the same bytes) or the device memory budget."""
 
-    def digest(value: Any) -> str:
-        return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()
-
     parts = {
-        "plan": digest(
+        "plan": json_digest(
             {
                 "recipe": plan.recipe.to_yaml(),
                 "method": plan.method.name,
@@ -84,11 +80,11 @@ def plan_fingerprint(plan: MergePlan, shard_bytes: int, device_choice: DeviceCho
                 "tasks": [repr(t) for t in plan.tasks],
             }
         ),
-        "inputs": digest([c.provenance() for c in plan.checkpoints]),
+        "inputs": json_digest([c.provenance() for c in plan.checkpoints]),
         "options": {
             "out_shard_size": shard_bytes,
             **byte_route(device_choice),
             "weightsmith_version": __version__,
         },
     }
-    return {"fingerprint": digest(parts), "parts": parts}
+    return {"fingerprint": json_digest(parts), "parts": parts}

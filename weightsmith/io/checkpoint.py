@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from weightsmith.errors import CheckpointError
-from weightsmith.io.fingerprints import _fingerprint, file_sha256
+from weightsmith.io.fingerprints import file_sha256, sampled_fingerprint
 from weightsmith.io.pickle_checkpoint import _load_pickle
 from weightsmith.io.regular_file import open_regular, read_regular_bytes, require_regular_file
 from weightsmith.io.safetensors_format import TensorEntry, read_header
@@ -315,7 +315,7 @@ class Checkpoint:
             elif full_hash:
                 info["sha256"] = file_sha256(path)
             else:
-                info["sampled_fingerprint"] = _fingerprint(path, size)
+                info["sampled_fingerprint"] = sampled_fingerprint(path, size)
             shards.append(info)
         return {
             "model": self.ref,

@@ -4,7 +4,10 @@ fingerprint (size, safetensors header and 16 blocks spread over the data)."""
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -16,7 +19,15 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(path: Path, size: int, blocks: int = 16, block: int = 1 << 16) -> str:
+def json_digest(value: Any, default: Callable[[Any], Any] = repr) -> str:
+    """The sha256 of ``value`` as canonical JSON (keys sorted); ``default`` renders what JSON
+    cannot (paths, dtypes). Resume keys and a search's input record are such digests."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=default).encode()).hexdigest()
+
+
+def sampled_fingerprint(path: Path, size: int, blocks: int = 16, block: int = 1 << 16) -> str:
+    """A ``size``-byte file's cheap fingerprint: its size, safetensors header and ``blocks``
+    blocks spread over the data (a full sha256 would re-read gigabytes)."""
     digest = hashlib.sha256(size.to_bytes(8, "little"))
     with open(path, "rb") as f:
         head = f.read(8)

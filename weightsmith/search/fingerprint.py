@@ -11,20 +11,19 @@ naming each input that changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from weightsmith.engine.plan import MergePlan
 from weightsmith.errors import RecipeError
-from weightsmith.io.fingerprints import _fingerprint, file_sha256
+from weightsmith.io.fingerprints import file_sha256, json_digest, sampled_fingerprint
 
 FINGERPRINT_FILE = "search_inputs.json"
 
 
 def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(value, default=str)  # str: the digests search_inputs.json has held
 
 
 def folder_digest(folder: str | Path) -> str:
@@ -35,7 +34,7 @@ def folder_digest(folder: str | Path) -> str:
     if not root.is_dir():
         return _digest({"missing": str(root)})  # the objective's own check names it
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    return _digest([(str(p.relative_to(root)), p.stat().st_size, _fingerprint(p, p.stat().st_size))
+    return _digest([(str(p.relative_to(root)), p.stat().st_size, sampled_fingerprint(p, p.stat().st_size))
                     for p in files])
 
 
