@@ -27,6 +27,15 @@ def _libc() -> Any:
         return None
 
 
+def _set_thresholds(mmap: int, trim: int) -> None:
+    """glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (fixed: glibc stops adjusting them)."""
+    libc = _libc()
+    if libc is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, mmap)
+        libc.mallopt(m_trim_threshold, trim)
+
+
 def keep_big_buffers_on_the_heap() -> None:
     """Serve the operators' tensor-sized temporaries from glibc's heap, not fresh mmaps.
 
@@ -35,11 +44,7 @@ def keep_big_buffers_on_the_heap() -> None:
     slower. On the heap, freed buffers are reused by the next tensor; the budget bounds what
     is live at once, and ``release_heap`` hands the memory back after the merge.
     """
-    libc = _libc()
-    if libc is not None:
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, 1 << 30)
+    _set_thresholds(mmap=1 << 30, trim=1 << 30)
 
 
 # While a compute-bound method runs, every allocation of at least this size is a fresh mapping,
@@ -57,11 +62,7 @@ def map_big_buffers_fresh() -> None:
     the heap back. The page faults cost nothing next to the SVD (iso_cts, 1536 x 1536, 4 tasks:
     11.3 s mapped vs 13.2 s on the heap).
     """
-    libc = _libc()
-    if libc is not None:
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, FRESH_MAP_THRESHOLD)
-        libc.mallopt(m_trim_threshold, GLIBC_DEFAULT_TRIM_THRESHOLD)
+    _set_thresholds(mmap=FRESH_MAP_THRESHOLD, trim=GLIBC_DEFAULT_TRIM_THRESHOLD)
 
 
 def choose_heap(method: MergeMethod) -> None:
