@@ -32,10 +32,9 @@ def _merge_interrupted(params: dict[str, Any]) -> str:
             return (f"interrupted: nothing was pushed to {repo}; {out} is complete (push it with: "
                     f"weightsmith push {out} {repo})")
         return f"interrupted: nothing was pushed to {repo}; {out} was not written"
-    if finished_outputs.is_finished(out):
-        return f"interrupted: {finished_outputs.state(out, '')}"
-    message = f"interrupted: {out} was not written (the partial output was removed)"
-    if is_multi_stage(params["recipe"]):
+    removed = "was not written (the partial output was removed)"
+    message = f"interrupted: {finished_outputs.state(out, removed)}"
+    if is_multi_stage(params["recipe"]) and not finished_outputs.is_finished(out):
         cache = cache_folder(out, params.get("stage_cache"))
         message += f"; the stages that had finished stay in {cache} and the next run reuses them"
     return message
