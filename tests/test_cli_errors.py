@@ -298,14 +298,17 @@ def test_transfer_then_finetune_interrupt_keeps_the_transfer(tmp_path: Path, mon
     assert f"{out / 'finetuned'} was not written" in res.stderr
     assert f"{out / 'transferred'} is complete (it was finished before the interrupt)" in res.stderr
     assert [p.name for p in out.iterdir()] == ["transferred"] and not leftovers(tmp_path)
-    # An existing OUT/finetuned is refused before the transfer is written, not after.
+    # An OUT/finetuned the fine-tune would refuse (not empty) is refused before the transfer is
+    # written, not after, with the fine-tune's own message.
     monkeypatch.undo()
     (out / "finetuned").mkdir()
+    (out / "finetuned" / "mine.txt").write_text("keep")
     (out / "transferred" / "config.json").write_text("{}")  # the transfer must stay as it is
     res = run("transfer", new, ft, old, out, "--then-finetune", "--data", data, "--task",
               "causal-lm", "--steps", "1", "--batch-size", "4", "--quiet")
-    assert_one_error_line(res, OutputError.exit_code, f"{out / 'finetuned'} already exists")
+    assert_one_error_line(res, OutputError.exit_code, f"{out / 'finetuned'}: exists and is not empty")
     assert (out / "transferred" / "config.json").read_text() == "{}"
+    assert [p.name for p in (out / "finetuned").iterdir()] == ["mine.txt"]
 
 
 # --------------------------------------------------------------------------- search

@@ -14,7 +14,6 @@ import click
 
 from weightsmith import finished_outputs
 from weightsmith.cli_errors import NOTHING_WRITTEN, friendly
-from weightsmith.errors import OutputError
 from weightsmith.finetune.cli import schedule_options
 
 _path = click.Path(path_type=str)
@@ -126,9 +125,10 @@ def transfer_cmd(
     if not then_finetune and data is not None:
         raise click.UsageError("--data is for --then-finetune; add the flag or drop --data")
     target = Path(out) / "transferred" if then_finetune else Path(out)
-    if then_finetune and (Path(out) / "finetuned").exists() and not overwrite:
-        # Refused now, not after the transfer has been written.
-        raise OutputError(f"{Path(out) / 'finetuned'} already exists; pass --overwrite to replace it")
+    if then_finetune:  # the fine-tune's OUT is refused now, not after the transfer is written
+        from weightsmith.finetune.trainer import check_out_dir
+
+        check_out_dir(Path(out) / "finetuned", Path(new_base), overwrite)
     transfer_model(
         new_base, ft, old_base, target, weight=weight, memory_budget=memory_budget,
         overwrite=overwrite,

@@ -51,7 +51,9 @@ class FinetuneResult:
     trainable_params: int
 
 
-def _check_out_dir(out_dir: Path, base_dir: Path, overwrite: bool) -> None:
+def check_out_dir(out_dir: Path, base_dir: Path, overwrite: bool) -> None:
+    """The fine-tune's OUT may be new or an empty folder; a full one needs ``overwrite``. Also
+    called by commands that fine-tune after other work, to refuse before that work."""
     if out_dir.resolve() == base_dir.resolve():
         raise OutputError(f"{out_dir}: output folder is the base model folder; choose another")
     if out_dir.exists() and not out_dir.is_dir():
@@ -106,7 +108,7 @@ def finetune(
     opts = FinetuneOptions.from_kwargs(**options).validate(task)
     base_dir = check_model_dir(base_dir, "base model")
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, base_dir, opts.overwrite)
+    check_out_dir(out_dir, base_dir, opts.overwrite)
     dataset = data if isinstance(data, Dataset) else load_jsonl(data, task)
 
     num_labels = None
