@@ -191,7 +191,15 @@ def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-method, size, tasks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+method, size, tasks, retry = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "retry"
+if retry:  # every float32 SVD runs, then "does not converge": thin_svd retries it in float64
+    lapack_svd = torch.linalg.svd
+    def failing_svd(x, *args, **kwargs):
+        result = lapack_svd(x, *args, **kwargs)
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("forced")
+        return result
+    torch.linalg.svd = failing_svd
 fn = get_method(method)
 choose_heap(fn)  # the allocator mode the engine runs this method in
 fn(MergeInputs("w", torch.randn(tasks, 40, 30), torch.randn(40, 30)), weight=[1.0] * tasks)  # loads LAPACK
@@ -207,19 +215,23 @@ print((status("VmHWM:") - rss) / (size * size), fn.scratch_per_element(tasks, to
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
-def test_declared_svd_scratch_covers_the_measured_peak(method):
+@pytest.mark.parametrize("path", ["float32", "retry"])
+def test_declared_svd_scratch_covers_the_measured_peak(method, path):
     # The planner sizes units with the method's scratch_per_element; the operator's real peak
     # (RSS growth beyond its inputs and output, one thread, in the engine's allocator mode) must
     # stay under it. 1024 x 1024: at 512 the allocator's slack is a few copies of the matrix.
     # The heap's start-up layout changes with the hash seed; on glibc's heap it moved iso_cts's
-    # peak from 9 to 20 copies, so several seeds are measured and the worst must fit.
+    # peak from 9 to 20 copies, so several seeds are measured and the worst must fit. "retry":
+    # LAPACK's float32 SVD fails to converge on some matrices (iso_cts's polar factors of nearly
+    # orthonormal columns: 2 runs in 30 on random 1024 x 1024 inputs), and thin_svd redoes them
+    # in float64; the peak then has to fit too, so every SVD is made to take that path.
     for seed in ("1", "2", "3"):
         out = subprocess.run(
-            [sys.executable, "-c", MEASURE, method, "1024", "2"], capture_output=True, text=True,
-            check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": seed},
+            [sys.executable, "-c", MEASURE, method, "1024", "2", path], capture_output=True,
+            text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": seed},
         )
         measured, declared = map(float, out.stdout.split())
-        assert 0 < measured <= declared, (method, seed, measured, declared)
+        assert 0 < measured <= declared, (method, path, seed, measured, declared)
 
 
 @pytest.mark.parametrize(("method", "mode"),

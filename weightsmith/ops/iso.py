@@ -158,8 +158,10 @@ register(
         paper="arXiv:2502.04959",
         elementwise=False,  # an SVD needs the whole matrix
         # The sum and one LAPACK SVD (input copy, U, V^T, workspace): peak RSS growth measured
-        # on 1024 x 1024 float32, 2 and 4 tasks, 8 hash seeds, at most 7.3 copies; 10 declared.
-        scratch_per_element=_scratch(10),
+        # on 1024 x 1024 float32, 2 and 4 tasks, 8 hash seeds, at most 7.3 copies, and 16.1 when
+        # the SVD is redone in float64 (thin_svd's retry where LAPACK does not converge); 21
+        # declared.
+        scratch_per_element=_scratch(21),
         compute_bound=True,
     )
 )
@@ -178,9 +180,10 @@ register(
         paper="arXiv:2502.04959",
         elementwise=False,
         # As iso_c, plus the collected U and V and one task's residual: measured at most 9.7
-        # copies (1024 x 1024 float32, 2 and 4 tasks, 8 hash seeds); 16 declared. On glibc's
-        # heap instead of fresh maps (compute_bound) the same case reached 23.5 copies.
-        scratch_per_element=_scratch(16),
+        # copies (1024 x 1024 float32, 2 and 4 tasks, 8 hash seeds), 18.3 with every SVD redone
+        # in float64 and 21.7 once on the CI machine (a real retry: the polar factors of nearly
+        # orthonormal columns fail to converge in float32 in about 2 runs of 30); 24 declared.
+        scratch_per_element=_scratch(24),
         compute_bound=True,
         prepare=_check_fraction,
     )
