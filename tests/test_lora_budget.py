@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -211,10 +212,18 @@ def test_measured_extract_peak_stays_under_the_planned_budget(tmp_path, shape, s
         (tmp_path / name).mkdir()
         save_file({"a.weight": torch.randn(shape, generator=g), "w.weight": torch.randn(40, 30, generator=g)},
                   str(tmp_path / name / "model.safetensors"))
-    out = subprocess.run([sys.executable, "-c", MEASURE, svd, str(tmp_path)],
-                         capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    measured, budget = map(int, out.stdout.split())
+    # A reading of no growth at all is the kernel reclaiming this process's file pages (shared
+    # libraries, mapped inputs) while it runs, under another process's memory pressure (CI runs
+    # two test processes at once): measured again, up to three times, never accepted.
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", MEASURE, svd, str(tmp_path)],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        measured, budget = map(int, out.stdout.split())
+        if measured > 0:
+            break
+        for name in ("warm", "out"):
+            shutil.rmtree(tmp_path / name, ignore_errors=True)
     assert 0 < measured <= budget, (shape, svd, measured, budget)
 
 
